@@ -1,0 +1,1 @@
+"""smtpplus: an authenticated SMTP relay in one Twisted daemon."""

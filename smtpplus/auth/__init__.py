@@ -1,0 +1,1 @@
+"""Users, credentials, brute-force throttling."""

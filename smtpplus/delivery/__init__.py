@@ -1,0 +1,1 @@
+"""Sender rules, spool, scheduler and outbound relaying."""

@@ -1,0 +1,1 @@
+"""Notification events and statistics."""

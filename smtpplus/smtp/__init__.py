@@ -1,0 +1,1 @@
+"""The ESMTP server: sessions, listeners, TLS."""

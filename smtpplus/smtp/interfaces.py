@@ -1,0 +1,115 @@
+"""
+The seam between the SMTP wire protocol and the logic behind it.
+
+Twisted's C{IMessageDelivery} hands out one C{IMessage} per recipient and
+fixes the final reply; a relay stores one message for all its recipients and
+must answer with the queue id, so smtpplus uses these narrower interfaces.
+The protocol knows only these; who may send what lives in the avatar.
+"""
+
+from __future__ import annotations
+
+import attrs
+from zope.interface import Attribute, Interface
+
+
+class SMTPReply(Exception):
+    """
+    Refuse the current command with this reply.
+
+    @ivar code: the three-digit reply code.
+    @ivar status: the RFC 3463 enhanced status code, e.g. C{"5.7.1"}.
+    @ivar text: human-readable text, one line.
+    """
+
+    def __init__(self, code: int, status: str, text: str) -> None:
+        super().__init__(code, status, text)
+        self.code = code
+        self.status = status
+        self.text = text
+
+    def __str__(self) -> str:
+        return f"{self.code} {self.status} {self.text}"
+
+
+class LoginThrottled(Exception):
+    """Too many failed logins from this client or for this username: try later."""
+
+
+@attrs.frozen
+class SessionInfo:
+    """What the protocol knows about the client when a command is checked."""
+
+    peer_ip: str
+    local_port: int
+    helo: str
+    tls: bool
+
+
+@attrs.frozen
+class Envelope:
+    """
+    The envelope of one message, complete when DATA starts.
+
+    @ivar mail_from: the reverse path, C{""} for the null sender.
+    @ivar recipients: forward paths in RCPT order.
+    @ivar mt_priority: the RFC 6710 C{MT-PRIORITY} parameter, or None.
+    @ivar body: C{"7BIT"} or C{"8BITMIME"}.
+    @ivar received: the C{Received:} header line this server prepends, CRLF-terminated.
+    """
+
+    session: SessionInfo
+    mail_from: str
+    recipients: tuple[str, ...]
+    mt_priority: int | None
+    body: str
+    received: bytes
+
+
+class IMessageWriter(Interface):
+    """One incoming message being written, from DATA to the final dot."""
+
+    def write(data: bytes) -> None:
+        """
+        Append message bytes (dot-unstuffed, CRLF line endings).  The total is
+        bounded by the protocol's size limit before this is called.
+        """
+
+    def eomReceived():
+        """
+        The final dot arrived.  Return a Deferred that fires with the queue id
+        once the message is durable, or fails with L{SMTPReply}.
+        """
+
+    def connectionLost() -> None:
+        """The message was abandoned (size exceeded, connection lost): keep nothing."""
+
+
+class ISubmitter(Interface):
+    """
+    The avatar of an authenticated SMTP user: what it may send and where its
+    messages go.  Methods may return a value or a Deferred; refusing raises
+    (or fails with) L{SMTPReply}.
+    """
+
+    username = Attribute("The authenticated username (str).")
+
+    def validateFrom(session: SessionInfo, mail_from: str, mt_priority: int | None):
+        """Check the envelope sender."""
+
+    def validateTo(session: SessionInfo, mail_from: str, recipient: str):
+        """Check one recipient."""
+
+    def openMessage(envelope: Envelope) -> IMessageWriter:
+        """Start receiving the message body for C{envelope}."""
+
+
+class ILoginService(Interface):
+    """Turns SMTP AUTH credentials into an L{ISubmitter}."""
+
+    def login(username: str, password: str, peer_ip: str):
+        """
+        Return a Deferred firing with an L{ISubmitter}; fails with
+        C{twisted.cred.error.UnauthorizedLogin} for wrong or disabled
+        credentials, L{LoginThrottled} while the IP or username is locked.
+        """

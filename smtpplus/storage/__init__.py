@@ -1,0 +1,1 @@
+"""Database and durable files under state_dir."""

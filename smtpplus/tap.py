@@ -1,0 +1,149 @@
+"""
+The twistd plugin's entry points: L{Options} parses and validates, and
+L{makeService} builds the whole service tree.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any
+
+from twisted.application.service import IService, MultiService, Service
+from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.logger import Logger
+from twisted.protocols.tls import TLSMemoryBIOFactory
+from twisted.python import usage
+
+from smtpplus.config import Config, ConfigError, config_from_text, load_config
+from smtpplus.smtp.listeners import BindError, SMTPListeners, raise_open_files_limit
+from smtpplus.smtp.protocol import SessionRegistry, SessionSettings, SMTPServerFactory
+from smtpplus.smtp.tls import check_tls_files, server_context
+
+log = Logger()
+
+# Sessions still receiving or storing a message get this long after SIGTERM;
+# twistd must exit within 10 s.
+DRAIN_SECONDS = 7.0
+
+
+class Options(usage.Options):
+    """C{twistd smtpplus} options: a TOML file and a few overrides of it."""
+
+    optParameters = [
+        ["config", "c", None, "TOML configuration file (every key optional)."],
+        ["ports", None, None, 'Override [smtp] ports, e.g. "25,587,2525-2530".'],
+        ["state-dir", None, None, "Override [server] state_dir."],
+        ["admin-port", None, None, "Override [admin] port."],
+    ]
+
+    def postOptions(self) -> None:
+        overrides: dict[str, dict[str, Any]] = {}
+        if self["ports"] is not None:
+            overrides.setdefault("smtp", {})["ports"] = self["ports"]
+        if self["state-dir"] is not None:
+            overrides.setdefault("server", {})["state_dir"] = self["state-dir"]
+        if self["admin-port"] is not None:
+            if not self["admin-port"].isdigit():
+                raise usage.UsageError(f"--admin-port: {self['admin-port']!r} is not a port number")
+            overrides.setdefault("admin", {})["port"] = int(self["admin-port"])
+        try:
+            if self["config"] is None:
+                config = config_from_text("", overrides)
+            else:
+                config = load_config(self["config"], overrides)
+            check_tls_files(config.tls)
+        except ConfigError as e:
+            raise usage.UsageError(f"configuration error: {e}") from None
+        self.config: Config = config
+
+
+class DaemonService(MultiService):
+    """
+    The root of the tree.  Children start in order and stop one after the
+    other in reverse, so that listeners close and sessions drain before the
+    stores they write to go away.
+    """
+
+    def privilegedStartService(self) -> None:
+        try:
+            MultiService.privilegedStartService(self)
+        except BindError as e:
+            log.critical("smtpplus cannot start: {error}", error=str(e))
+            sys.stderr.write(f"smtpplus: cannot start: {e}\n")
+            raise SystemExit(1) from None
+
+    @inlineCallbacks
+    def stopService(self) -> Any:
+        Service.stopService(self)
+        for child in reversed(list(self)):
+            try:
+                yield child.stopService()
+            except Exception:
+                log.failure("stopping {child} failed", child=child)
+
+
+class _CallableService(Service):
+    """Runs plain start/stop callables as a service."""
+
+    def __init__(self, name: str, start: Any, stop: Any) -> None:
+        self.setName(name)
+        self._start = start
+        self._stop = stop
+
+    def privilegedStartService(self) -> None:
+        self._start()
+        Service.privilegedStartService(self)
+
+    def stopService(self) -> Deferred[Any] | None:
+        Service.stopService(self)
+        return self._stop()
+
+
+class _RejectAll:
+    """Until users exist, every AUTH fails."""
+
+    def login(self, username: str, password: str, peer_ip: str) -> Deferred[Any]:
+        from twisted.cred.error import UnauthorizedLogin
+        from twisted.internet.defer import fail
+
+        return fail(UnauthorizedLogin())
+
+
+def build_service(config: Config, reactor: Any) -> MultiService:
+    """Build the daemon's service tree for C{config} on C{reactor}."""
+    os.makedirs(config.server.state_dir, mode=0o750, exist_ok=True)
+    top = DaemonService()
+    smtp = config.smtp
+    raise_open_files_limit(len(smtp.ports) + len(smtp.tls_ports) + smtp.max_connections + 256)
+
+    tls_options = server_context(config.tls, config.server.hostname, config.server.state_dir)
+    settings = SessionSettings(
+        hostname=config.server.hostname,
+        max_message_size=smtp.max_message_size,
+        max_recipients=smtp.max_recipients,
+        max_connections=smtp.max_connections,
+        max_connections_per_ip=smtp.max_connections_per_ip,
+        idle_timeout=smtp.idle_timeout,
+        auth_requires_tls=smtp.auth_requires_tls,
+    )
+    registry = SessionRegistry(settings, reactor)
+    login_service = _RejectAll()
+    factory = SMTPServerFactory(registry, login_service, tls_options)
+    tls_factory = None
+    if smtp.tls_ports:
+        implicit = SMTPServerFactory(registry, login_service, None, implicit_tls=True)
+        tls_factory = TLSMemoryBIOFactory(tls_options, False, implicit)
+    listeners = SMTPListeners(reactor, smtp.listen, smtp.ports, smtp.tls_ports, factory, tls_factory, smtp.require_all_ports)
+    # Stopped in reverse: listeners close first, then sessions drain.
+    _CallableService("smtp-sessions", lambda: None, lambda: registry.drain(DRAIN_SECONDS)).setServiceParent(top)
+    listeners.setName("smtp")
+    listeners.setServiceParent(top)
+    return top
+
+
+def makeService(options: Options) -> IService:
+    """twistd entry point."""
+    from twisted.internet import reactor
+
+    return build_service(options.config, reactor)

@@ -1,0 +1,1 @@
+"""smtpplus test suite (trial)."""
