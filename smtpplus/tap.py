@@ -142,8 +142,27 @@ def build_service(config: Config, reactor: Any) -> MultiService:
     return top
 
 
+def hand_over_state_dir(state_dir: str, uid: int | None, gid: int | None) -> None:
+    """
+    When root starts twistd with C{--uid/--gid}, give C{state_dir} and what
+    is in it to that user: the daemon writes there after dropping privileges.
+    """
+    if os.getuid() != 0 or (uid is None and gid is None):
+        return
+    owner = -1 if uid is None else uid
+    group = -1 if gid is None else gid
+    os.chown(state_dir, owner, group)
+    for root, dirs, files in os.walk(state_dir):
+        for name in dirs + files:
+            os.chown(os.path.join(root, name), owner, group, follow_symlinks=False)
+
+
 def makeService(options: Options) -> IService:
     """twistd entry point."""
     from twisted.internet import reactor
 
-    return build_service(options.config, reactor)
+    service = build_service(options.config, reactor)
+    parent = options.parent
+    if parent is not None:
+        hand_over_state_dir(options.config.server.state_dir, parent.get("uid"), parent.get("gid"))
+    return service
