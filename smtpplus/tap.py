@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Any
+from typing import Any, NoReturn
 
 from twisted.application.service import IService, MultiService, Service
 from twisted.internet.defer import Deferred, inlineCallbacks
@@ -15,16 +15,36 @@ from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python import usage
 
+from smtpplus.admin.api import AdminAPI
+from smtpplus.admin.service import admin_service, admin_token
+from smtpplus.auth.hashing import PasswordHasher
+from smtpplus.auth.login import build_login_service
+from smtpplus.auth.store import SQLiteUserStore
+from smtpplus.auth.throttle import LoginThrottle
 from smtpplus.config import Config, ConfigError, config_from_text, load_config
+from smtpplus.delivery.service import build_delivery
+from smtpplus.notify.dispatch import build_notifier
+from smtpplus.notify.events import EventStore
+from smtpplus.notify.stats import Statistics
 from smtpplus.smtp.listeners import BindError, SMTPListeners, raise_open_files_limit
 from smtpplus.smtp.protocol import SessionRegistry, SessionSettings, SMTPServerFactory
 from smtpplus.smtp.tls import check_tls_files, server_context
+from smtpplus.storage.database import Database, DatabaseService
 
 log = Logger()
 
 # Sessions still receiving or storing a message get this long after SIGTERM;
 # twistd must exit within 10 s.
 DRAIN_SECONDS = 7.0
+
+
+def _fail(message: str) -> NoReturn:
+    """
+    Stop start-up with one line on stderr.  A UsageError would make twistd
+    print its whole usage text first; the contract wants one clear line.
+    """
+    sys.stderr.write(f"smtpplus: {message}\n")
+    raise SystemExit(1)
 
 
 class Options(usage.Options):
@@ -45,7 +65,7 @@ class Options(usage.Options):
             overrides.setdefault("server", {})["state_dir"] = self["state-dir"]
         if self["admin-port"] is not None:
             if not self["admin-port"].isdigit():
-                raise usage.UsageError(f"--admin-port: {self['admin-port']!r} is not a port number")
+                _fail(f"configuration error: --admin-port: {self['admin-port']!r} is not a port number")
             overrides.setdefault("admin", {})["port"] = int(self["admin-port"])
         try:
             if self["config"] is None:
@@ -54,7 +74,7 @@ class Options(usage.Options):
                 config = load_config(self["config"], overrides)
             check_tls_files(config.tls)
         except ConfigError as e:
-            raise usage.UsageError(f"configuration error: {e}") from None
+            _fail(f"configuration error: {e}")
         self.config: Config = config
 
 
@@ -70,8 +90,7 @@ class DaemonService(MultiService):
             MultiService.privilegedStartService(self)
         except BindError as e:
             log.critical("smtpplus cannot start: {error}", error=str(e))
-            sys.stderr.write(f"smtpplus: cannot start: {e}\n")
-            raise SystemExit(1) from None
+            _fail(f"cannot start: {e}")
 
     @inlineCallbacks
     def stopService(self) -> Any:
@@ -100,45 +119,90 @@ class _CallableService(Service):
         return self._stop()
 
 
-class _RejectAll:
-    """Until users exist, every AUTH fails."""
-
-    def login(self, username: str, password: str, peer_ip: str) -> Deferred[Any]:
-        from twisted.cred.error import UnauthorizedLogin
-        from twisted.internet.defer import fail
-
-        return fail(UnauthorizedLogin())
-
-
 def build_service(config: Config, reactor: Any) -> MultiService:
-    """Build the daemon's service tree for C{config} on C{reactor}."""
-    os.makedirs(config.server.state_dir, mode=0o750, exist_ok=True)
-    top = DaemonService()
+    """
+    Build the daemon's service tree for C{config} on C{reactor}.
+
+    Children start in this order and stop in reverse: the admin API and the
+    listeners close first, sessions drain (still committing to the queue),
+    the notifier flushes its summaries into the queue, delivery stops, the
+    statistics flush, and the database closes last.
+    """
+    state_dir = config.server.state_dir
+    os.makedirs(state_dir, mode=0o750, exist_ok=True)
     smtp = config.smtp
     raise_open_files_limit(len(smtp.ports) + len(smtp.tls_ports) + smtp.max_connections + 256)
+    tls_options = server_context(config.tls, config.server.hostname, state_dir)
 
-    tls_options = server_context(config.tls, config.server.hostname, config.server.state_dir)
-    settings = SessionSettings(
-        hostname=config.server.hostname,
-        max_message_size=smtp.max_message_size,
-        max_recipients=smtp.max_recipients,
-        max_connections=smtp.max_connections,
-        max_connections_per_ip=smtp.max_connections_per_ip,
-        idle_timeout=smtp.idle_timeout,
-        auth_requires_tls=smtp.auth_requires_tls,
+    top = DaemonService()
+    database = Database(reactor, os.path.join(state_dir, "smtpplus.db"))
+    DatabaseService(database).setServiceParent(top)
+
+    users = SQLiteUserStore(database, reactor)
+    users.migrate()
+    hasher = PasswordHasher(reactor)
+    hasher.setServiceParent(top)
+
+    def user_policy(username: str) -> Deferred[str | None]:
+        return users.get(username).addCallback(lambda user: user["aggregation"] if user else None)
+
+    stats = Statistics(database, reactor, user_policy)
+    stats.setServiceParent(top)
+    events = EventStore(database, reactor)
+    delivery_service, avatar_factory, message_query, submit_internal = build_delivery(
+        config, reactor, database, events, stats
     )
-    registry = SessionRegistry(settings, reactor)
-    login_service = _RejectAll()
+    delivery_service.setServiceParent(top)
+    notifier = build_notifier(config.notifications, config.server.hostname, reactor, submit_internal)
+    events.sink = notifier
+    notifier.setServiceParent(top)
+
+    throttle = LoginThrottle(reactor, config.security, events)
+    login_service, _ = build_login_service(users, hasher, throttle, avatar_factory, reactor)
+    registry = SessionRegistry(
+        SessionSettings(
+            hostname=config.server.hostname,
+            max_message_size=smtp.max_message_size,
+            max_recipients=smtp.max_recipients,
+            max_connections=smtp.max_connections,
+            max_connections_per_ip=smtp.max_connections_per_ip,
+            idle_timeout=smtp.idle_timeout,
+            auth_requires_tls=smtp.auth_requires_tls,
+        ),
+        reactor,
+    )
     factory = SMTPServerFactory(registry, login_service, tls_options)
     tls_factory = None
     if smtp.tls_ports:
         implicit = SMTPServerFactory(registry, login_service, None, implicit_tls=True)
         tls_factory = TLSMemoryBIOFactory(tls_options, False, implicit)
+        tls_factory.noisy = False
     listeners = SMTPListeners(reactor, smtp.listen, smtp.ports, smtp.tls_ports, factory, tls_factory, smtp.require_all_ports)
-    # Stopped in reverse: listeners close first, then sessions drain.
     _CallableService("smtp-sessions", lambda: None, lambda: registry.drain(DRAIN_SECONDS)).setServiceParent(top)
     listeners.setName("smtp")
     listeners.setServiceParent(top)
+
+    def client_settings() -> dict[str, Any]:
+        return {
+            "hostname": config.server.hostname,
+            "ports": smtp.ports_spec,
+            "listening_ports": sorted(listeners.bound),
+            "tls_ports": smtp.tls_ports_spec,
+            "listening_tls_ports": sorted(listeners.bound_tls),
+            "encryption": "STARTTLS",
+            "auth_mechanisms": ["PLAIN", "LOGIN"],
+        }
+
+    api = AdminAPI(
+        admin_token(config.admin, state_dir),
+        users,
+        hasher,
+        client_settings,
+        messages=message_query,
+        events=events,
+        stats=stats,
+    )
+    admin_service(reactor, config.admin, api).setServiceParent(top)
     return top
 
 
@@ -161,8 +225,14 @@ def makeService(options: Options) -> IService:
     """twistd entry point."""
     from twisted.internet import reactor
 
-    service = build_service(options.config, reactor)
+    config = options.config
+    try:
+        service = build_service(config, reactor)
+    except ConfigError as e:
+        _fail(f"configuration error: {e}")
+    except OSError as e:
+        _fail(f"cannot prepare state_dir {config.server.state_dir}: {e}")
     parent = options.parent
     if parent is not None:
-        hand_over_state_dir(options.config.server.state_dir, parent.get("uid"), parent.get("gid"))
+        hand_over_state_dir(config.server.state_dir, parent.get("uid"), parent.get("gid"))
     return service

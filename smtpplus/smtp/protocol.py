@@ -44,12 +44,19 @@ log = Logger()
 COMMAND_LINE_MAX = 512
 AUTH_LINE_MAX = 12288
 MAX_BAD_COMMANDS = 20
+# Replies that count towards MAX_BAD_COMMANDS: syntax and sequence errors,
+# and refused or failed authentication (a cheap brake on password guessing).
+_BAD_COMMAND_CODES = frozenset((500, 501, 502, 503, 504, 530, 535, 555))
 # Without a CRLF in this much DATA input the line is passed on in pieces so
 # that no single line can make the session buffer grow without bound.
 DATA_FLUSH_SIZE = 65536
 
 _PATH_RE = re.compile(rb"^\s*(?:<(?P<bracketed>[^<>]*)>|(?P<bare>[^\s<>]+))(?:\s+(?P<params>.*))?$", re.S)
 _LOCAL_RE = re.compile(r'^(?:[A-Za-z0-9!#$%&\'*+/=?^_`{|}~-]+(?:\.[A-Za-z0-9!#$%&\'*+/=?^_`{|}~-]+)*|"(?:[^"\\\r\n]|\\.)*")$')
+# Bare CR or LF inside DATA; RFC 5321 2.3.8 allows line breaks only as CRLF.
+_BARE_NEWLINE_RE = re.compile(rb"\r(?!\n)|(?<!\r)\n")
+# Reply text must stay on its line: no control characters from callers.
+_CONTROL_RE = re.compile(r"[\x00-\x09\x0b-\x1f\x7f]")
 _DOMAIN_RE = re.compile(r"^(?:\[[^\]\s]+\]|[A-Za-z0-9](?:[A-Za-z0-9-]{0,62})?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,62})?)*\.?)$")
 
 
@@ -72,6 +79,11 @@ def parse_mailbox(text: str) -> str | None:
     if not _DOMAIN_RE.match(ascii_domain):
         return None
     return f"{local}@{domain}"
+
+
+def _address_literal(ip: str) -> str:
+    """RFC 5321 4.1.3 address literal for C{ip}."""
+    return f"[IPv6:{ip}]" if ":" in ip else f"[{ip}]"
 
 
 @attrs.frozen
@@ -208,6 +220,8 @@ class SMTPSession(Protocol, TimeoutMixin):
         self._buffer = b""
         self._state = _COMMAND
         self._waiting = False
+        self._paused = False
+        self._discarding = False
         self._processing = False
         self._closing = False
         self._lost = False
@@ -218,7 +232,7 @@ class SMTPSession(Protocol, TimeoutMixin):
         self._logout: Callable[[], None] | None = None
         self.username: str | None = None
         self._auth_step: Callable[[bytes], Any] | None = None
-        self._login_name = ""
+        self._login_name = b""
         self.messages = 0
         self.outcome = "disconnected"
         self._reset_transaction()
@@ -279,12 +293,12 @@ class SMTPSession(Protocol, TimeoutMixin):
 
     def reply(self, code: int, status: str, text: str) -> None:
         """Send one reply line (or several, for a multi-line C{text})."""
-        lines = text.split("\n")
+        lines = _CONTROL_RE.sub(" ", text).split("\n")
         prefix = f"{status} " if status else ""
         last = len(lines) - 1
         out = [f"{code}{'-' if i < last else ' '}{prefix}{line}".encode() for i, line in enumerate(lines)]
         self.transport.write(b"\r\n".join(out) + b"\r\n")
-        if code in (500, 501, 502, 503, 504, 555):
+        if code in _BAD_COMMAND_CODES:
             self._bad_commands += 1
             if self._bad_commands >= MAX_BAD_COMMANDS and not self._closing:
                 self.outcome = "too many errors"
@@ -313,11 +327,23 @@ class SMTPSession(Protocol, TimeoutMixin):
                     if not self._data_step():
                         break
                     continue
-                limit = AUTH_LINE_MAX
-                end = self._buffer.find(b"\n", 0, limit + 1)
-                if end < 0:
-                    if len(self._buffer) > limit:
+                if self.registry.draining and self._state == _COMMAND:
+                    break
+                end = self._buffer.find(b"\n", 0, AUTH_LINE_MAX + 1)
+                if self._discarding:
+                    # The rest of an over-long line, already answered.
+                    if end < 0:
                         self._buffer = b""
+                        break
+                    self._discarding = False
+                    self._buffer = self._buffer[end + 1 :]
+                    continue
+                if end < 0:
+                    if len(self._buffer) > AUTH_LINE_MAX:
+                        self._buffer = b""
+                        self._discarding = True
+                        self._state = _COMMAND
+                        self._auth_step = None
                         self.reply(500, "5.5.2", "Line too long")
                     break
                 line = self._buffer[:end].rstrip(b"\r")
@@ -325,24 +351,41 @@ class SMTPSession(Protocol, TimeoutMixin):
                 result = self._line_received(line)
                 if isinstance(result, Deferred):
                     self._wait(result)
+            if self.registry.draining and not (self._waiting or self._closing or self._state == _DATA):
+                # A message finished while the daemon stops: say goodbye now.
+                self.shutdown()
         finally:
             self._processing = False
 
     def _wait(self, d: Deferred[Any]) -> None:
-        """Hold later pipelined commands until C{d}, the current one, answers."""
+        """
+        Hold later pipelined commands until C{d}, the current one, has
+        answered, so that replies go out once each and in order (RFC 2920).
+        """
         self._waiting = True
-        self.setTimeout(None)
-        self.transport.pauseProducing()
+        d.addBoth(self._resume)
+        if self._waiting:
+            # Still pending: stop reading (input already read stays buffered)
+            # and do not time the client out while it is us who is slow.
+            self._paused = True
+            self.setTimeout(None)
+            self.transport.pauseProducing()
 
-        def resume(result: object) -> None:
-            self._waiting = False
-            if self._closing or self._lost:
+    def _resume(self, result: object) -> None:
+        if isinstance(result, Failure):
+            log.failure("a command's reply failed", result)
+        self._waiting = False
+        if self._lost:
+            return
+        if self._paused:
+            self._paused = False
+            if self._closing:
                 return
             self.setTimeout(self.settings.idle_timeout)
             self.transport.resumeProducing()
-            self._process()
-
-        d.addBoth(resume)
+        # Called synchronously from inside _process this returns at once and
+        # the running loop goes on; called later, it handles what was buffered.
+        self._process()
 
     def _line_received(self, line: bytes) -> Deferred[Any] | None:
         if self._state == _AUTH:
@@ -372,21 +415,31 @@ class SMTPSession(Protocol, TimeoutMixin):
             ext.append("AUTH PLAIN LOGIN")
         return ext
 
+    def _client_name(self, rest: bytes, verb: str) -> str | None:
+        """The HELO/EHLO argument's first word, or None (after a 501) when unusable."""
+        text = rest.decode("utf-8", "replace")
+        name = text.split(" ")[0]
+        # The name goes into the EHLO reply and the Received: header.
+        if not name or _CONTROL_RE.search(text) or len(name) > 255:
+            self.reply(501, "5.5.4", f"Syntax: {verb} hostname")
+            return None
+        return name
+
     def smtp_EHLO(self, rest: bytes) -> None:
-        if not rest:
-            self.reply(501, "5.5.4", "Syntax: EHLO hostname")
+        helo = self._client_name(rest, "EHLO")
+        if helo is None:
             return
-        self._helo = rest.decode("utf-8", "replace")
+        self._helo = helo
         self._esmtp = True
         self._reset_transaction()
         lines = [f"{self.settings.hostname} Hello {self._helo} [{self.peer_ip}]", *self._extensions()]
         self.reply(250, "", "\n".join(lines))
 
     def smtp_HELO(self, rest: bytes) -> None:
-        if not rest:
-            self.reply(501, "5.5.4", "Syntax: HELO hostname")
+        helo = self._client_name(rest, "HELO")
+        if helo is None:
             return
-        self._helo = rest.decode("utf-8", "replace")
+        self._helo = helo
         self._esmtp = False
         self._reset_transaction()
         self.reply(250, "", self.settings.hostname)
@@ -436,11 +489,13 @@ class SMTPSession(Protocol, TimeoutMixin):
     # AUTH
 
     def smtp_AUTH(self, rest: bytes) -> Deferred[Any] | None:
-        if self._helo is None:
-            self.reply(503, "5.5.1", "Send EHLO first")
-            return None
+        # TLS first: on plaintext the answer is always "use STARTTLS"; inside
+        # TLS a client that skipped the second EHLO gets 503 (RFC 3207 4.2).
         if self.settings.auth_requires_tls and not self.tls:
             self.reply(530, "5.7.0", "Must issue a STARTTLS command first")
+            return None
+        if self._helo is None:
+            self.reply(503, "5.5.1", "Send EHLO first")
             return None
         if self.avatar is not None:
             self.reply(503, "5.5.1", "Already authenticated")
@@ -451,6 +506,9 @@ class SMTPSession(Protocol, TimeoutMixin):
         mechanism, _, initial = rest.partition(b" ")
         mechanism = mechanism.upper()
         initial = initial.strip()
+        if not mechanism:
+            self.reply(501, "5.5.4", "Syntax: AUTH mechanism [initial-response]")
+            return None
         if mechanism == b"PLAIN":
             self._auth_step = self._auth_plain
             if initial:
@@ -510,7 +568,7 @@ class SMTPSession(Protocol, TimeoutMixin):
 
         def succeeded(result: tuple[ISubmitter, Callable[[], None]]) -> None:
             avatar, logout = result
-            if self._closing:
+            if self._closing or self._lost:
                 logout()
                 return
             self.avatar = avatar
@@ -662,7 +720,7 @@ class SMTPSession(Protocol, TimeoutMixin):
             self.reply(503, "5.5.1", "Need MAIL command")
             return
         if not self._recipients:
-            self.reply(503, "5.5.1", "Need RCPT command (no valid recipients)")
+            self.reply(554, "5.5.1", "No valid recipients")
             return
         if rest:
             self.reply(501, "5.5.4", "Syntax: DATA")
@@ -700,7 +758,7 @@ class SMTPSession(Protocol, TimeoutMixin):
             protocol += "A"
         stamp = email.utils.format_datetime(email.utils.localtime(), usegmt=False)
         header = (
-            f"Received: from {self._helo} ([{self.peer_ip}])\r\n"
+            f"Received: from {self._helo} ({_address_literal(self.peer_ip)})\r\n"
             f"\tby {self.settings.hostname} (smtpplus) with {protocol};\r\n"
             f"\t{stamp}\r\n"
         )
@@ -739,6 +797,10 @@ class SMTPSession(Protocol, TimeoutMixin):
         if self._at_line_start and chunk.startswith(b"."):
             chunk = chunk[1:]
         chunk = chunk.replace(b"\r\n.", b"\r\n")
+        # Store CRLF only, so that a bare LF or CR cannot turn into a line
+        # break (or an end-of-data) at a less careful next hop: SMTP smuggling.
+        # Chunks never split a CRLF (see _data_step).
+        chunk = _BARE_NEWLINE_RE.sub(b"\r\n", chunk)
         if self._data_overflow:
             return
         self._data_size += len(chunk)
@@ -756,8 +818,7 @@ class SMTPSession(Protocol, TimeoutMixin):
         writer = self._writer
         overflow = self._data_overflow
         self._writer = None
-        self._mail_from = None
-        self._recipients = []
+        self._reset_transaction()
         if overflow or writer is None:
             self.reply(552, "5.3.4", "Message size exceeds fixed maximum message size")
             return

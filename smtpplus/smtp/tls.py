@@ -49,15 +49,25 @@ def _load_pair(cert_path: str, key_path: str) -> tuple[list[x509.Certificate], b
     except ValueError:
         raise ConfigError(f"[tls] certificate: {cert_path} holds no PEM certificate") from None
     try:
-        serialization.load_pem_private_key(key_pem, password=None)
+        key = serialization.load_pem_private_key(key_pem, password=None)
     except (ValueError, TypeError):
         raise ConfigError(f"[tls] private_key: {key_path} holds no unencrypted PEM private key") from None
+    # A mismatched pair would otherwise fail later, inside OpenSSL, as a traceback.
+    spki = serialization.PublicFormat.SubjectPublicKeyInfo
+    if key.public_key().public_bytes(serialization.Encoding.PEM, spki) != chain[0].public_key().public_bytes(
+        serialization.Encoding.PEM, spki
+    ):
+        raise ConfigError(f"[tls] private_key: {key_path} does not match the certificate {cert_path}")
     return chain, key_pem
 
 
 def _generate(hostname: str, cert_path: str, key_path: str) -> None:
     key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hostname[:64])])
+    try:
+        dns_name = hostname.encode("idna").decode("ascii")
+    except UnicodeError:
+        dns_name = "localhost"
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, dns_name[:64])])
     now = datetime.datetime.now(datetime.UTC)
     cert = (
         x509.CertificateBuilder()
@@ -67,7 +77,7 @@ def _generate(hostname: str, cert_path: str, key_path: str) -> None:
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - datetime.timedelta(days=1))
         .not_valid_after(now + datetime.timedelta(days=3650))
-        .add_extension(x509.SubjectAlternativeName([x509.DNSName(hostname)]), critical=False)
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName(dns_name)]), critical=False)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .sign(key, hashes.SHA256())
     )

@@ -15,6 +15,7 @@ import sqlite3
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
+from twisted.application.service import Service
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorThreads
 from twisted.internet.threads import deferToThreadPool
@@ -81,30 +82,37 @@ class Database:
         self._pool = ThreadPool(minthreads=1, maxthreads=1, name="smtpplus-db")
         self._conn: sqlite3.Connection | None = None
 
-    def start(self) -> None:
-        """Open the file and start the thread; synchronous, before the reactor runs."""
+    def open(self) -> None:
+        """Open the file; synchronous.  Safe before twistd forks: no thread yet."""
         if self._conn is None:
             self._conn = connect(self.path)
+
+    def start(self) -> None:
+        """Open the file if needed and start the database thread."""
+        self.open()
+        if not self._pool.started:
             self._pool.start()
 
     def stop(self) -> None:
         """Finish queued work, stop the thread and close the file."""
-        if self._conn is not None:
+        if self._pool.started:
             self._pool.stop()
+        if self._conn is not None:
             self._conn.close()
             self._conn = None
 
     def migrate(self, component: str, migrations: Sequence[str]) -> int:
         """Bring C{component}'s tables up to date; synchronous, at start-up."""
-        self.start()
+        self.open()
         assert self._conn is not None
         return apply_migrations(self._conn, component, migrations)
 
     def run(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> Deferred[T]:
         """Call C{fn(connection, *args, **kwargs)} on the database thread."""
+        if not self._pool.started:
+            self.start()
         conn = self._conn
-        if conn is None:
-            raise RuntimeError("database is not started")
+        assert conn is not None
         return deferToThreadPool(self._reactor, self._pool, fn, conn, *args, **kwargs)
 
     def transaction(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> Deferred[T]:
@@ -126,3 +134,23 @@ def _in_transaction(conn: sqlite3.Connection, fn: Callable[..., T], *args: Any, 
         raise
     conn.execute("COMMIT")
     return result
+
+
+class DatabaseService(Service):
+    """
+    Starts the database thread with the reactor (after twistd has forked and
+    dropped privileges) and closes the file last on the way down.
+    """
+
+    name = "database"
+
+    def __init__(self, database: Database) -> None:
+        self.database = database
+
+    def startService(self) -> None:
+        self.database.start()
+        Service.startService(self)
+
+    def stopService(self) -> None:
+        Service.stopService(self)
+        self.database.stop()

@@ -1,0 +1,353 @@
+"""
+The REST admin API (contract section 4): Klein routes over the user store
+and the read models of delivery and notifications.
+
+Every request carries C{Authorization: Bearer <token>}, compared in
+constant time; every response, errors included, is JSON.
+"""
+
+from __future__ import annotations
+
+import functools
+import hmac
+import json
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from klein import Klein
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.server import Request
+from werkzeug.exceptions import HTTPException, MethodNotAllowed, NotFound
+
+from smtpplus.admin.interfaces import IEventQuery, IMessageQuery, IStatsQuery
+from smtpplus.admin.openapi import MAX_LIMIT, MESSAGE_STATUSES, openapi_document
+from smtpplus.auth.hashing import PasswordHasher
+from smtpplus.auth.store import DuplicateUser, IUserStore
+from smtpplus.auth.users import (
+    AGGREGATIONS,
+    ValidationError,
+    generate_password,
+    generate_username,
+    new_user_fields,
+    validate_fields,
+)
+from smtpplus.config import EVENT_TYPES
+
+log = Logger()
+
+MAX_BODY = 64 * 1024
+DEFAULT_LIMIT = 100
+_USERNAME_ATTEMPTS = 5
+
+
+class HTTPError(Exception):
+    """Answer the request with this status and the contract's JSON error."""
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(status, code, message)
+        self.status = status
+        self.code = code
+        self.message = message
+
+
+class CappedRequest(Request):
+    """
+    A request that keeps at most L{MAX_BODY} bytes of its body, so that a
+    client cannot make the server buffer an unbounded upload; the API then
+    answers 413.
+    """
+
+    body_size = 0
+
+    def handleContentChunk(self, data: bytes) -> None:
+        self.body_size += len(data)
+        if self.body_size <= MAX_BODY:
+            Request.handleContentChunk(self, data)
+
+
+def json_body(request: Any, status: int, document: Any) -> bytes:
+    """Set the status and JSON content type; return the encoded C{document}."""
+    request.setResponseCode(status)
+    request.setHeader(b"Content-Type", b"application/json")
+    return json.dumps(document).encode("utf-8") + b"\n"
+
+
+def error_body(request: Any, status: int, code: str, message: str) -> bytes:
+    return json_body(request, status, {"error": {"code": code, "message": message}})
+
+
+Handler = Callable[..., Awaitable[bytes]]
+
+
+def authenticated(handler: Handler) -> Handler:
+    """Refuse the request with 401 unless it carries the right bearer token."""
+
+    @functools.wraps(handler)
+    async def check(self: AdminAPI, request: Any, *args: Any, **kwargs: Any) -> bytes:
+        self._check_token(request)
+        return await handler(self, request, *args, **kwargs)
+
+    return check
+
+
+def _text(value: bytes, name: str) -> str:
+    try:
+        return value.decode("utf-8")
+    except UnicodeDecodeError:
+        raise HTTPError(400, "validation_error", f"{name}: is not UTF-8") from None
+
+
+class AdminAPI:
+    """
+    The admin API.  Serve C{AdminAPI(...).app.resource()} from a L{Site}
+    with C{requestFactory=CappedRequest}.
+
+    @param settings: returns the C{/settings} document (the listening ports
+        are known only after start-up).
+    @param messages: the message read model, or None before delivery exists.
+    @param events: the notification read model, or None.
+    @param stats: the statistics read model, or None.
+    """
+
+    app = Klein()
+
+    def __init__(
+        self,
+        token: str,
+        users: IUserStore,
+        hasher: PasswordHasher,
+        settings: Callable[[], dict[str, Any]],
+        messages: IMessageQuery | None = None,
+        events: IEventQuery | None = None,
+        stats: IStatsQuery | None = None,
+    ) -> None:
+        if not token:
+            raise ValueError("the admin token must not be empty")
+        self._token = token.encode("utf-8")
+        self._users = users
+        self._hasher = hasher
+        self._settings = settings
+        self._messages = messages
+        self._events = events
+        self._stats = stats
+
+    # authentication and errors
+
+    def _check_token(self, request: Any) -> None:
+        header = request.getHeader(b"Authorization") or b""
+        scheme, _, presented = header.partition(b" ")
+        # Compare even when the scheme is wrong, so timing shows nothing.
+        matches = hmac.compare_digest(presented.strip(), self._token)
+        if scheme.lower() != b"bearer" or not matches:
+            request.setHeader(b"WWW-Authenticate", b'Bearer realm="smtpplus"')
+            raise HTTPError(401, "unauthorized", "missing or wrong bearer token")
+
+    @app.handle_errors(HTTPError)
+    def _http_error(self, request: Any, failure: Failure) -> bytes:
+        error = failure.value
+        return error_body(request, error.status, error.code, error.message)
+
+    @app.handle_errors(NotFound, MethodNotAllowed)
+    def _routing_error(self, request: Any, failure: Failure) -> bytes:
+        # Unknown paths need the token too: they reveal nothing before it.
+        try:
+            self._check_token(request)
+        except HTTPError as e:
+            return error_body(request, e.status, e.code, e.message)
+        if failure.check(MethodNotAllowed):
+            allowed = ", ".join(failure.value.valid_methods or ())
+            request.setHeader(b"Allow", allowed.encode("ascii"))
+            return error_body(request, 405, "method_not_allowed", f"method {request.method.decode()} not allowed here")
+        return error_body(request, 404, "not_found", "no such resource")
+
+    @app.handle_errors(HTTPException)
+    def _other_http(self, request: Any, failure: Failure) -> bytes:
+        error = failure.value
+        return error_body(request, error.code or 400, "bad_request", error.description or "bad request")
+
+    @app.handle_errors(Exception)
+    def _unexpected(self, request: Any, failure: Failure) -> bytes:
+        log.failure("admin API {method} {path} failed", failure, method=request.method, path=request.path)
+        return error_body(request, 500, "internal_error", "internal server error")
+
+    # request parsing
+
+    def _read_json(self, request: Any) -> Any:
+        length = request.getHeader(b"Content-Length")
+        size = getattr(request, "body_size", 0)
+        if size > MAX_BODY or (length is not None and length.strip().isdigit() and int(length) > MAX_BODY):
+            raise HTTPError(413, "payload_too_large", f"request body larger than {MAX_BODY} bytes")
+        raw = request.content.read(MAX_BODY + 1) if request.content is not None else b""
+        if len(raw) > MAX_BODY:
+            raise HTTPError(413, "payload_too_large", f"request body larger than {MAX_BODY} bytes")
+        content_type = (request.getHeader(b"Content-Type") or b"").split(b";")[0].strip().lower()
+        if not content_type and not raw.strip():
+            # "curl -X POST" with no body: all fields take their defaults.
+            return {}
+        if content_type != b"application/json":
+            raise HTTPError(
+                415, "unsupported_media_type", "the request body must be JSON (Content-Type: application/json)"
+            )
+        try:
+            return json.loads(raw.decode("utf-8"), parse_constant=_reject_constant)
+        except (UnicodeDecodeError, ValueError) as e:
+            raise HTTPError(415, "invalid_json", f"the request body is not JSON: {e}") from None
+
+    def _query(self, request: Any, name: str) -> str | None:
+        values = request.args.get(name.encode("ascii"))
+        if not values:
+            return None
+        return _text(values[0], name)
+
+    def _choice(self, request: Any, name: str, choices: tuple[str, ...]) -> str | None:
+        value = self._query(request, name)
+        if value is not None and value not in choices:
+            raise HTTPError(400, "validation_error", f"{name}: must be one of {', '.join(choices)}")
+        return value
+
+    def _limit(self, request: Any) -> int:
+        value = self._query(request, "limit")
+        if value is None:
+            return DEFAULT_LIMIT
+        if not (value.isascii() and value.isdigit()) or not 1 <= int(value) <= MAX_LIMIT:
+            raise HTTPError(400, "validation_error", f"limit: must be an integer from 1 to {MAX_LIMIT}")
+        return int(value)
+
+    # routes
+
+    @app.route("/api/v1/openapi.json", methods=["GET"])
+    @authenticated
+    async def openapi(self, request: Any) -> bytes:
+        return json_body(request, 200, openapi_document())
+
+    @app.route("/api/v1/settings", methods=["GET"])
+    @authenticated
+    async def settings(self, request: Any) -> bytes:
+        return json_body(request, 200, self._settings())
+
+    @app.route("/api/v1/users", methods=["GET"])
+    @authenticated
+    async def list_users(self, request: Any) -> bytes:
+        return json_body(request, 200, {"users": await self._users.list()})
+
+    @app.route("/api/v1/users", methods=["POST"])
+    @authenticated
+    async def create_user(self, request: Any) -> bytes:
+        fields = _validated(new_user_fields, self._read_json(request))
+        password = generate_password()
+        password_hash = await self._hasher.hash(password)
+        user = None
+        for _attempt in range(1 if "username" in fields else _USERNAME_ATTEMPTS):
+            candidate = fields if "username" in fields else {**fields, "username": generate_username()}
+            try:
+                user = await self._users.create(candidate, password_hash)
+                break
+            except DuplicateUser:
+                if "username" in fields:
+                    raise HTTPError(409, "duplicate", f"username: {fields['username']} already exists") from None
+        if user is None:
+            raise HTTPError(409, "duplicate", "username: could not generate a free username, try again")
+        log.info("admin API created user {username}", username=user["username"])
+        request.setHeader(b"Location", f"/api/v1/users/{user['username']}".encode())
+        return json_body(request, 201, {**user, "password": password})
+
+    @app.route("/api/v1/users/<username>", methods=["GET"])
+    @authenticated
+    async def get_user(self, request: Any, username: str) -> bytes:
+        return json_body(request, 200, await self._existing(username))
+
+    @app.route("/api/v1/users/<username>", methods=["PATCH"])
+    @authenticated
+    async def update_user(self, request: Any, username: str) -> bytes:
+        fields = _validated(validate_fields, self._read_json(request))
+        current = await self._existing(username)
+        new_name = fields.pop("username", current["username"])
+        if new_name.casefold() != current["username"].casefold():
+            raise HTTPError(400, "validation_error", "username: cannot be changed")
+        if not fields:
+            return json_body(request, 200, current)
+        user = await self._users.update(current["username"], fields)
+        if user is None:
+            raise _no_user(username)
+        log.info("admin API changed user {username}: {fields}", username=user["username"], fields=sorted(fields))
+        return json_body(request, 200, user)
+
+    @app.route("/api/v1/users/<username>", methods=["DELETE"])
+    @authenticated
+    async def delete_user(self, request: Any, username: str) -> bytes:
+        if not await self._users.delete(username):
+            raise _no_user(username)
+        log.info("admin API deleted user {username}", username=username)
+        request.setResponseCode(204)
+        request.setHeader(b"Content-Type", b"application/json")
+        return b""
+
+    @app.route("/api/v1/users/<username>/password", methods=["POST"])
+    @authenticated
+    async def regenerate_password(self, request: Any, username: str) -> bytes:
+        current = await self._existing(username)
+        password = generate_password()
+        password_hash = await self._hasher.hash(password)
+        if not await self._users.set_password_hash(current["username"], password_hash):
+            raise _no_user(username)
+        log.info("admin API regenerated the password of {username}", username=current["username"])
+        return json_body(request, 200, {"username": current["username"], "password": password})
+
+    @app.route("/api/v1/messages", methods=["GET"])
+    @authenticated
+    async def list_messages(self, request: Any) -> bytes:
+        user = self._query(request, "user")
+        status = self._choice(request, "status", MESSAGE_STATUSES)
+        limit = self._limit(request)
+        messages = [] if self._messages is None else await self._messages.list_messages(user, status, limit)
+        return json_body(request, 200, {"messages": messages})
+
+    @app.route("/api/v1/messages/<message_id>", methods=["GET"])
+    @authenticated
+    async def get_message(self, request: Any, message_id: str) -> bytes:
+        message = None if self._messages is None else await self._messages.get_message(message_id)
+        if message is None:
+            raise HTTPError(404, "not_found", f"no message {message_id}")
+        return json_body(request, 200, message)
+
+    @app.route("/api/v1/notifications", methods=["GET"])
+    @authenticated
+    async def list_notifications(self, request: Any) -> bytes:
+        event_type = self._choice(request, "type", EVENT_TYPES)
+        user = self._query(request, "user")
+        limit = self._limit(request)
+        events = [] if self._events is None else await self._events.list_events(event_type, user, limit)
+        return json_body(request, 200, {"notifications": events})
+
+    @app.route("/api/v1/stats", methods=["GET"])
+    @authenticated
+    async def stats(self, request: Any) -> bytes:
+        user = self._query(request, "user")
+        policy = self._choice(request, "policy", AGGREGATIONS)
+        if self._stats is None:
+            result = {"policy": policy or "day", "groups": []}
+        else:
+            result = await self._stats.stats(user, policy)
+        return json_body(request, 200, result)
+
+    async def _existing(self, username: str) -> dict[str, Any]:
+        user = await self._users.get(username)
+        if user is None:
+            raise _no_user(username)
+        return user
+
+
+def _no_user(username: str) -> HTTPError:
+    return HTTPError(404, "not_found", f"no user {username}")
+
+
+def _validated(validate: Callable[[Any], dict[str, Any]], data: Any) -> dict[str, Any]:
+    try:
+        return validate(data)
+    except ValidationError as e:
+        raise HTTPError(400, "validation_error", str(e)) from None
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")

@@ -1,0 +1,375 @@
+"""
+The OpenAPI 3.0 description of the admin API, served at
+C{GET /api/v1/openapi.json}.  Enumerations come from the code that enforces
+them, so the document cannot drift from the validation.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from smtpplus.auth.users import AGGREGATIONS
+from smtpplus.config import EVENT_TYPES
+
+MESSAGE_STATUSES = ("queued", "scheduled", "sending", "deferred", "sent", "bounced", "partial")
+USERNAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._@+-]{0,63}$"
+MAX_LIMIT = 1000
+
+_STRING_LIST_INPUT = {
+    "oneOf": [
+        {"type": "array", "items": {"type": "string"}},
+        {"type": "string", "description": 'Items separated by ";"; blanks are stripped, empty items ignored.'},
+    ]
+}
+
+
+def _ref(name: str) -> dict[str, str]:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def _json(schema: dict[str, Any], description: str) -> dict[str, Any]:
+    return {"description": description, "content": {"application/json": {"schema": schema}}}
+
+
+def _error(description: str) -> dict[str, Any]:
+    return _json(_ref("Error"), description)
+
+
+_ERRORS = {
+    "400": _error("Validation error; the message names the field or parameter."),
+    "401": _error("Missing or wrong bearer token."),
+}
+_BODY_ERRORS = {
+    **_ERRORS,
+    "413": _error("Request body too large."),
+    "415": _error("Body is not JSON (or Content-Type is not application/json)."),
+}
+
+
+def _query(name: str, schema: dict[str, Any], description: str) -> dict[str, Any]:
+    return {"name": name, "in": "query", "required": False, "schema": schema, "description": description}
+
+
+_USERNAME_PARAM = {
+    "name": "username",
+    "in": "path",
+    "required": True,
+    "schema": {"type": "string"},
+    "description": "The username (case-insensitive).",
+}
+
+_USER_PROPERTIES: dict[str, Any] = {
+    "username": {"type": "string", "pattern": USERNAME_PATTERN},
+    "enabled": {"type": "boolean"},
+    "priority": {"type": "integer", "minimum": 1, "maximum": 5, "description": "1 very high ... 5 very low."},
+    "notes": {"type": "string"},
+    "authorized_domains": {"type": "array", "items": {"type": "string"}},
+    "authorized_senders": {"type": "array", "items": {"type": "string"}},
+    "aggregation": {"type": "string", "enum": list(AGGREGATIONS)},
+    "created_at": {"type": "string", "format": "date-time"},
+    "updated_at": {"type": "string", "format": "date-time"},
+}
+
+_USER_INPUT_PROPERTIES: dict[str, Any] = {
+    **{k: v for k, v in _USER_PROPERTIES.items() if k not in ("created_at", "updated_at")},
+    "authorized_domains": _STRING_LIST_INPUT,
+    "authorized_senders": _STRING_LIST_INPUT,
+}
+
+SCHEMAS: dict[str, Any] = {
+    "Error": {
+        "type": "object",
+        "required": ["error"],
+        "properties": {
+            "error": {
+                "type": "object",
+                "required": ["code", "message"],
+                "properties": {"code": {"type": "string"}, "message": {"type": "string"}},
+            }
+        },
+    },
+    "Settings": {
+        "type": "object",
+        "required": [
+            "hostname",
+            "ports",
+            "listening_ports",
+            "tls_ports",
+            "listening_tls_ports",
+            "encryption",
+            "auth_mechanisms",
+        ],
+        "properties": {
+            "hostname": {"type": "string"},
+            "ports": {"type": "string", "description": "Configured STARTTLS port spec."},
+            "listening_ports": {"type": "array", "items": {"type": "integer"}},
+            "tls_ports": {"type": "string", "description": "Configured implicit-TLS port spec."},
+            "listening_tls_ports": {"type": "array", "items": {"type": "integer"}},
+            "encryption": {"type": "string", "enum": ["STARTTLS"]},
+            "auth_mechanisms": {"type": "array", "items": {"type": "string"}},
+        },
+    },
+    "User": {
+        "type": "object",
+        "required": list(_USER_PROPERTIES),
+        "additionalProperties": False,
+        "properties": _USER_PROPERTIES,
+    },
+    "UserCreate": {
+        "type": "object",
+        "additionalProperties": False,
+        "description": "Any writable user field; username is generated (smtp-xxxxxxxx) when absent.",
+        "properties": _USER_INPUT_PROPERTIES,
+    },
+    "UserPatch": {
+        "type": "object",
+        "additionalProperties": False,
+        "description": "The fields to change; username may only repeat the current one.",
+        "properties": _USER_INPUT_PROPERTIES,
+    },
+    "UserWithPassword": {
+        "type": "object",
+        "required": [*_USER_PROPERTIES, "password"],
+        "additionalProperties": False,
+        "properties": {
+            **_USER_PROPERTIES,
+            "password": {"type": "string", "description": "Shown once, never again."},
+        },
+    },
+    "Password": {
+        "type": "object",
+        "required": ["username", "password"],
+        "additionalProperties": False,
+        "properties": {
+            "username": {"type": "string"},
+            "password": {"type": "string", "description": "Shown once; the old password stops working."},
+        },
+    },
+    "UserList": {
+        "type": "object",
+        "required": ["users"],
+        "properties": {"users": {"type": "array", "items": _ref("User")}},
+    },
+    "Recipient": {
+        "type": "object",
+        "required": ["address", "status", "attempts", "last_response"],
+        "properties": {
+            "address": {"type": "string"},
+            "status": {"type": "string"},
+            "attempts": {"type": "integer", "minimum": 0},
+            "last_response": {"type": "string", "nullable": True},
+        },
+    },
+    "Message": {
+        "type": "object",
+        "required": [
+            "id",
+            "user",
+            "mail_from",
+            "header_from",
+            "subject",
+            "priority",
+            "status",
+            "recipients",
+            "campaign_code",
+            "created_at",
+            "updated_at",
+        ],
+        "properties": {
+            "id": {"type": "string"},
+            "user": {"type": "string"},
+            "mail_from": {"type": "string"},
+            "header_from": {"type": "string", "nullable": True},
+            "subject": {"type": "string", "nullable": True},
+            "priority": {"type": "integer", "minimum": 1, "maximum": 5},
+            "status": {"type": "string", "enum": list(MESSAGE_STATUSES)},
+            "recipients": {"type": "array", "items": _ref("Recipient")},
+            "campaign_code": {"type": "string", "nullable": True},
+            "created_at": {"type": "string", "format": "date-time"},
+            "updated_at": {"type": "string", "format": "date-time"},
+        },
+    },
+    "MessageList": {
+        "type": "object",
+        "required": ["messages"],
+        "properties": {"messages": {"type": "array", "items": _ref("Message")}},
+    },
+    "Event": {
+        "type": "object",
+        "required": ["id", "type", "user", "message_id", "detail", "created_at"],
+        "properties": {
+            "id": {"oneOf": [{"type": "string"}, {"type": "integer"}]},
+            "type": {"type": "string", "enum": list(EVENT_TYPES)},
+            "user": {"type": "string", "nullable": True},
+            "message_id": {"type": "string", "nullable": True},
+            "detail": {"type": "string"},
+            "created_at": {"type": "string", "format": "date-time"},
+        },
+    },
+    "EventList": {
+        "type": "object",
+        "required": ["notifications"],
+        "properties": {"notifications": {"type": "array", "items": _ref("Event")}},
+    },
+    "StatsGroup": {
+        "type": "object",
+        "required": ["key", "messages", "recipients", "sent", "deferred", "bounced", "rejected"],
+        "properties": {
+            "key": {"type": "string"},
+            **{
+                name: {"type": "integer", "minimum": 0}
+                for name in ("messages", "recipients", "sent", "deferred", "bounced", "rejected")
+            },
+        },
+    },
+    "Stats": {
+        "type": "object",
+        "required": ["policy", "groups"],
+        "properties": {
+            "policy": {"type": "string", "enum": list(AGGREGATIONS)},
+            "groups": {"type": "array", "items": _ref("StatsGroup")},
+        },
+    },
+}
+
+_LIMIT = _query("limit", {"type": "integer", "minimum": 1, "maximum": MAX_LIMIT}, "At most this many (default 100).")
+_USER_FILTER = _query("user", {"type": "string"}, "Only this user's.")
+
+
+def openapi_document() -> dict[str, Any]:
+    """The whole OpenAPI 3.0 document."""
+    user_body = {"required": True, "content": {"application/json": {"schema": _ref("UserCreate")}}}
+    return {
+        "openapi": "3.0.3",
+        "info": {
+            "title": "smtpplus admin API",
+            "version": "1",
+            "description": "Users, messages, notifications and statistics of an smtpplus relay. "
+            "Every request needs Authorization: Bearer <token>.",
+        },
+        "servers": [{"url": "/"}],
+        "security": [{"bearer": []}],
+        "components": {
+            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+            "schemas": SCHEMAS,
+        },
+        "paths": {
+            "/api/v1/settings": {
+                "get": {
+                    "operationId": "getSettings",
+                    "summary": "Client configuration data",
+                    "responses": {"200": _json(_ref("Settings"), "The settings."), **_ERRORS},
+                }
+            },
+            "/api/v1/users": {
+                "get": {
+                    "operationId": "listUsers",
+                    "summary": "All users, enabled and disabled",
+                    "responses": {"200": _json(_ref("UserList"), "The users."), **_ERRORS},
+                },
+                "post": {
+                    "operationId": "createUser",
+                    "summary": "Create a user; the generated password is returned once",
+                    "requestBody": user_body,
+                    "responses": {
+                        "201": _json(_ref("UserWithPassword"), "The new user and its password."),
+                        **_BODY_ERRORS,
+                        "409": _error("The username exists."),
+                    },
+                },
+            },
+            "/api/v1/users/{username}": {
+                "parameters": [_USERNAME_PARAM],
+                "get": {
+                    "operationId": "getUser",
+                    "summary": "One user",
+                    "responses": {"200": _json(_ref("User"), "The user."), **_ERRORS, "404": _error("No such user.")},
+                },
+                "patch": {
+                    "operationId": "updateUser",
+                    "summary": "Change writable fields",
+                    "requestBody": {"required": True, "content": {"application/json": {"schema": _ref("UserPatch")}}},
+                    "responses": {
+                        "200": _json(_ref("User"), "The changed user."),
+                        **_BODY_ERRORS,
+                        "404": _error("No such user."),
+                    },
+                },
+                "delete": {
+                    "operationId": "deleteUser",
+                    "summary": "Delete a user; it can no longer authenticate",
+                    "responses": {"204": {"description": "Deleted."}, **_ERRORS, "404": _error("No such user.")},
+                },
+            },
+            "/api/v1/users/{username}/password": {
+                "parameters": [_USERNAME_PARAM],
+                "post": {
+                    "operationId": "regeneratePassword",
+                    "summary": "Generate a new password; the old one stops working at once",
+                    "responses": {
+                        "200": _json(_ref("Password"), "The new password, shown once."),
+                        **_ERRORS,
+                        "404": _error("No such user."),
+                    },
+                },
+            },
+            "/api/v1/messages": {
+                "get": {
+                    "operationId": "listMessages",
+                    "summary": "Messages, newest first",
+                    "parameters": [
+                        _USER_FILTER,
+                        _query("status", {"type": "string", "enum": list(MESSAGE_STATUSES)}, "Only this status."),
+                        _LIMIT,
+                    ],
+                    "responses": {"200": _json(_ref("MessageList"), "The messages."), **_ERRORS},
+                }
+            },
+            "/api/v1/messages/{id}": {
+                "get": {
+                    "operationId": "getMessage",
+                    "summary": "One message",
+                    "parameters": [{"name": "id", "in": "path", "required": True, "schema": {"type": "string"}}],
+                    "responses": {
+                        "200": _json(_ref("Message"), "The message."),
+                        **_ERRORS,
+                        "404": _error("No such message."),
+                    },
+                }
+            },
+            "/api/v1/notifications": {
+                "get": {
+                    "operationId": "listNotifications",
+                    "summary": "Notification events, newest first",
+                    "parameters": [
+                        _query("type", {"type": "string", "enum": list(EVENT_TYPES)}, "Only this event type."),
+                        _USER_FILTER,
+                        _LIMIT,
+                    ],
+                    "responses": {"200": _json(_ref("EventList"), "The events."), **_ERRORS},
+                }
+            },
+            "/api/v1/stats": {
+                "get": {
+                    "operationId": "getStats",
+                    "summary": "Statistics grouped by an aggregation policy",
+                    "parameters": [
+                        _USER_FILTER,
+                        _query(
+                            "policy",
+                            {"type": "string", "enum": list(AGGREGATIONS)},
+                            "Grouping; default the user's aggregation, or day.",
+                        ),
+                    ],
+                    "responses": {"200": _json(_ref("Stats"), "The statistics."), **_ERRORS},
+                }
+            },
+            "/api/v1/openapi.json": {
+                "get": {
+                    "operationId": "getOpenAPI",
+                    "summary": "This document",
+                    "responses": {"200": _json({"type": "object"}, "The OpenAPI document."), **_ERRORS},
+                }
+            },
+        },
+    }

@@ -1,0 +1,103 @@
+"""
+The admin API's listening service and its bearer token.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from typing import Any
+
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred
+from twisted.internet.error import CannotListenError
+from twisted.internet.interfaces import IListeningPort
+from twisted.logger import Logger
+from twisted.web.server import Site
+
+from smtpplus.admin.api import AdminAPI, CappedRequest
+from smtpplus.config import AdminConfig
+
+log = Logger()
+
+TOKEN_FILE = "admin-token"
+
+
+def admin_token(admin: AdminConfig, state_dir: str) -> str:
+    """
+    The configured C{[admin] token}, or the one generated on first start
+    into C{state_dir/admin-token} (mode 0600) and reused afterwards.  Only
+    the file's path is ever logged.
+    """
+    if admin.token:
+        return admin.token
+    path = os.path.join(state_dir, TOKEN_FILE)
+    try:
+        with open(path, encoding="ascii") as f:
+            token = f.read().strip()
+        if token:
+            log.info("Admin API token read from {path}", path=path)
+            return token
+    except FileNotFoundError:
+        pass
+    token = secrets.token_urlsafe(32)
+    tmp = path + ".tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w", encoding="ascii") as f:
+        f.write(token + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    log.info("Generated an admin API token into {path}", path=path)
+    return token
+
+
+def admin_site(api: AdminAPI) -> Site:
+    """The HTTP site serving C{api}: no tracebacks, capped request bodies, no access log noise."""
+    site = Site(api.app.resource(), requestFactory=CappedRequest)
+    site.displayTracebacks = False
+    site.noisy = False
+    return site
+
+
+class AdminListener(Service):
+    """
+    Listens on C{[admin] listen:port}, bound before privileges are dropped.
+    A port that cannot be bound is named in one warning line and the daemon
+    goes on relaying mail without its admin API.
+
+    @ivar port: the listening port, or None.
+    """
+
+    name = "admin"
+
+    def __init__(self, reactor: Any, admin: AdminConfig, site: Site) -> None:
+        self._reactor = reactor
+        self._admin = admin
+        self._site = site
+        self.port: IListeningPort | None = None
+
+    def privilegedStartService(self) -> None:
+        try:
+            self.port = self._reactor.listenTCP(self._admin.port, self._site, interface=self._admin.listen)
+        except CannotListenError as e:
+            reason = getattr(e.socketError, "strerror", None) or str(e.socketError)
+            log.warn(
+                "Admin API cannot listen on {address} port {port}: {reason}; running without it",
+                address=self._admin.listen,
+                port=self._admin.port,
+                reason=reason,
+            )
+        else:
+            log.info("Admin API listening on {address} port {port}", address=self._admin.listen, port=self._admin.port)
+        Service.privilegedStartService(self)
+
+    def stopService(self) -> Deferred[None] | None:
+        Service.stopService(self)
+        port, self.port = self.port, None
+        return None if port is None else port.stopListening()
+
+
+def admin_service(reactor: Any, admin: AdminConfig, api: AdminAPI) -> AdminListener:
+    """The admin API's listening service."""
+    return AdminListener(reactor, admin, admin_site(api))

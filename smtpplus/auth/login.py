@@ -1,0 +1,73 @@
+"""
+L{ILoginService} for the SMTP sessions: throttling in front of a cred
+L{Portal} of the user checker and the submitter realm.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.cred.credentials import UsernamePassword
+from twisted.cred.error import UnauthorizedLogin
+from twisted.cred.portal import Portal
+from twisted.internet.defer import Deferred, fail
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.task import deferLater
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from smtpplus.auth.checker import UnknownUser, UserChecker
+from smtpplus.auth.hashing import PasswordHasher
+from smtpplus.auth.realm import AvatarFactory, SubmitterRealm
+from smtpplus.auth.store import IUserStore
+from smtpplus.auth.throttle import LoginThrottle
+from smtpplus.smtp.interfaces import ILoginService, ISubmitter, LoginThrottled
+
+log = Logger()
+
+
+@implementer(ILoginService)
+class LoginService:
+    """Logs SMTP clients in through a cred portal, throttled per IP and username."""
+
+    def __init__(self, portal: Portal, throttle: LoginThrottle, clock: IReactorTime) -> None:
+        self._portal = portal
+        self._throttle = throttle
+        self._clock = clock
+
+    def login(self, username: str, password: str, peer_ip: str) -> Deferred[Any]:
+        if self._throttle.refused(username, peer_ip):
+            log.info("AUTH refused for {username!r} from {ip}: locked", username=username, ip=peer_ip)
+            return fail(LoginThrottled())
+        d = self._portal.login(UsernamePassword(username, password), None, ISubmitter)
+
+        def succeeded(result: tuple[Any, Any, Any]) -> tuple[Any, Any]:
+            _, avatar, logout = result
+            self._throttle.succeeded(username, peer_ip)
+            log.info("AUTH success for {username!r} from {ip}", username=username, ip=peer_ip)
+            return avatar, logout
+
+        def failed(failure: Failure) -> Deferred[Any] | Failure:
+            if not failure.check(UnauthorizedLogin):
+                return failure
+            delay = self._throttle.failure_delay(username, peer_ip)
+            self._throttle.failed(username, peer_ip, known_user=not failure.check(UnknownUser))
+            log.info("AUTH failure for {username!r} from {ip}", username=username, ip=peer_ip)
+            # Answer the failure late, never holding the reactor.
+            return deferLater(self._clock, delay, lambda: failure)
+
+        return d.addCallbacks(succeeded, failed)
+
+
+def build_login_service(
+    store: IUserStore,
+    hasher: PasswordHasher,
+    throttle: LoginThrottle,
+    avatar_factory: AvatarFactory,
+    clock: IReactorTime,
+) -> tuple[LoginService, UserChecker]:
+    """Wire checker, realm and portal; returns the service and its checker."""
+    checker = UserChecker(store, hasher, clock)
+    portal = Portal(SubmitterRealm(store, avatar_factory), [checker])
+    return LoginService(portal, throttle, clock), checker

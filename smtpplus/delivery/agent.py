@@ -1,0 +1,215 @@
+"""
+One delivery attempt of one queued message: offer it to the next hop(s),
+store every recipient's result, decide the retry, bounce what failed for
+good, and record the events the administrators hear about.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from twisted.internet.defer import Deferred, inlineCallbacks, maybeDeferred
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
+
+from smtpplus.delivery import queue
+from smtpplus.delivery.dsn import build_dsn, read_headers
+from smtpplus.delivery.query import iso
+from smtpplus.delivery.relay import HopOutcome
+from smtpplus.delivery.spool import Spool
+
+log = Logger()
+
+
+class DeliveryAgent:
+    """
+    Runs attempts; L{deliver} is the scheduler's callback.
+
+    @param submit_internal: queues a message of the daemon's own (the DSNs):
+        C{(mail_from, recipients, data, priority, user) -> Deferred[id]}.
+    """
+
+    def __init__(
+        self,
+        reactor: Any,
+        database: Any,
+        spool: Spool,
+        relay: Any,
+        events: Any,
+        stats: Any,
+        retry_schedule: Sequence[int],
+        max_queue_lifetime: float,
+        delay_threshold: float,
+        hostname: str,
+        submit_internal: Callable[..., Deferred[str]],
+    ) -> None:
+        self._reactor = reactor
+        self._clock: IReactorTime = reactor
+        self._database = database
+        self._spool = spool
+        self._relay = relay
+        self._events = events
+        self._stats = stats
+        self._retry_schedule = tuple(retry_schedule)
+        self._lifetime = max_queue_lifetime
+        self._delay_threshold = delay_threshold
+        self._hostname = hostname
+        self._submit_internal = submit_internal
+        # Next hops that failed since their last success: one send_problem
+        # event per outage.
+        self.outages: set[str] = set()
+
+    def _in_thread(self, fn: Callable[..., Any], *args: Any) -> Deferred[Any]:
+        return deferToThreadPool(self._reactor, self._reactor.getThreadPool(), fn, *args)
+
+    def retry_interval(self, attempts: int) -> int:
+        """Seconds before the next attempt after C{attempts} ones; the last interval repeats."""
+        return self._retry_schedule[min(max(attempts, 1), len(self._retry_schedule)) - 1]
+
+    @inlineCallbacks
+    def deliver(self, message_id: str) -> Any:
+        """One attempt; returns when to try again, or None when the message is finished."""
+        message = yield self._database.transaction(queue.begin_attempt, message_id, self._clock.seconds())
+        if message is None:
+            return None
+        pending = [r for r in message["recipients"] if r["status"] not in queue.FINAL_RECIPIENT]
+        addresses = list(dict.fromkeys(r["address"] for r in pending))
+        try:
+            outcomes = yield self._relay.send(message["mail_from"], addresses, self._spool.path(message_id))
+        except Exception:
+            log.failure("relaying {id} failed unexpectedly", id=message_id)
+            outcomes = []
+        results: dict[str, tuple[int, str]] = {}
+        problem = "no result from the next hop"
+        for outcome in outcomes:
+            results.update(outcome.results)
+            if outcome.problem:
+                problem = outcome.problem
+            self._track_hop(outcome, message)
+        return (yield self._conclude(message, pending, results, problem))
+
+    def _track_hop(self, outcome: HopOutcome, message: dict[str, Any]) -> None:
+        if outcome.problem is None:
+            self.outages.discard(outcome.hop)
+            return
+        if outcome.hop not in self.outages:
+            self.outages.add(outcome.hop)
+            self._record("send_problem", None, message["id"], f"next hop {outcome.hop} is unavailable: {outcome.problem}")
+
+    @inlineCallbacks
+    def _conclude(
+        self, message: dict[str, Any], pending: list[dict[str, Any]], results: dict[str, tuple[int, str]], problem: str
+    ) -> Any:
+        now = self._clock.seconds()
+        expired = now >= message["created_at"] + self._lifetime
+        updates: list[queue.RecipientUpdate] = []
+        bounced: list[tuple[str, int, str]] = []
+        attempts_made = 0
+        for r in pending:
+            code, text = results.get(r["address"], (451, f"4.4.1 {problem}"))
+            attempts = r["attempts"] + 1
+            if 200 <= code < 300:
+                status = "sent"
+            elif code >= 500:
+                status = "bounced"
+            elif expired:
+                status = "bounced"
+                text = f"4.4.7 Message expired in the queue; last response: {code} {text}"
+            else:
+                status = "deferred"
+                attempts_made = max(attempts_made, attempts)
+            if status == "bounced":
+                bounced.append((r["address"], code, text))
+            updates.append(queue.RecipientUpdate(r["idx"], status, attempts, f"{code} {text}", None))
+
+        next_attempt = None
+        if attempts_made:
+            deadline = message["created_at"] + self._lifetime
+            next_attempt = min(now + self.retry_interval(attempts_made), max(deadline, now))
+            updates = [
+                queue.RecipientUpdate(u.idx, u.status, u.attempts, u.last_response, next_attempt if u.status == "deferred" else None)
+                for u in updates
+            ]
+        statuses = {u.idx: u.status for u in updates}
+        final_statuses = [statuses.get(r["idx"], r["status"]) for r in message["recipients"]]
+        status = _message_status(final_statuses)
+
+        notify_delay = (
+            status == "deferred"
+            and not message["delay_notified"]
+            and now - message["created_at"] >= self._delay_threshold
+        )
+        if bounced and message["mail_from"]:
+            yield self._bounce(message, bounced, now)
+        yield self._database.transaction(
+            queue.finish_attempt, message["id"], status, next_attempt, updates, notify_delay, now
+        )
+        if not message["internal"]:
+            summary = _stats_message(message)
+            for u in updates:
+                self._count(summary, u.status)
+            if bounced:
+                detail = "; ".join(f"{a}: {c} {t}" for a, c, t in bounced)
+                self._record("bounce", message["user"], message["id"], f"{len(bounced)} recipient(s) bounced: {detail}")
+            if notify_delay:
+                waited = int(now - message["created_at"])
+                self._record("delivery_delay", message["user"], message["id"], f"not delivered after {waited} s: {problem}")
+        if next_attempt is None:
+            try:
+                yield self._in_thread(self._spool.remove, [message["id"]])
+            except Exception:
+                log.failure("removing spooled message {id} failed", id=message["id"])
+        log.info(
+            "delivery attempt id={id} status={status} next={next}", id=message["id"], status=status, next=next_attempt
+        )
+        return next_attempt
+
+    @inlineCallbacks
+    def _bounce(self, message: dict[str, Any], failed: list[tuple[str, int, str]], now: float) -> Any:
+        try:
+            headers = yield self._in_thread(read_headers, self._spool.path(message["id"]))
+            dsn = build_dsn(self._hostname, message["id"], message["mail_from"], failed, headers, message["created_at"], now)
+            dsn_id = yield self._submit_internal("", [message["mail_from"]], dsn, message["priority"], message["user"])
+            log.info("bounce {dsn} queued for {id}", dsn=dsn_id, id=message["id"])
+        except Exception:
+            log.failure("cannot queue the bounce for {id}", id=message["id"])
+
+    def _record(self, kind: str, user: str | None, message_id: str, detail: str) -> None:
+        if self._events is None:
+            return
+        maybeDeferred(self._events.record, kind, user, message_id, detail).addErrback(
+            lambda f: log.failure("recording a {kind} event failed", f, kind=kind)
+        )
+
+    def _count(self, summary: dict[str, Any], status: str) -> None:
+        if self._stats is None or status not in ("sent", "deferred", "bounced"):
+            return
+        maybeDeferred(self._stats.recipient_result, summary, status).addErrback(
+            lambda f: log.failure("counting a recipient result failed", f)
+        )
+
+
+def _message_status(statuses: Sequence[str]) -> str:
+    if all(s == "sent" for s in statuses):
+        return "sent"
+    if all(s == "bounced" for s in statuses):
+        return "bounced"
+    if all(s in queue.FINAL_RECIPIENT for s in statuses):
+        return "partial"
+    return "deferred"
+
+
+def _stats_message(message: dict[str, Any]) -> dict[str, Any]:
+    """The message dict L{smtpplus.notify.interfaces.IStatsRecorder} expects."""
+    return {
+        "id": message["id"],
+        "user": message["user"],
+        "mail_from": message["mail_from"],
+        "header_from": message["header_from"],
+        "subject": message["subject"],
+        "campaign_code": message["campaign_code"],
+        "created_at": iso(message["created_at"]),
+        "recipients": len(message["recipients"]),
+    }

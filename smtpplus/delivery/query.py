@@ -1,0 +1,60 @@
+"""The message read model the admin API serves (contract section 4)."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from twisted.internet.defer import Deferred
+from zope.interface import implementer
+
+from smtpplus.admin.interfaces import IMessageQuery
+from smtpplus.delivery import queue
+
+
+def iso(moment: float | None) -> str | None:
+    """Seconds since the epoch as ISO 8601 UTC, e.g. C{2024-05-01T12:00:00Z}."""
+    if moment is None:
+        return None
+    return datetime.fromtimestamp(moment, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def render(row: dict[str, Any]) -> dict[str, Any]:
+    """A stored message as the contract's message object."""
+    return {
+        "id": row["id"],
+        "user": row["user"],
+        "mail_from": row["mail_from"],
+        "header_from": row["header_from"],
+        "subject": row["subject"],
+        "priority": row["priority"],
+        "status": row["status"],
+        "recipients": [
+            {
+                "address": r["address"],
+                "status": r["status"],
+                "attempts": r["attempts"],
+                "last_response": r["last_response"],
+            }
+            for r in row["recipients"]
+        ],
+        "campaign_code": row["campaign_code"],
+        "created_at": iso(row["created_at"]),
+        "updated_at": iso(row["updated_at"]),
+    }
+
+
+@implementer(IMessageQuery)
+class MessageQuery:
+    """Reads messages from the queue tables."""
+
+    def __init__(self, database: Any) -> None:
+        self._database = database
+
+    def list_messages(self, user: str | None, status: str | None, limit: int) -> Deferred[list[dict[str, Any]]]:
+        d = self._database.run(queue.list_messages, user, status, limit)
+        return d.addCallback(lambda rows: [render(row) for row in rows])
+
+    def get_message(self, message_id: str) -> Deferred[dict[str, Any] | None]:
+        d = self._database.run(queue.load_message, message_id)
+        return d.addCallback(lambda row: None if row is None else render(row))

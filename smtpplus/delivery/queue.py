@@ -1,0 +1,295 @@
+"""
+The queue records in SQLite (component C{"queue"}) and the group committer
+that makes an accepted message durable before its queue id is given out.
+
+Functions taking C{conn} run on the database thread via
+L{smtpplus.storage.database.Database}.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import attrs
+from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
+
+from smtpplus.delivery.spool import Spool, TempMessage, local_failure
+
+log = Logger()
+
+COMPONENT = "queue"
+MIGRATIONS = [
+    """
+    CREATE TABLE queue_messages (
+        seq INTEGER PRIMARY KEY AUTOINCREMENT,
+        id TEXT NOT NULL UNIQUE,
+        user TEXT,
+        mail_from TEXT NOT NULL,
+        header_from TEXT NOT NULL DEFAULT '',
+        subject TEXT NOT NULL DEFAULT '',
+        priority INTEGER NOT NULL,
+        status TEXT NOT NULL,
+        campaign_name TEXT,
+        campaign_code TEXT,
+        schedule_at REAL,
+        next_attempt REAL,
+        size INTEGER NOT NULL DEFAULT 0,
+        internal INTEGER NOT NULL DEFAULT 0,
+        delay_notified INTEGER NOT NULL DEFAULT 0,
+        created_at REAL NOT NULL,
+        updated_at REAL NOT NULL
+    );
+    CREATE INDEX queue_messages_user ON queue_messages (user, seq);
+    CREATE INDEX queue_messages_status ON queue_messages (status, seq);
+    CREATE TABLE queue_recipients (
+        message_id TEXT NOT NULL REFERENCES queue_messages (id) ON DELETE CASCADE,
+        idx INTEGER NOT NULL,
+        address TEXT NOT NULL,
+        status TEXT NOT NULL,
+        attempts INTEGER NOT NULL DEFAULT 0,
+        last_response TEXT,
+        next_attempt REAL,
+        PRIMARY KEY (message_id, idx)
+    );
+    """,
+]
+
+ACTIVE = ("queued", "scheduled", "sending", "deferred")
+FINAL_RECIPIENT = ("sent", "bounced")
+
+
+@attrs.frozen
+class NewMessage:
+    """What is known of an accepted message when it is committed."""
+
+    id: str
+    user: str | None
+    mail_from: str
+    header_from: str
+    subject: str
+    priority: int
+    recipients: tuple[str, ...]
+    campaign_name: str | None
+    campaign_code: str | None
+    schedule_at: float | None
+    size: int
+    internal: bool
+    created_at: float
+
+    @property
+    def status(self) -> str:
+        return "scheduled" if self.schedule_at is not None and self.schedule_at > self.created_at else "queued"
+
+
+def insert_messages(conn: sqlite3.Connection, messages: Sequence[NewMessage]) -> list[int]:
+    """Insert a batch of new messages; returns their arrival sequence numbers."""
+    seqs = []
+    for m in messages:
+        cursor = conn.execute(
+            "INSERT INTO queue_messages (id, user, mail_from, header_from, subject, priority, status, "
+            "campaign_name, campaign_code, schedule_at, next_attempt, size, internal, created_at, updated_at) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                m.id, m.user, m.mail_from, m.header_from, m.subject, m.priority, m.status,
+                m.campaign_name, m.campaign_code, m.schedule_at, m.schedule_at, m.size,
+                int(m.internal), m.created_at, m.created_at,
+            ),
+        )
+        seqs.append(cursor.lastrowid)
+        conn.executemany(
+            "INSERT INTO queue_recipients (message_id, idx, address, status) VALUES (?, ?, ?, 'queued')",
+            [(m.id, i, address) for i, address in enumerate(m.recipients)],
+        )
+    return seqs
+
+
+def recover(conn: sqlite3.Connection, now: float) -> list[dict[str, Any]]:
+    """
+    At start-up: whatever was in flight when the daemon died goes back to
+    the ready set (delivery is at least once).  Returns every active
+    message's scheduling data, in arrival order.
+    """
+    with conn:
+        conn.execute(
+            "UPDATE queue_recipients SET status = CASE WHEN attempts > 0 THEN 'deferred' ELSE 'queued' END "
+            "WHERE status = 'sending'"
+        )
+        conn.execute(
+            "UPDATE queue_messages SET status = 'queued', next_attempt = NULL, updated_at = ? WHERE status = 'sending'",
+            (now,),
+        )
+    rows = conn.execute(
+        "SELECT id, seq, user, priority, next_attempt FROM queue_messages WHERE status IN (?, ?, ?, ?) ORDER BY seq",
+        ACTIVE,
+    ).fetchall()
+    return [dict(row) for row in rows]
+
+
+def all_ids(conn: sqlite3.Connection) -> set[str]:
+    """Ids of active messages (those that still own a spool file)."""
+    rows = conn.execute("SELECT id FROM queue_messages WHERE status IN (?, ?, ?, ?)", ACTIVE).fetchall()
+    return {row[0] for row in rows}
+
+
+def _recipients(conn: sqlite3.Connection, message_id: str) -> list[dict[str, Any]]:
+    rows = conn.execute(
+        "SELECT idx, address, status, attempts, last_response, next_attempt FROM queue_recipients "
+        "WHERE message_id = ? ORDER BY idx",
+        (message_id,),
+    ).fetchall()
+    return [dict(row) for row in rows]
+
+
+def load_message(conn: sqlite3.Connection, message_id: str) -> dict[str, Any] | None:
+    """One message row with its recipients, or None."""
+    row = conn.execute("SELECT * FROM queue_messages WHERE id = ?", (message_id,)).fetchone()
+    if row is None:
+        return None
+    message = dict(row)
+    message["recipients"] = _recipients(conn, message_id)
+    return message
+
+
+def list_messages(conn: sqlite3.Connection, user: str | None, status: str | None, limit: int) -> list[dict[str, Any]]:
+    """Messages newest first, optionally of one user and/or status."""
+    clauses, args = [], []
+    if user is not None:
+        clauses.append("user = ?")
+        args.append(user)
+    if status is not None:
+        clauses.append("status = ?")
+        args.append(status)
+    where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
+    rows = conn.execute(f"SELECT * FROM queue_messages {where} ORDER BY seq DESC LIMIT ?", (*args, limit)).fetchall()
+    result = []
+    for row in rows:
+        message = dict(row)
+        message["recipients"] = _recipients(conn, message["id"])
+        result.append(message)
+    return result
+
+
+def begin_attempt(conn: sqlite3.Connection, message_id: str, now: float) -> dict[str, Any] | None:
+    """Mark the message and its unfinished recipients C{sending}; return it."""
+    message = load_message(conn, message_id)
+    if message is None or message["status"] not in ACTIVE:
+        return None
+    conn.execute("UPDATE queue_messages SET status = 'sending', updated_at = ? WHERE id = ?", (now, message_id))
+    conn.execute(
+        "UPDATE queue_recipients SET status = 'sending' WHERE message_id = ? AND status NOT IN ('sent', 'bounced')",
+        (message_id,),
+    )
+    return message
+
+
+@attrs.frozen
+class RecipientUpdate:
+    idx: int
+    status: str
+    attempts: int
+    last_response: str
+    next_attempt: float | None
+
+
+def finish_attempt(
+    conn: sqlite3.Connection,
+    message_id: str,
+    status: str,
+    next_attempt: float | None,
+    updates: Sequence[RecipientUpdate],
+    delay_notified: bool,
+    now: float,
+) -> None:
+    """Store the outcome of one delivery attempt."""
+    conn.execute(
+        "UPDATE queue_messages SET status = ?, next_attempt = ?, delay_notified = MAX(delay_notified, ?), "
+        "updated_at = ? WHERE id = ?",
+        (status, next_attempt, int(delay_notified), now, message_id),
+    )
+    conn.executemany(
+        "UPDATE queue_recipients SET status = ?, attempts = ?, last_response = ?, next_attempt = ? "
+        "WHERE message_id = ? AND idx = ?",
+        [(u.status, u.attempts, u.last_response, u.next_attempt, message_id, u.idx) for u in updates],
+    )
+
+
+class Committer:
+    """
+    Makes accepted messages durable in batches: every message that reaches
+    the end of DATA while a batch is being synced joins the next batch, so
+    concurrent sessions share one directory fsync and one transaction.
+
+    @ivar batches: how many batches were committed (observable in tests).
+    """
+
+    def __init__(
+        self,
+        reactor: Any,
+        database: Any,
+        spool: Spool,
+        on_queued: Callable[[NewMessage, int], None],
+    ) -> None:
+        self._reactor = reactor
+        self._database = database
+        self._spool = spool
+        self._on_queued = on_queued
+        self._waiting: list[tuple[TempMessage, NewMessage, Deferred[str]]] = []
+        self._busy = False
+        self.batches = 0
+
+    def commit(self, temp: TempMessage, message: NewMessage) -> Deferred[str]:
+        """Fires with the queue id once file and record are durable."""
+        d: Deferred[str] = Deferred()
+        self._waiting.append((temp, message, d))
+        if not self._busy:
+            self._flush()
+        return d
+
+    def _in_thread(self, fn: Callable[..., Any], *args: Any) -> Deferred[Any]:
+        return deferToThreadPool(self._reactor, self._reactor.getThreadPool(), fn, *args)
+
+    @inlineCallbacks
+    def _flush(self) -> Any:
+        self._busy = True
+        try:
+            while self._waiting:
+                batch, self._waiting = self._waiting, []
+                yield self._commit_batch(batch)
+        finally:
+            self._busy = False
+
+    @inlineCallbacks
+    def _commit_batch(self, batch: list[tuple[TempMessage, NewMessage, Deferred[str]]]) -> Any:
+        try:
+            errors = yield self._in_thread(self._spool.make_durable, [temp for temp, _, _ in batch])
+        except Exception as e:
+            errors = [e] * len(batch)
+        synced = [entry for entry, error in zip(batch, errors, strict=True) if error is None]
+        for (_, message, d), error in zip(batch, errors, strict=True):
+            if error is not None:
+                log.error("cannot store message {id}: {error}", id=message.id, error=error)
+                d.errback(local_failure(error))
+        if not synced:
+            return
+        try:
+            seqs = yield self._database.transaction(insert_messages, [message for _, message, _ in synced])
+        except Exception as e:
+            log.error("cannot record {n} messages: {error}", n=len(synced), error=e)
+            try:
+                yield self._in_thread(lambda: [temp.discard() for temp, _, _ in synced])
+            except Exception:
+                log.failure("cannot remove unrecorded messages")
+            for _, _, d in synced:
+                d.errback(local_failure(e))
+            return
+        self.batches += 1
+        for (_, message, d), seq in zip(synced, seqs, strict=True):
+            d.callback(message.id)
+            try:
+                self._on_queued(message, seq)
+            except Exception:
+                log.failure("scheduling message {id} failed", id=message.id)

@@ -1,0 +1,97 @@
+"""
+Who may send as whom: the per-user sender rules, applied to the envelope
+sender at C{MAIL FROM} and to the header C{From:} at the end of DATA.
+"""
+
+from __future__ import annotations
+
+import email.utils
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import attrs
+from twisted.internet.defer import maybeDeferred
+from twisted.logger import Logger
+
+from smtpplus.smtp.interfaces import SMTPReply
+
+log = Logger()
+
+
+def _items(value: Any) -> tuple[str, ...]:
+    # The user store hands out lists; a ";"-separated string is tolerated
+    # because that is what the admin API accepts on input.
+    if isinstance(value, str):
+        value = value.split(";")
+    return tuple(item.strip().lower() for item in value or () if item and item.strip())
+
+
+def _domain(address: str) -> str:
+    return address.rpartition("@")[2].lower().rstrip(".")
+
+
+@attrs.frozen
+class SenderRules:
+    """The addresses and exact domains one user may send as."""
+
+    senders: frozenset[str]
+    domains: frozenset[str]
+
+    @classmethod
+    def from_user(cls, user: dict[str, Any]) -> SenderRules:
+        """Build the rules from a user dict (contract section 4)."""
+        return cls(
+            senders=frozenset(_items(user.get("authorized_senders"))),
+            domains=frozenset(d.rstrip(".") for d in _items(user.get("authorized_domains"))),
+        )
+
+    def authorizes(self, address: str) -> bool:
+        """True when C{address} is listed itself or its domain is (exactly)."""
+        if "@" not in address:
+            return False
+        return address.lower() in self.senders or _domain(address) in self.domains
+
+
+def header_from_addresses(values: Sequence[str]) -> list[str]:
+    """
+    The addresses of the message's C{From:} field.  Several C{From:}
+    fields, or one without a readable address, are refused with 550 5.7.1.
+    An absent field yields no addresses (the submitter adds one).
+    """
+    if len(values) > 1:
+        raise SMTPReply(550, "5.7.1", "Message has more than one From: header")
+    if not values:
+        return []
+    pairs = email.utils.getaddresses(values)
+    addresses = [address for _, address in pairs if address]
+    if not addresses or any("@" not in a for a in addresses):
+        raise SMTPReply(550, "5.7.1", "From: header has no valid address")
+    return addresses
+
+
+class Refusals:
+    """
+    Records a refusal by the sender rules: one C{sender_domain} event and
+    one C{rejected} count.  Either recorder may be None; their failures are
+    logged, never turned into a different SMTP reply.
+    """
+
+    def __init__(self, events: Any, stats: Any) -> None:
+        self._events = events
+        self._stats = stats
+
+    def record(self, user: str, mail_from: str, header_from: str, subject: str, detail: str) -> None:
+        """Record one refused message; returns at once."""
+        if self._events is not None:
+            maybeDeferred(self._events.record, "sender_domain", user, None, detail).addErrback(
+                lambda f: log.failure("recording a sender_domain event failed", f)
+            )
+        if self._stats is not None:
+            maybeDeferred(self._stats.rejected, user, mail_from, header_from, subject).addErrback(
+                lambda f: log.failure("counting a rejected message failed", f)
+            )
+
+
+def unauthorized(addresses: Iterable[str], rules: SenderRules) -> list[str]:
+    """The addresses in C{addresses} that C{rules} does not authorize."""
+    return [a for a in addresses if not rules.authorizes(a)]

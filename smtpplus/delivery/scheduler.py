@@ -1,0 +1,197 @@
+"""
+Which message is delivered next.
+
+Ready messages wait in memory, one heap of arrival numbers per (priority,
+user); within a priority the users take turns, so one user's flood cannot
+starve another's mail, and a message of a higher priority always starts
+before any of lower priority that has not started yet.  Messages waiting
+for a retry or a schedule sit on timers of the injected clock.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+import attrs
+from twisted.internet.defer import Deferred, DeferredList, maybeDeferred
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+log = Logger()
+
+# An attempt that fails unexpectedly (a bug, not a delivery result) is
+# tried again after this long rather than lost or retried in a tight loop.
+FAILED_ATTEMPT_RETRY = 60.0
+
+
+@attrs.frozen
+class Job:
+    """One queued message as the scheduler sees it."""
+
+    id: str
+    priority: int
+    seq: int
+    user: str | None
+
+
+class _Level:
+    """The ready messages of one priority: a heap per user, users in turn."""
+
+    def __init__(self) -> None:
+        self.heaps: dict[str | None, list[tuple[int, str]]] = {}
+        self.turns: deque[str | None] = deque()
+        self.size = 0
+
+    def push(self, job: Job) -> None:
+        heap = self.heaps.get(job.user)
+        if heap is None:
+            heap = self.heaps[job.user] = []
+            self.turns.append(job.user)
+        heapq.heappush(heap, (job.seq, job.id))
+        self.size += 1
+
+    def pop(self) -> str:
+        user = self.turns.popleft()
+        heap = self.heaps[user]
+        _, message_id = heapq.heappop(heap)
+        if heap:
+            self.turns.append(user)
+        else:
+            del self.heaps[user]
+        self.size -= 1
+        return message_id
+
+
+class Scheduler:
+    """
+    Starts deliveries by priority, arrival and fair turns, at most
+    C{max_concurrency} at once and at most C{rate_limit} per second
+    (0: unlimited).
+
+    C{deliver(message_id)} returns a Deferred firing with the time of the
+    next attempt, or None when the message is finished.
+
+    @ivar started: how many attempts were started (observable in tests).
+    """
+
+    def __init__(
+        self,
+        clock: IReactorTime,
+        deliver: Callable[[str], Deferred[float | None]],
+        max_concurrency: int,
+        rate_limit: float = 0,
+    ) -> None:
+        self._clock = clock
+        self._deliver = deliver
+        self.max_concurrency = max_concurrency
+        self._interval = 1.0 / rate_limit if rate_limit else 0.0
+        self._levels = {priority: _Level() for priority in range(1, 6)}
+        self._jobs: dict[str, Job] = {}
+        self._timers: dict[str, IDelayedCall] = {}
+        self.in_flight: dict[str, Deferred[Any]] = {}
+        self._next_start = 0.0
+        self._wakeup: IDelayedCall | None = None
+        self._running = False
+        self._pumping = False
+        self._again = False
+        self.started = 0
+
+    def add(self, job: Job, not_before: float | None = None) -> None:
+        """Queue C{job}, now or at C{not_before}; a job already known is ignored."""
+        if job.id in self._jobs or job.id in self.in_flight:
+            return
+        self._jobs[job.id] = job
+        delay = (not_before - self._clock.seconds()) if not_before is not None else 0.0
+        if delay > 0:
+            self._timers[job.id] = self._clock.callLater(delay, self._due, job.id)
+            return
+        self._levels[job.priority].push(job)
+        self._pump()
+
+    def _due(self, message_id: str) -> None:
+        del self._timers[message_id]
+        job = self._jobs[message_id]
+        self._levels[job.priority].push(job)
+        self._pump()
+
+    def ready_count(self) -> int:
+        """How many messages wait for a delivery slot."""
+        return sum(level.size for level in self._levels.values())
+
+    def start(self) -> None:
+        """Begin starting deliveries."""
+        self._running = True
+        self._pump()
+
+    def stop(self) -> Deferred[None]:
+        """
+        Start nothing more and drop the timers; fires when the attempts in
+        flight have ended (the caller bounds the wait).
+        """
+        self._running = False
+        for timer in self._timers.values():
+            timer.cancel()
+        self._timers.clear()
+        if self._wakeup is not None and self._wakeup.active():
+            self._wakeup.cancel()
+        self._wakeup = None
+        return DeferredList([_observe(d) for d in self.in_flight.values()]).addCallback(lambda _: None)
+
+    def _pump(self) -> None:
+        # Re-entrancy guard: a delivery may finish synchronously and call
+        # back into _pump while it is looping.
+        if self._pumping:
+            self._again = True
+            return
+        self._pumping = True
+        try:
+            self._again = True
+            while self._again:
+                self._again = False
+                self._start_ready()
+        finally:
+            self._pumping = False
+
+    def _start_ready(self) -> None:
+        while self._running and len(self.in_flight) < self.max_concurrency:
+            level = next((lv for _, lv in sorted(self._levels.items()) if lv.size), None)
+            if level is None:
+                return
+            if self._interval:
+                now = self._clock.seconds()
+                if now < self._next_start:
+                    if self._wakeup is None or not self._wakeup.active():
+                        self._wakeup = self._clock.callLater(self._next_start - now, self._pump)
+                    return
+                self._next_start = max(now, self._next_start) + self._interval
+            message_id = level.pop()
+            job = self._jobs.pop(message_id)
+            self.started += 1
+            d = maybeDeferred(self._deliver, message_id)
+            self.in_flight[message_id] = d
+            d.addBoth(self._finished, job)
+
+    def _finished(self, result: float | None | Failure, job: Job) -> None:
+        self.in_flight.pop(job.id, None)
+        if isinstance(result, Failure):
+            log.failure("delivery attempt of {id} failed", result, id=job.id)
+            result = self._clock.seconds() + FAILED_ATTEMPT_RETRY
+        if result is not None and self._running:
+            self.add(job, result)
+        self._pump()
+
+
+def _observe(d: Deferred[Any]) -> Deferred[None]:
+    """A Deferred that fires (with None) when C{d} does, leaving C{d} alone."""
+    observer: Deferred[None] = Deferred()
+
+    def fire(result: object) -> object:
+        observer.callback(None)
+        return result
+
+    d.addBoth(fire)
+    return observer

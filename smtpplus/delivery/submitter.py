@@ -1,0 +1,232 @@
+"""
+The per-user avatar the SMTP protocol talks to after AUTH: it applies the
+sender rules and streams each accepted message into the spool.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from twisted.internet.defer import Deferred, fail
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from smtpplus.delivery.headers import (
+    HEADER_LIMIT,
+    SMTPAPI,
+    HeaderField,
+    decode_text,
+    find_header_end,
+    format_date,
+    message_priority,
+    parse_fields,
+    parse_smtpapi,
+    rewrite,
+)
+from smtpplus.delivery.queue import NewMessage
+from smtpplus.delivery.rules import Refusals, SenderRules, header_from_addresses, unauthorized
+from smtpplus.delivery.spool import Spool, TempMessage, local_failure, new_queue_id
+from smtpplus.smtp.interfaces import Envelope, IMessageWriter, ISubmitter, SessionInfo, SMTPReply
+
+log = Logger()
+
+
+class Intake:
+    """What every submitter shares: the spool, the committer and the clock."""
+
+    def __init__(
+        self,
+        reactor: Any,
+        spool: Spool,
+        commit: Callable[[TempMessage, NewMessage], Deferred[str]],
+        refusals: Refusals,
+        hostname: str,
+    ) -> None:
+        self.reactor = reactor
+        self.clock: IReactorTime = reactor
+        self.spool = spool
+        self.commit = commit
+        self.refusals = refusals
+        self.hostname = hostname
+
+    def discard(self, temp: TempMessage) -> None:
+        """Delete a refused or abandoned message off the reactor thread."""
+        deferToThreadPool(self.reactor, self.reactor.getThreadPool(), temp.discard).addErrback(
+            lambda f: log.failure("discarding message {id} failed", f, id=temp.id)
+        )
+
+
+def user_priority(user: dict[str, Any]) -> int:
+    """The user's default priority, 1-5 (3 when unset)."""
+    value = user.get("priority", 3)
+    return min(max(int(value), 1), 5) if isinstance(value, int) and not isinstance(value, bool) else 3
+
+
+@implementer(ISubmitter)
+class Submitter:
+    """The avatar of one authenticated user, built from its user dict."""
+
+    def __init__(self, user: dict[str, Any], intake: Intake) -> None:
+        self.username: str = user["username"]
+        self.priority = user_priority(user)
+        self.rules = SenderRules.from_user(user)
+        self.intake = intake
+
+    def validateFrom(self, session: SessionInfo, mail_from: str, mt_priority: int | None) -> None:
+        if not self.rules.authorizes(mail_from):
+            sender = mail_from or "<>"
+            self.intake.refusals.record(
+                self.username, mail_from, "", "", f"envelope sender {sender} is not authorized for user {self.username}"
+            )
+            raise SMTPReply(550, "5.7.1", f"Sender address {sender} is not authorized for user {self.username}")
+
+    def validateTo(self, session: SessionInfo, mail_from: str, recipient: str) -> None:
+        # An authenticated user may relay to anyone; the protocol already
+        # refuses everything before AUTH.
+        return None
+
+    def openMessage(self, envelope: Envelope) -> IMessageWriter:
+        try:
+            return MessageWriter(self, envelope)
+        except OSError as e:
+            log.error("cannot create a spool file: {error}", error=e)
+            raise local_failure(e) from None
+
+
+@implementer(IMessageWriter)
+class MessageWriter:
+    """
+    Receives one message: buffers only the header section, streams the body
+    into the spool, and commits at the final dot.
+    """
+
+    def __init__(self, submitter: Submitter, envelope: Envelope) -> None:
+        self._submitter = submitter
+        self._intake = submitter.intake
+        self._envelope = envelope
+        self._id = new_queue_id(self._intake.clock.seconds())
+        self._temp: TempMessage | None = self._intake.spool.create(self._id)
+        self._head = b""
+        self._head_done = False
+        self._refusal: SMTPReply | None = None
+        self._header_from = ""
+        self._subject = ""
+        self._api = SMTPAPI()
+        self._priority = 3
+        self._from_addresses: list[str] = []
+        self._from_error: SMTPReply | None = None
+
+    def write(self, data: bytes) -> None:
+        if self._temp is None:
+            return
+        if self._head_done:
+            if self._refusal is None:
+                self._temp.write(data)
+            return
+        self._head += data
+        end = find_header_end(self._head)
+        if end is None and len(self._head) > HEADER_LIMIT:
+            cut = self._head.rfind(b"\r\n", 0, HEADER_LIMIT)
+            end = cut + 2 if cut >= 0 else len(self._head)
+        if end is not None:
+            self._finish_head(end)
+
+    def _finish_head(self, end: int) -> None:
+        head, rest = self._head[:end], self._head[end:]
+        self._head = b""
+        self._head_done = True
+        fields = parse_fields(head)
+        by_name: dict[str, list[HeaderField]] = {}
+        for field in fields:
+            by_name.setdefault(field.name, []).append(field)
+
+        def values(name: str) -> list[str]:
+            return [f.value for f in by_name.get(name, [])]
+
+        from_values = values("from")
+        self._header_from = from_values[0] if from_values else ""
+        self._subject = decode_text(values("subject")[0]) if "subject" in by_name else ""
+        try:
+            self._api = parse_smtpapi(values("x-smtpapi"))
+        except SMTPReply as e:
+            self._refusal = e
+            return
+        try:
+            self._from_addresses = header_from_addresses(from_values)
+        except SMTPReply as e:
+            self._from_error = e
+        x_priority = values("x-priority")
+        level = message_priority(self._api, self._envelope.mt_priority, x_priority[0] if x_priority else None)
+        self._priority = min(self._submitter.priority, level)
+        added = self._missing_fields(by_name)
+        assert self._temp is not None
+        self._temp.write(rewrite(fields, self._envelope.received, self._priority, added))
+        self._temp.write(rest)
+
+    def _missing_fields(self, by_name: dict[str, list[HeaderField]]) -> list[bytes]:
+        # A submission server completes what RFC 5322 requires, as Postfix
+        # does for its own clients.
+        added = []
+        mail_from = self._envelope.mail_from
+        if "from" not in by_name and mail_from:
+            added.append(b"From: <%s>\r\n" % mail_from.encode("utf-8"))
+            self._header_from = f"<{mail_from}>"
+            self._from_addresses = [mail_from]
+        if "date" not in by_name:
+            added.append(b"Date: " + format_date(self._intake.clock.seconds()) + b"\r\n")
+        if "message-id" not in by_name:
+            added.append(f"Message-ID: <{self._id}@{self._intake.hostname}>\r\n".encode())
+        return added
+
+    def eomReceived(self) -> Deferred[str]:
+        temp = self._temp
+        if temp is None:
+            return fail(SMTPReply(451, "4.3.0", "Local error in processing, try again later"))
+        self._temp = None
+        if not self._head_done:
+            self._finish_head(len(self._head))
+        refusal = self._refusal or self._sender_refusal()
+        if refusal is None and temp.error is not None:
+            log.error("cannot write message {id}: {error}", id=self._id, error=temp.error)
+            refusal = local_failure(temp.error)
+        if refusal is not None:
+            self._intake.discard(temp)
+            return fail(refusal)
+        envelope = self._envelope
+        message = NewMessage(
+            id=self._id,
+            user=self._submitter.username,
+            mail_from=envelope.mail_from,
+            header_from=self._header_from,
+            subject=self._subject,
+            priority=self._priority,
+            recipients=envelope.recipients,
+            campaign_name=self._api.campaign_name,
+            campaign_code=self._api.campaign_code,
+            schedule_at=self._api.schedule,
+            size=temp.size,
+            internal=False,
+            created_at=self._intake.clock.seconds(),
+        )
+        return self._intake.commit(temp, message)
+
+    def _sender_refusal(self) -> SMTPReply | None:
+        user = self._submitter.username
+        error = self._from_error
+        if error is None:
+            bad = unauthorized(self._from_addresses, self._submitter.rules)
+            if not bad:
+                return None
+            error = SMTPReply(550, "5.7.1", f"From: address {', '.join(bad)} is not authorized for user {user}")
+        self._intake.refusals.record(
+            user, self._envelope.mail_from, self._header_from, self._subject, f"header From: refused: {error.text}"
+        )
+        return error
+
+    def connectionLost(self) -> None:
+        temp, self._temp = self._temp, None
+        if temp is not None:
+            self._intake.discard(temp)

@@ -1,0 +1,397 @@
+"""
+Delivery of stored notification events: mail to the configured admins
+through the daemon's own queue, and a JSON POST per event to a webhook.
+
+Nothing here makes an SMTP session wait: L{Notifier.dispatch} only files the
+event and schedules work on the reactor.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import deque
+from collections.abc import Callable, Sequence
+from email.message import EmailMessage
+from email.policy import SMTP
+from email.utils import formatdate, make_msgid
+from io import BytesIO
+from typing import Any
+
+import attrs
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred, DeferredList, maybeDeferred
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.logger import Logger
+from twisted.web.client import Agent, FileBodyProducer, HTTPConnectionPool, readBody
+from twisted.web.http_headers import Headers
+from twisted.web.iweb import IAgent
+
+from smtpplus.config import ConfigError, NotificationsConfig
+from smtpplus.notify.events import utc_timestamp
+from smtpplus.notify.templates import MailTemplate, load_templates
+
+log = Logger()
+
+Submit = Callable[[str, list[str], bytes, int], Deferred[Any]]
+
+NOTIFICATION_PRIORITY = 1
+# After the first mail of a (type, user), further events of that pair are
+# collected this long into one summary mail; a steady burst thus costs one
+# mail per window.
+COALESCE_SECONDS = 60.0
+# How many events a summary or digest lists one by one; the rest are counted.
+MAX_LISTED = 50
+PERIODS = {"hourly": 3600, "daily": 86400}
+
+
+def _event_line(event: dict[str, Any]) -> str:
+    line = (
+        f"{event['created_at']}  {event['id']}  {event['type']}  user={event['user'] or '-'}  "
+        f"message={event['message_id'] or '-'}  {event['detail']}"
+    )
+    # One event per line, whatever its detail holds.
+    return " ".join(line.split())
+
+
+@attrs.define
+class _Batch:
+    """Events collected for one summary or digest mail: a count and the first few."""
+
+    count: int = 0
+    listed: list[str] = attrs.Factory(list)
+    first_at: str = ""
+    last_at: str = ""
+    call: IDelayedCall | None = None
+
+    def add(self, event: dict[str, Any]) -> None:
+        self.count += 1
+        if len(self.listed) < MAX_LISTED:
+            self.listed.append(_event_line(event))
+        self.first_at = self.first_at or event["created_at"]
+        self.last_at = event["created_at"]
+
+    def text(self) -> str:
+        more = self.count - len(self.listed)
+        return "\n".join(self.listed) + "\n" + (f"... and {more} more\n" if more > 0 else "")
+
+
+class MailNotifier:
+    """
+    Turns events into mails by each type's frequency: C{immediate} (the first
+    event of a type and user at once, a burst after it coalesced into one
+    summary per window), C{hourly} and C{daily} (one digest at the top of the
+    hour / midnight UTC) or C{off}.
+    """
+
+    def __init__(
+        self,
+        clock: IReactorTime,
+        submit: Submit,
+        hostname: str,
+        recipients: Sequence[str],
+        frequency: dict[str, str],
+        templates: dict[str, MailTemplate],
+        coalesce_seconds: float = COALESCE_SECONDS,
+    ) -> None:
+        self._clock = clock
+        self._submit = submit
+        self._hostname = hostname
+        self._recipients = list(recipients)
+        self._frequency = dict(frequency)
+        self._templates = templates
+        self._coalesce = coalesce_seconds
+        self.sender = f"smtpplus@{hostname}"
+        self._windows: dict[tuple[str, str | None], _Batch] = {}
+        self._digests: dict[str, _Batch] = {}
+        self._sending: set[Deferred[Any]] = set()
+
+    def dispatch(self, event: dict[str, Any]) -> None:
+        """File one event by its type's frequency."""
+        if not self._recipients:
+            return
+        frequency = self._frequency.get(event["type"], "immediate")
+        if frequency == "immediate":
+            self._immediate(event)
+        elif frequency in PERIODS:
+            self._digest(frequency, event)
+
+    def _immediate(self, event: dict[str, Any]) -> None:
+        key = (event["type"], event["user"])
+        window = self._windows.get(key)
+        if window is not None:
+            window.add(event)
+            return
+        self._send(event["type"] + ".mail.txt", self._event_variables(event))
+        self._open_window(key)
+
+    def _open_window(self, key: tuple[str, str | None]) -> None:
+        window = _Batch()
+        window.call = self._clock.callLater(self._coalesce, self._close_window, key)
+        self._windows[key] = window
+
+    def _close_window(self, key: tuple[str, str | None]) -> None:
+        window = self._windows.pop(key)
+        if window.count:
+            self._send_summary(key, window)
+            # The burst may go on: keep collecting for another window.
+            self._open_window(key)
+
+    def _send_summary(self, key: tuple[str, str | None], window: _Batch) -> None:
+        type, user = key
+        self._send(
+            "summary.mail.txt",
+            {
+                "type": type,
+                "user": user or "-",
+                "count": str(window.count),
+                "first_at": window.first_at,
+                "last_at": window.last_at,
+                "events": window.text(),
+                "hostname": self._hostname,
+            },
+        )
+
+    def _digest(self, frequency: str, event: dict[str, Any]) -> None:
+        digest = self._digests.get(frequency)
+        if digest is None:
+            period = PERIODS[frequency]
+            now = self._clock.seconds()
+            boundary = (now // period + 1) * period
+            digest = self._digests[frequency] = _Batch()
+            digest.call = self._clock.callLater(boundary - now, self._send_digest, frequency, boundary - period)
+        digest.add(event)
+
+    def _send_digest(self, frequency: str, since: float) -> None:
+        digest = self._digests.pop(frequency)
+        self._send(
+            "digest.mail.txt",
+            {
+                "period": frequency.capitalize(),
+                "count": str(digest.count),
+                "since": utc_timestamp(since),
+                "until": utc_timestamp(self._clock.seconds()),
+                "events": digest.text(),
+                "hostname": self._hostname,
+            },
+        )
+
+    def _event_variables(self, event: dict[str, Any]) -> dict[str, str]:
+        return {
+            "id": str(event["id"]),
+            "type": event["type"],
+            "user": event["user"] or "-",
+            "message_id": event["message_id"] or "-",
+            "detail": event["detail"],
+            "created_at": event["created_at"],
+            "hostname": self._hostname,
+            "count": "1",
+        }
+
+    def compose(self, subject: str, body: str) -> bytes:
+        """The complete notification mail, From the daemon to the admins."""
+        msg = EmailMessage(policy=SMTP)
+        msg["From"] = f"smtpplus <{self.sender}>"
+        msg["To"] = ", ".join(self._recipients)
+        msg["Subject"] = subject
+        msg["Date"] = formatdate(self._clock.seconds(), usegmt=True)
+        msg["Message-ID"] = make_msgid("smtpplus", domain=self._hostname)
+        # RFC 3834: tells autoresponders not to answer.
+        msg["Auto-Submitted"] = "auto-generated"
+        msg.set_content(body)
+        return msg.as_bytes()
+
+    def _send(self, template: str, variables: dict[str, str]) -> None:
+        subject, body = self._templates[template].render(variables)
+        d = maybeDeferred(self._submit, self.sender, list(self._recipients), self.compose(subject, body),
+                          NOTIFICATION_PRIORITY)
+        self._sending.add(d)
+        d.addErrback(lambda f: log.failure("queueing notification mail failed", f))
+        d.addBoth(lambda _: self._sending.discard(d))
+
+    def flush(self) -> Deferred[Any]:
+        """Send what is collected now (at shutdown) and cancel the timers."""
+        for key, window in list(self._windows.items()):
+            if window.call is not None and window.call.active():
+                window.call.cancel()
+            if window.count:
+                self._send_summary(key, window)
+        self._windows.clear()
+        for frequency, digest in list(self._digests.items()):
+            if digest.call is not None and digest.call.active():
+                digest.call.cancel()
+            period = PERIODS[frequency]
+            self._send_digest(frequency, self._clock.seconds() // period * period)
+        return DeferredList(list(self._sending), consumeErrors=True)
+
+
+def backoff_delays(first: float = 5.0, cap: float = 600.0, total: float = 3600.0) -> tuple[float, ...]:
+    """Doubling delays from C{first}, each at most C{cap}, until they add up to C{total}."""
+    delays: list[float] = []
+    delay = first
+    while sum(delays) < total:
+        delays.append(delay)
+        delay = min(delay * 2, cap)
+    return tuple(delays)
+
+
+class WebhookError(Exception):
+    """The endpoint answered with a status other than 2xx."""
+
+
+class WebhookSender:
+    """
+    POSTs each event as one JSON object.  A failed POST (connection error,
+    timeout, non-2xx) is retried after doubling delays for about an hour,
+    then dropped with an error in the log.  At most C{max_in_flight} POSTs
+    run at once; at most C{max_backlog} events wait, the oldest dropped first.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        clock: IReactorTime,
+        agent: IAgent,
+        delays: Sequence[float] = backoff_delays(),
+        timeout: float = 30.0,
+        max_in_flight: int = 4,
+        max_backlog: int = 10000,
+        pool: HTTPConnectionPool | None = None,
+    ) -> None:
+        self._url = url.encode("ascii")
+        self._clock = clock
+        self._agent = agent
+        self._delays = tuple(delays)
+        self._timeout = timeout
+        self._max_in_flight = max_in_flight
+        self._ready: deque[tuple[dict[str, Any], int]] = deque(maxlen=max_backlog)
+        self._in_flight: set[Deferred[Any]] = set()
+        self._waiting: set[IDelayedCall] = set()
+        self._stopped = False
+        self._pool = pool
+
+    def post(self, event: dict[str, Any]) -> None:
+        """Queue one event for POSTing."""
+        if self._ready.maxlen is not None and len(self._ready) == self._ready.maxlen:
+            log.warn("webhook backlog full: dropping event {id}", id=self._ready[0][0]["id"])
+        self._ready.append((event, 0))
+        self._pump()
+
+    def _pump(self) -> None:
+        while not self._stopped and self._ready and len(self._in_flight) < self._max_in_flight:
+            event, attempt = self._ready.popleft()
+            d = self._request(event)
+            self._in_flight.add(d)
+            d.addErrback(self._failed, event, attempt)
+            d.addBoth(self._finished, d)
+
+    def _request(self, event: dict[str, Any]) -> Deferred[None]:
+        body = json.dumps(event).encode("utf-8")
+        headers = Headers({b"Content-Type": [b"application/json"], b"User-Agent": [b"smtpplus"]})
+        d = self._agent.request(b"POST", self._url, headers, FileBodyProducer(BytesIO(body)))
+        d.addCallback(self._check)
+        d.addTimeout(self._timeout, self._clock)
+        return d
+
+    def _check(self, response: Any) -> Deferred[None]:
+        d = readBody(response)
+        # Only the status matters; a body cut short is no reason to resend.
+        d.addErrback(lambda _: b"")
+
+        def judge(_: bytes) -> None:
+            if not 200 <= response.code < 300:
+                raise WebhookError(f"HTTP {response.code}")
+
+        return d.addCallback(judge)
+
+    def _failed(self, failure: Any, event: dict[str, Any], attempt: int) -> None:
+        if self._stopped:
+            return
+        if attempt >= len(self._delays):
+            log.error("webhook: giving up on event {id} after {n} attempts: {error}",
+                      id=event["id"], n=attempt + 1, error=failure.getErrorMessage())
+            return
+        delay = self._delays[attempt]
+        log.info("webhook: POST of event {id} failed ({error}); retrying in {delay}s",
+                 id=event["id"], error=failure.getErrorMessage(), delay=delay)
+        call = self._clock.callLater(delay, self._retry, event, attempt + 1)
+        self._waiting.add(call)
+
+    def _retry(self, event: dict[str, Any], attempt: int) -> None:
+        self._waiting = {c for c in self._waiting if c.active()}
+        self._ready.append((event, attempt))
+        self._pump()
+
+    def _finished(self, result: Any, d: Deferred[Any]) -> None:
+        self._in_flight.discard(d)
+        self._pump()
+
+    def stop(self) -> Deferred[Any] | None:
+        """Cancel retries and POSTs in flight; events not yet delivered stay in the events table."""
+        self._stopped = True
+        for call in self._waiting:
+            if call.active():
+                call.cancel()
+        self._waiting.clear()
+        for d in list(self._in_flight):
+            d.cancel()
+        self._ready.clear()
+        if self._pool is not None:
+            return self._pool.closeCachedConnections()
+        return None
+
+
+class Notifier(Service):
+    """
+    The event sink of L{smtpplus.notify.events.EventStore}: mails and webhook
+    POSTs.  Stopping sends the collected summaries and digests.
+    """
+
+    name = "notifier"
+
+    def __init__(self, mail: MailNotifier | None, webhook: WebhookSender | None) -> None:
+        self.mail = mail
+        self.webhook = webhook
+
+    def dispatch(self, event: dict[str, Any]) -> None:
+        """Hand one stored event to both channels."""
+        if self.webhook is not None:
+            self.webhook.post(event)
+        if self.mail is not None:
+            self.mail.dispatch(event)
+
+    def stopService(self) -> Deferred[Any] | None:
+        Service.stopService(self)
+        waits = []
+        if self.webhook is not None:
+            waits.append(self.webhook.stop())
+        if self.mail is not None:
+            waits.append(self.mail.flush())
+        return DeferredList([d for d in waits if d is not None], consumeErrors=True)
+
+
+def build_notifier(
+    config: NotificationsConfig,
+    hostname: str,
+    reactor: Any,
+    submit: Submit,
+    agent: IAgent | None = None,
+) -> Notifier:
+    """
+    A L{Notifier} for C{[notifications]}: mail when recipients are set, a
+    webhook when a URL is set (POSTed by C{agent}, by default an L{Agent} on
+    C{reactor} with a small pool of persistent connections).
+    """
+    mail = None
+    if config.recipients:
+        templates = load_templates(config.templates_dir)
+        mail = MailNotifier(reactor, submit, hostname, config.recipients, dict(config.frequency), templates)
+    webhook = None
+    if config.webhook_url:
+        if not config.webhook_url.startswith(("http://", "https://")):
+            raise ConfigError(f"[notifications] webhook_url: {config.webhook_url!r} is not an http:// or https:// URL")
+        pool = None
+        if agent is None:
+            pool = HTTPConnectionPool(reactor)
+            agent = Agent(reactor, connectTimeout=30, pool=pool)
+        webhook = WebhookSender(config.webhook_url, reactor, agent, pool=pool)
+    return Notifier(mail, webhook)

@@ -1,0 +1,132 @@
+"""The credentials checker and its verification cache."""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+from twisted.cred.credentials import UsernamePassword
+from twisted.cred.error import UnauthorizedLogin
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.task import Clock
+from twisted.trial.unittest import TestCase
+
+from smtpplus.auth import hashing
+from smtpplus.auth.checker import CACHE_SECONDS, UnknownUser, UserChecker
+from smtpplus.auth.hashing import PasswordHasher
+from smtpplus.auth.users import new_user_fields
+from tests.test_auth_store import make_sqlite_store
+
+
+class CountingHasher(PasswordHasher):
+    """A synchronous low-cost hasher that counts verifications."""
+
+    def __init__(self) -> None:
+        super().__init__(None, rounds=4)
+        self.verified = 0
+
+    def verify(self, password: str, password_hash: bytes) -> Deferred[bool]:
+        self.verified += 1
+        return super().verify(password, password_hash)
+
+
+class CheckerTests(TestCase):
+    @inlineCallbacks
+    def setUp(self) -> Any:
+        self.clock = Clock()
+        self.store = make_sqlite_store(self, self.clock)
+        self.hasher = CountingHasher()
+        self.checker = UserChecker(self.store, self.hasher, self.clock)
+        self.password = "k3v9-x2qa-abcd-efgh-jkmn-pqrs-tuvw"
+        yield self.store.create(new_user_fields({"username": "alice"}), (yield self.hasher.hash(self.password)))
+
+    def login(self, username: str, password: str) -> Deferred[Any]:
+        return self.checker.requestAvatarId(UsernamePassword(username, password))
+
+    @inlineCallbacks
+    def test_correct_password(self) -> Any:
+        """The right password yields the canonical username, whatever case was typed."""
+        self.assertEqual((yield self.login("ALICE", self.password)), "alice")
+
+    @inlineCallbacks
+    def test_wrong_password(self) -> Any:
+        """A wrong password fails with UnauthorizedLogin (not UnknownUser)."""
+        with self.assertRaises(UnauthorizedLogin) as caught:
+            yield self.login("alice", "wrong")
+        self.assertNotIsInstance(caught.exception, UnknownUser)
+
+    @inlineCallbacks
+    def test_unknown_user_pays_bcrypt(self) -> Any:
+        """An unknown username fails with UnknownUser after a bcrypt check, like a wrong password."""
+        with self.assertRaises(UnknownUser):
+            yield self.login("nobody", self.password)
+        self.assertEqual(self.hasher.verified, 1)
+
+    @inlineCallbacks
+    def test_cache_skips_bcrypt(self) -> Any:
+        """Repeated logins with the same password verify with bcrypt once, until the entry expires."""
+        for _ in range(5):
+            yield self.login("alice", self.password)
+        self.assertEqual(self.hasher.verified, 1)
+        self.clock.advance(CACHE_SECONDS + 1)
+        yield self.login("alice", self.password)
+        self.assertEqual(self.hasher.verified, 2)
+
+    @inlineCallbacks
+    def test_cache_key_holds_no_password(self) -> Any:
+        """The cache stores neither the password nor its hash."""
+        yield self.login("alice", self.password)
+        dump = repr(self.checker._cache)
+        self.assertNotIn(self.password, dump)
+        self.assertEqual(self.checker.cached_entries(), 1)
+
+    @inlineCallbacks
+    def test_regenerated_password(self) -> Any:
+        """After the hash changes, the old cached password fails at once."""
+        yield self.login("alice", self.password)
+        yield self.store.set_password_hash("alice", (yield self.hasher.hash("new-password")))
+        self.assertEqual(self.checker.cached_entries(), 0)
+        with self.assertRaises(UnauthorizedLogin):
+            yield self.login("alice", self.password)
+        self.assertEqual((yield self.login("alice", "new-password")), "alice")
+
+    @inlineCallbacks
+    def test_disabled_and_deleted(self) -> Any:
+        """A disabled or deleted user fails even with a cached password."""
+        yield self.login("alice", self.password)
+        yield self.store.update("alice", {"enabled": False})
+        with self.assertRaises(UnauthorizedLogin):
+            yield self.login("alice", self.password)
+        yield self.store.update("alice", {"enabled": True})
+        yield self.login("alice", self.password)
+        yield self.store.delete("alice")
+        with self.assertRaises(UnknownUser):
+            yield self.login("alice", self.password)
+
+    @inlineCallbacks
+    def test_overlong_password(self) -> Any:
+        """A password bcrypt cannot take (over 72 bytes) just fails."""
+        with self.assertRaises(UnauthorizedLogin):
+            yield self.login("alice", self.password + "x" * 80)
+
+
+class HasherPoolTests(TestCase):
+    @inlineCallbacks
+    def test_pool_round_trip(self) -> Any:
+        """The threaded hasher hashes and verifies off the reactor thread, then stops."""
+        hasher = PasswordHasher(reactor, rounds=4)
+        hasher.startService()
+        self.addCleanup(hasher.stopService)
+        seen = []
+        original = hashing._hash
+
+        def spy(password: bytes, rounds: int) -> bytes:
+            seen.append(threading.current_thread())
+            return original(password, rounds)
+
+        self.patch(hashing, "_hash", spy)
+        hashed = yield hasher.hash("secret")
+        self.assertNotIn(threading.main_thread(), seen)
+        self.assertTrue((yield hasher.verify("secret", hashed)))
+        self.assertFalse((yield hasher.verify("Secret", hashed)))

@@ -1,0 +1,145 @@
+"""The user store: contract tests run against the SQLite implementation."""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+from typing import Any
+
+from twisted.internet import reactor
+from twisted.internet.defer import inlineCallbacks
+from twisted.internet.task import Clock
+from twisted.trial.unittest import TestCase
+
+from smtpplus.auth.store import COMPONENT, MIGRATIONS, DuplicateUser, IUserStore, LoginRecord, SQLiteUserStore, iso_utc
+from smtpplus.auth.users import new_user_fields
+from smtpplus.storage.database import Database
+
+
+def make_sqlite_store(case: TestCase, clock: Any = reactor) -> SQLiteUserStore:
+    """A migrated SQLite user store in a fresh temporary database, closed after the test."""
+    directory = case.mktemp()
+    os.makedirs(directory)
+    database = Database(reactor, os.path.join(directory, "smtpplus.db"))
+    case.addCleanup(database.stop)
+    store = SQLiteUserStore(database, clock)
+    store.migrate()
+    return store
+
+
+def user_fields(username: str, **changes: Any) -> dict[str, Any]:
+    return new_user_fields({"username": username, **changes})
+
+
+class UserStoreContract:
+    """Behaviour every L{IUserStore} must have; mixed into a TestCase with C{make_store}."""
+
+    clock: Clock
+
+    def make_store(self) -> Any:
+        raise NotImplementedError
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.clock.advance(1714564800)  # 2024-05-01T12:00:00Z
+        self.store = self.make_store()
+        self.changes: list[str] = []
+        self.store.subscribe(self.changes.append)
+
+    def test_provides_interface(self) -> None:
+        """The store provides IUserStore."""
+        self.assertTrue(IUserStore.providedBy(self.store))
+
+    @inlineCallbacks
+    def test_create_and_get(self) -> Any:
+        """A created user comes back shaped like the contract's user object, without any hash."""
+        created = yield self.store.create(user_fields("alice", authorized_domains=["example.com"]), b"$2b$hash")
+        expected = {
+            "username": "alice",
+            "enabled": True,
+            "priority": 3,
+            "notes": "",
+            "authorized_domains": ["example.com"],
+            "authorized_senders": [],
+            "aggregation": "day",
+            "created_at": "2024-05-01T12:00:00Z",
+            "updated_at": "2024-05-01T12:00:00Z",
+        }
+        self.assertEqual(created, expected)
+        self.assertEqual((yield self.store.get("alice")), expected)
+        self.assertEqual((yield self.store.get("ALICE")), expected)
+        self.assertIsNone((yield self.store.get("bob")))
+        self.assertEqual(self.changes, ["alice"])
+
+    @inlineCallbacks
+    def test_duplicate(self) -> Any:
+        """A second user with the same username, in any case, is a DuplicateUser."""
+        yield self.store.create(user_fields("alice"), b"h")
+        with self.assertRaises(DuplicateUser):
+            yield self.store.create(user_fields("Alice"), b"h")
+
+    @inlineCallbacks
+    def test_list(self) -> Any:
+        """All users, enabled and disabled, are listed by username."""
+        yield self.store.create(user_fields("bob", enabled=False), b"h")
+        yield self.store.create(user_fields("alice"), b"h")
+        users = yield self.store.list()
+        self.assertEqual([(u["username"], u["enabled"]) for u in users], [("alice", True), ("bob", False)])
+
+    @inlineCallbacks
+    def test_update(self) -> Any:
+        """Update changes only the given fields and updated_at, and bumps the generation."""
+        yield self.store.create(user_fields("alice"), b"h")
+        before = yield self.store.login_record("alice")
+        self.clock.advance(60)
+        user = yield self.store.update("alice", {"priority": 1, "authorized_senders": ["a@example.com"]})
+        self.assertEqual(user["priority"], 1)
+        self.assertEqual(user["authorized_senders"], ["a@example.com"])
+        self.assertEqual(user["enabled"], True)
+        self.assertEqual(user["created_at"], "2024-05-01T12:00:00Z")
+        self.assertEqual(user["updated_at"], "2024-05-01T12:01:00Z")
+        after = yield self.store.login_record("alice")
+        self.assertGreater(after.generation, before.generation)
+        self.assertIsNone((yield self.store.update("bob", {"priority": 1})))
+        self.assertEqual(self.changes, ["alice", "alice"])
+
+    @inlineCallbacks
+    def test_password_hash(self) -> Any:
+        """The hash is only reachable through login_record and is replaced by set_password_hash."""
+        yield self.store.create(user_fields("alice"), b"old")
+        record = yield self.store.login_record("ALICE")
+        self.assertEqual(record, LoginRecord("alice", True, b"old", record.generation))
+        self.assertNotIn("old", repr(record))
+        self.assertTrue((yield self.store.set_password_hash("alice", b"new")))
+        self.assertEqual((yield self.store.login_record("alice")).password_hash, b"new")
+        self.assertFalse((yield self.store.set_password_hash("bob", b"new")))
+        self.assertIsNone((yield self.store.login_record("bob")))
+
+    @inlineCallbacks
+    def test_delete(self) -> Any:
+        """A deleted user is gone; deleting twice reports False the second time."""
+        yield self.store.create(user_fields("alice"), b"h")
+        self.assertTrue((yield self.store.delete("Alice")))
+        self.assertIsNone((yield self.store.get("alice")))
+        self.assertIsNone((yield self.store.login_record("alice")))
+        self.assertFalse((yield self.store.delete("alice")))
+        self.assertEqual(self.changes, ["alice", "Alice"])
+
+
+class SQLiteUserStoreTests(UserStoreContract, TestCase):
+    def make_store(self) -> SQLiteUserStore:
+        return make_sqlite_store(self, self.clock)
+
+    def test_migration_versioned(self) -> None:
+        """The users schema is recorded as a versioned migration component, and re-migrating is harmless."""
+        self.store.migrate()
+        conn = sqlite3.connect(self.store._db.path)
+        self.addCleanup(conn.close)
+        row = conn.execute("SELECT version FROM schema_migrations WHERE component = ?", (COMPONENT,)).fetchone()
+        self.assertEqual(row[0], len(MIGRATIONS))
+
+
+class TimestampTests(TestCase):
+    def test_iso_utc(self) -> None:
+        """Timestamps are ISO 8601 UTC with a Z."""
+        self.assertEqual(iso_utc(0), "1970-01-01T00:00:00Z")

@@ -1,0 +1,150 @@
+"""The scheduler: priority, arrival, fair turns, concurrency, rate and retry timers."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet.defer import Deferred, gatherResults, inlineCallbacks
+from twisted.internet.task import Clock
+from twisted.trial import unittest
+
+from smtpplus.delivery.scheduler import Job, Scheduler
+from tests.delivery_helpers import FakeSmarthost, Stack, parse, queue_id, simple_message, wait_until
+
+
+class _Deliveries:
+    """A deliver callback whose attempts the test finishes by hand."""
+
+    def __init__(self) -> None:
+        self.started: list[str] = []
+        self.pending: dict[str, Deferred[float | None]] = {}
+
+    def __call__(self, message_id: str) -> Deferred[float | None]:
+        self.started.append(message_id)
+        d: Deferred[float | None] = Deferred()
+        self.pending[message_id] = d
+        return d
+
+    def finish(self, message_id: str, retry_at: float | None = None) -> None:
+        self.pending.pop(message_id).callback(retry_at)
+
+
+class SchedulerTests(unittest.TestCase):
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.deliveries = _Deliveries()
+
+    def _scheduler(self, concurrency: int = 1, rate: float = 0) -> Scheduler:
+        scheduler = Scheduler(self.clock, self.deliveries, concurrency, rate)
+        scheduler.start()
+        return scheduler
+
+    def test_priority_before_arrival(self) -> None:
+        """A priority-1 message queued behind many priority-5 ones is the next to start."""
+        scheduler = self._scheduler()
+        for seq in range(1000):
+            scheduler.add(Job(f"low{seq}", 5, seq, "u"))
+        scheduler.add(Job("urgent", 1, 1000, "u"))
+        self.assertEqual(self.deliveries.started, ["low0"])
+        self.deliveries.finish("low0")
+        self.assertEqual(self.deliveries.started[-1], "urgent")
+        self.deliveries.finish("urgent")
+        self.assertEqual(self.deliveries.started[-1], "low1")
+
+    def test_arrival_order_within_priority(self) -> None:
+        """Within one priority and user, messages start in arrival order even when added out of order."""
+        scheduler = self._scheduler()
+        scheduler.add(Job("blocker", 1, 0, "u"))
+        for seq in (5, 3, 4):
+            scheduler.add(Job(f"m{seq}", 3, seq, "u"))
+        for name in ("blocker", "m3", "m4"):
+            self.deliveries.finish(name)
+        self.assertEqual(self.deliveries.started, ["blocker", "m3", "m4", "m5"])
+
+    def test_fair_turns_between_users(self) -> None:
+        """Within a priority users take turns: one user's flood does not starve another's mail."""
+        scheduler = self._scheduler()
+        scheduler.add(Job("blocker", 1, 0, "x"))
+        for seq in range(1, 101):
+            scheduler.add(Job(f"flood{seq}", 3, seq, "flooder"))
+        scheduler.add(Job("other", 3, 101, "quiet"))
+        self.deliveries.finish("blocker")
+        self.deliveries.finish("flood1")
+        self.assertEqual(self.deliveries.started, ["blocker", "flood1", "other"])
+
+    def test_max_concurrency(self) -> None:
+        """No more than max_concurrency attempts are in flight."""
+        scheduler = self._scheduler(concurrency=3)
+        for seq in range(10):
+            scheduler.add(Job(f"m{seq}", 3, seq, "u"))
+        self.assertEqual(len(self.deliveries.pending), 3)
+        self.deliveries.finish("m0")
+        self.assertEqual(len(self.deliveries.pending), 3)
+        self.assertEqual(len(self.deliveries.started), 4)
+
+    def test_rate_limit(self) -> None:
+        """With rate_limit = 2, starts are spaced half a second apart on the clock."""
+        scheduler = self._scheduler(concurrency=10, rate=2)
+        for seq in range(4):
+            scheduler.add(Job(f"m{seq}", 3, seq, "u"))
+        self.assertEqual(len(self.deliveries.started), 1)
+        self.clock.advance(0.5)
+        self.assertEqual(len(self.deliveries.started), 2)
+        self.clock.advance(0.25)
+        self.assertEqual(len(self.deliveries.started), 2)
+        self.clock.advance(0.25)
+        self.clock.advance(0.5)
+        self.assertEqual(len(self.deliveries.started), 4)
+
+    def test_retry_timer(self) -> None:
+        """An attempt returning a retry time is started again at that time, not before."""
+        scheduler = self._scheduler()
+        scheduler.add(Job("m", 3, 0, "u"))
+        self.deliveries.finish("m", retry_at=60.0)
+        self.clock.advance(59)
+        self.assertEqual(self.deliveries.started, ["m"])
+        self.clock.advance(1)
+        self.assertEqual(self.deliveries.started, ["m", "m"])
+
+    def test_stop_cancels_timers(self) -> None:
+        """stop() starts nothing more, cancels timers and fires when attempts in flight end."""
+        scheduler = self._scheduler()
+        scheduler.add(Job("m", 3, 0, "u"))
+        scheduler.add(Job("later", 3, 1, "u"), not_before=30.0)
+        stopped = scheduler.stop()
+        self.assertNoResult(stopped)
+        self.deliveries.finish("m")
+        self.successResultOf(stopped)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+
+class PriorityEndToEndTests(unittest.TestCase):
+    @inlineCallbacks
+    def test_priority_one_overtakes_backlog(self) -> Any:
+        """
+        With a backlog of 200 priority-5 messages towards a slow smarthost and
+        max_concurrency = 2, a priority-1 message submitted last is delivered
+        before every backlog message not already started.
+        """
+        smarthost = FakeSmarthost(delay=0.02)
+        self.addCleanup(smarthost.stop)
+        stack = Stack(self, smarthost=smarthost, delivery="max_concurrency = 2")
+        yield gatherResults(
+            [
+                stack.submit_internal("me@example.com", ["r@dest.test"], f"Subject: low {n}\r\n\r\nx\r\n".encode(), 5, "bulk")
+                for n in range(200)
+            ]
+        )
+        started_before = stack.delivery.scheduler.started
+        data = simple_message(subject="urgent", extra='X-SMTPAPI: {"Priority": 1}\r\n')
+        code, text = yield stack.submit("me@example.com", ["r@dest.test"], data)
+        self.assertEqual(code, 250)
+        started_at_queue = stack.delivery.scheduler.started
+        yield stack.wait_status(queue_id(text), "sent", timeout=15)
+        subjects = [parse(m["data"])["Subject"] for m in smarthost.received()]
+        position = subjects.index("urgent")
+        self.assertLess(position, 190)
+        self.assertLessEqual(position, started_at_queue + 2)
+        self.assertGreaterEqual(started_at_queue, started_before)
+        # The rest of the backlog drains afterwards (bounded wait).
+        yield wait_until(lambda: len(smarthost.received()) == 201, timeout=30)

@@ -1,0 +1,121 @@
+"""Tests for L{smtpplus.notify.events}: storing and listing notification events."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from twisted.internet import reactor
+from twisted.internet.defer import inlineCallbacks
+from twisted.internet.task import Clock
+from twisted.trial import unittest
+from zope.interface.verify import verifyObject
+
+from smtpplus.admin.interfaces import IEventQuery
+from smtpplus.notify.events import EventStore
+from smtpplus.notify.interfaces import IEventRecorder
+from smtpplus.storage.database import Database
+
+
+class RecordingSink:
+    def __init__(self) -> None:
+        self.events: list[dict[str, Any]] = []
+
+    def dispatch(self, event: dict[str, Any]) -> None:
+        self.events.append(event)
+
+
+class BrokenSink:
+    def dispatch(self, event: dict[str, Any]) -> None:
+        raise RuntimeError("notifier bug")
+
+
+class EventStoreTests(unittest.TestCase):
+    def setUp(self) -> None:
+        self.path = self.mktemp()
+        self.clock = Clock()
+        self.clock.advance(1714564800)  # 2024-05-01T12:00:00Z
+        self.db = Database(reactor, self.path)
+        self.addCleanup(self.db.stop)
+        self.sink = RecordingSink()
+        self.store = EventStore(self.db, self.clock, self.sink)
+
+    def test_interfaces(self) -> None:
+        """The store provides the recorder and the admin query interfaces."""
+        verifyObject(IEventRecorder, self.store)
+        verifyObject(IEventQuery, self.store)
+
+    @inlineCallbacks
+    def test_record_returns_event(self) -> Any:
+        """record() fires with the contract's event object, created_at in UTC with Z."""
+        event = yield self.store.record("bounce", "alice", "msg-1", "550 no such user")
+        self.assertEqual(
+            {k: v for k, v in event.items() if k != "id"},
+            {
+                "type": "bounce",
+                "user": "alice",
+                "message_id": "msg-1",
+                "detail": "550 no such user",
+                "created_at": "2024-05-01T12:00:00Z",
+            },
+        )
+        self.assertRegex(event["id"], r"^evt-[a-z0-9]{12}$")
+
+    @inlineCallbacks
+    def test_list_newest_first_with_filters(self) -> Any:
+        """list_events returns newest first and filters by type and by user."""
+        ids = []
+        for type, user in [("bounce", "alice"), ("sender_domain", "bob"), ("bounce", "bob"), ("account_block", None)]:
+            event = yield self.store.record(type, user, None, "x")
+            ids.append(event["id"])
+            self.clock.advance(1)
+        everything = yield self.store.list_events(None, None, 100)
+        self.assertEqual([e["id"] for e in everything], list(reversed(ids)))
+        bounces = yield self.store.list_events("bounce", None, 100)
+        self.assertEqual([e["id"] for e in bounces], [ids[2], ids[0]])
+        bobs = yield self.store.list_events(None, "bob", 100)
+        self.assertEqual([e["id"] for e in bobs], [ids[2], ids[1]])
+        both = yield self.store.list_events("bounce", "bob", 100)
+        self.assertEqual([e["id"] for e in both], [ids[2]])
+        limited = yield self.store.list_events(None, None, 2)
+        self.assertEqual([e["id"] for e in limited], [ids[3], ids[2]])
+        self.assertIsNone(everything[0]["user"])
+        self.assertIsNone(everything[0]["message_id"])
+
+    @inlineCallbacks
+    def test_sink_gets_stored_event(self) -> Any:
+        """Each stored event is handed to the sink once, equal to what record() returned."""
+        event = yield self.store.record("send_problem", None, None, "mx.example.com: connection refused")
+        self.assertEqual(self.sink.events, [event])
+
+    @inlineCallbacks
+    def test_broken_sink_does_not_fail_record(self) -> Any:
+        """A failing notifier never turns into a failure for the recorder's caller."""
+        self.store.sink = BrokenSink()
+        event = yield self.store.record("bounce", "alice", None, "x")
+        self.assertEqual(event["type"], "bounce")
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+
+    def test_unknown_type(self) -> None:
+        """An event type outside the contract's list is a programming error."""
+        self.assertRaises(ValueError, self.store.record, "spam", "alice", None, "x")
+
+    @inlineCallbacks
+    def test_events_survive_reopen(self) -> Any:
+        """Events are in the database file: a new store on the same file lists them."""
+        event = yield self.store.record("delivery_delay", "carol", "m-9", "queued 3600 s")
+        self.db.stop()
+        db = Database(reactor, self.path)
+        self.addCleanup(db.stop)
+        listed = yield EventStore(db, self.clock).list_events(None, None, 10)
+        self.assertEqual(listed, [event])
+
+    @inlineCallbacks
+    def test_ids_unique(self) -> Any:
+        """Event ids are unique across many events."""
+        ids = set()
+        for _ in range(50):
+            event = yield self.store.record("bounce", "alice", None, "x")
+            ids.add(event["id"])
+        self.assertEqual(len(ids), 50)
+        self.assertTrue(all(re.match(r"^evt-", i) for i in ids))
