@@ -220,6 +220,12 @@ def _frequency(value: dict[str, Any]) -> Mapping[str, str]:
     return MappingProxyType(merged)
 
 
+def _url(value: str) -> str:
+    if value and not value.startswith(("http://", "https://")):
+        raise ValueError(f"{value!r} is not an http:// or https:// URL")
+    return value
+
+
 def _port(value: int) -> int:
     if not 1 <= value <= 65535:
         raise ValueError(f"port {value} is out of range 1-65535")
@@ -276,7 +282,7 @@ _SCHEMA: dict[str, dict[str, tuple[type | tuple[type, ...], Any, Callable[[Any],
     },
     "notifications": {
         "recipients": (list, [], _string_list),
-        "webhook_url": (str, "", None),
+        "webhook_url": (str, "", _url),
         "delivery_delay_threshold": (int, 3600, _positive),
         "templates_dir": (str, "", None),
         "frequency": (dict, {}, _frequency),

@@ -5,6 +5,7 @@ L{makeService} builds the whole service tree.
 
 from __future__ import annotations
 
+import gc
 import os
 import sys
 from typing import Any, NoReturn
@@ -232,6 +233,10 @@ def makeService(options: Options) -> IService:
         _fail(f"configuration error: {e}")
     except OSError as e:
         _fail(f"cannot prepare state_dir {config.server.state_dir}: {e}")
+    # Everything built so far lives as long as the process: keep the cyclic
+    # collector from rescanning it while large API answers are built.
+    gc.collect()
+    gc.freeze()
     parent = options.parent
     if parent is not None:
         hand_over_state_dir(config.server.state_dir, parent.get("uid"), parent.get("gid"))

@@ -126,6 +126,8 @@ def smtp_submit(
 
     def run() -> tuple[int, str]:
         with smtplib.SMTP("127.0.0.1", port, timeout=30) as s:
+            # Lets a test send an internationalized address as raw UTF-8.
+            s.command_encoding = "utf-8"
             s.ehlo("client.test")
             s.login(username, password)
             code, resp = s.mail(mail_from, list(mail_options))

@@ -15,6 +15,7 @@ from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
 from twisted.trial import unittest
 
+from smtpplus.auth.users import normalize_address, normalize_domain
 from smtpplus.delivery import queue
 from smtpplus.delivery import spool as spool_module
 from tests.delivery_helpers import PASSWORD, Stack, queue_id, simple_message
@@ -46,6 +47,32 @@ class SenderRulesTests(unittest.TestCase):
         code, _ = yield stack.submit("boss@other.org", ["r@dest.test"], simple_message(sender="boss@other.org"))
         self.assertEqual(code, 250)
         code, _ = yield stack.submit("x@sub.example.com", ["r@dest.test"], simple_message())
+        self.assertEqual(code, 550)
+
+    @inlineCallbacks
+    def test_internationalized_domains(self) -> Any:
+        """
+        A sender domain written in Unicode (any case, envelope and header
+        From:) matches the IDNA A-labels the user store keeps; an unlisted
+        Unicode domain is still refused.
+        """
+        user = {
+            "username": "alice",
+            "priority": 3,
+            "authorized_domains": [normalize_domain("Bücher.example")],
+            "authorized_senders": [normalize_address("chef@café.example")],
+        }
+        self.assertEqual(user["authorized_domains"], ["xn--bcher-kva.example"])
+        stack = Stack(self, start=False, user=user)
+        header = "From: Info <info@BÜCHER.example>\r\nSubject: x\r\n\r\nbody\r\n".encode()
+        code, text = yield stack.submit("info@Bücher.example", ["r@dest.test"], header)
+        self.assertEqual(code, 250, text)
+        header = b"From: info@xn--bcher-kva.example\r\nSubject: x\r\n\r\nbody\r\n"
+        code, text = yield stack.submit("Chef@Café.example", ["r@dest.test"], header)
+        self.assertEqual(code, 250, text)
+        code, _ = yield stack.submit("chef@café.example", ["r@dest.test"], "From: x@büchers.example\r\n\r\nb\r\n".encode())
+        self.assertEqual(code, 550)
+        code, _ = yield stack.submit("x@büchers.example", ["r@dest.test"], header)
         self.assertEqual(code, 550)
 
     @inlineCallbacks

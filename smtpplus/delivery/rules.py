@@ -13,6 +13,7 @@ import attrs
 from twisted.internet.defer import maybeDeferred
 from twisted.logger import Logger
 
+from smtpplus.auth.users import normalize_domain
 from smtpplus.smtp.interfaces import SMTPReply
 
 log = Logger()
@@ -23,11 +24,26 @@ def _items(value: Any) -> tuple[str, ...]:
     # because that is what the admin API accepts on input.
     if isinstance(value, str):
         value = value.split(";")
-    return tuple(item.strip().lower() for item in value or () if item and item.strip())
+    return tuple(item.strip() for item in value or () if item and item.strip())
 
 
-def _domain(address: str) -> str:
-    return address.rpartition("@")[2].lower().rstrip(".")
+def _domain_key(domain: str) -> str:
+    """
+    C{domain} as the user store keeps it: a lower-case IDNA A-label, so
+    that C{Bücher.example} in a sender matches C{xn--bcher-kva.example} in
+    the lists.  What IDNA refuses is compared lower-cased as written; it
+    can only match an identical entry.
+    """
+    try:
+        return normalize_domain(domain)
+    except ValueError:
+        return domain.strip().rstrip(".").lower()
+
+
+def address_key(address: str) -> str:
+    """C{local@domain} lower-cased, with its domain as by L{_domain_key}."""
+    local, _, domain = address.strip().rpartition("@")
+    return f"{local.lower()}@{_domain_key(domain)}"
 
 
 @attrs.frozen
@@ -40,16 +56,19 @@ class SenderRules:
     @classmethod
     def from_user(cls, user: dict[str, Any]) -> SenderRules:
         """Build the rules from a user dict (contract section 4)."""
+        # The store normalizes already; doing it again is cheap and keeps
+        # rules built from other sources (tests, older rows) comparable.
         return cls(
-            senders=frozenset(_items(user.get("authorized_senders"))),
-            domains=frozenset(d.rstrip(".") for d in _items(user.get("authorized_domains"))),
+            senders=frozenset(address_key(a) for a in _items(user.get("authorized_senders")) if "@" in a),
+            domains=frozenset(_domain_key(d) for d in _items(user.get("authorized_domains"))),
         )
 
     def authorizes(self, address: str) -> bool:
-        """True when C{address} is listed itself or its domain is (exactly)."""
+        """True when C{address} is listed itself or its domain is (exactly, IDNA-normalized)."""
         if "@" not in address:
             return False
-        return address.lower() in self.senders or _domain(address) in self.domains
+        key = address_key(address)
+        return key in self.senders or key.rpartition("@")[2] in self.domains
 
 
 def header_from_addresses(values: Sequence[str]) -> list[str]:

@@ -35,5 +35,10 @@ class IStatsRecorder(Interface):
     def rejected(user: str, mail_from: str, header_from: str, subject: str):
         """A message was refused by the sender rules (counts C{rejected})."""
 
-    def recipient_result(message: dict, status: str):
-        """One recipient reached C{status}: C{"sent"}, C{"deferred"} or C{"bounced"}."""
+    def recipient_result(message: dict, status: str, previous: str | None = None):
+        """
+        One recipient reached C{status} (C{"sent"}, C{"deferred"} or
+        C{"bounced"}), leaving C{previous} (its status before; None or
+        C{"queued"} when new).  Counts are current state: deferred -> sent
+        moves the recipient out of C{deferred}.
+        """
