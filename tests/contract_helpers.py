@@ -7,6 +7,7 @@ over smtplib and raw sockets.  Nothing here imports smtpplus.
 
 from __future__ import annotations
 
+import asyncio
 import atexit
 import base64
 import ctypes
@@ -16,6 +17,7 @@ import email.policy
 import http.server
 import json
 import os
+import random
 import re
 import shutil
 import signal
@@ -96,17 +98,30 @@ class Process:
             self.proc.wait(10)
 
 
-def run_config(config_text: str, args: Iterable[str] = (), timeout: float = 30.0) -> tuple[int | None, str]:
-    """Start the daemon with C{config_text}, expect it to exit; its status (None: still running, killed) and output."""
+def run_configs(
+    cases: dict[str, tuple[str, Iterable[str]]], timeout: float = 30.0
+) -> dict[str, tuple[int | None, str]]:
+    """
+    Start one daemon per case C{name: (config_text, args)}, all at once,
+    expecting each to exit; C{name: (status or None when it kept running, output)}.
+    """
     directory = tempfile.mkdtemp(prefix="smtpplus-contract-")
     try:
-        path = os.path.join(directory, "smtpplus.toml")
-        with open(path, "w", encoding="utf-8") as f:
-            f.write(config_text)
-        process = Process(["--config", path, *args], directory)
-        status = process.wait(timeout)
-        process.kill()
-        return status, process.output()
+        processes = {}
+        for name, (config_text, args) in cases.items():
+            case_dir = os.path.join(directory, name)
+            os.makedirs(case_dir)
+            path = os.path.join(case_dir, "smtpplus.toml")
+            with open(path, "w", encoding="utf-8") as f:
+                f.write(config_text)
+            processes[name] = Process(["--config", path, *args], case_dir)
+        deadline = time.monotonic() + timeout
+        results = {}
+        for name, process in processes.items():
+            status = process.wait(max(0.1, deadline - time.monotonic()))
+            process.kill()
+            results[name] = (status, process.output())
+        return results
     finally:
         shutil.rmtree(directory, True)
 
@@ -125,6 +140,7 @@ class Daemon:
         tls: int = 1,
         sink: bool = True,
         wait: bool = True,
+        prepare: Callable[[Daemon], None] = lambda d: None,
     ) -> None:
         ports = free_port_range(plain + tls + 2)
         self.plain_ports = ports[:plain]
@@ -137,7 +153,9 @@ class Daemon:
         self.config_path = os.path.join(self.directory, "smtpplus.toml")
         with open(self.config_path, "w", encoding="utf-8") as f:
             f.write(config(self))
-        self.process = Process(["--config", self.config_path, *args(self)], self.directory)
+        prepare(self)
+        self.args = args(self)
+        self.process = Process(["--config", self.config_path, *self.args], self.directory)
         self._token: str | None = None
         if wait:
             self.wait_ready()
@@ -196,6 +214,7 @@ class Received:
     """One message the sink accepted."""
 
     def __init__(self, mail_from: str, rcpt_tos: list[str], content: bytes) -> None:
+        self.at = time.time()
         self.mail_from = mail_from
         self.rcpt_tos = rcpt_tos
         self.content = content
@@ -216,6 +235,8 @@ class _Handler:
         return "250 2.1.5 OK"
 
     async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+        if any(r.lower().startswith("slow") for r in envelope.rcpt_tos):
+            await asyncio.sleep(3)
         with self.sink.lock:
             self.sink.messages.append(Received(envelope.mail_from, list(envelope.rcpt_tos), envelope.original_content))
         return "250 2.0.0 OK sink"
@@ -224,7 +245,8 @@ class _Handler:
 class Sink:
     """
     An aiosmtpd smarthost on 127.0.0.1 in a thread.  Recipients whose
-    local part starts with C{bounce} get 550, with C{defer} 451.
+    local part starts with C{bounce} get 550, with C{defer} 451; a message
+    for a C{slow} recipient takes 3 s at the end of DATA.
     """
 
     def __init__(self, port: int, start: bool = True) -> None:
@@ -339,8 +361,17 @@ def tls_context() -> ssl.SSLContext:
     return ctx
 
 
+def loopback_source() -> tuple[str, int]:
+    """
+    A random 127.x.y.z source address: the daemon slows down failed AUTHs
+    per client IP, and the suite's many deliberate failures must not add up.
+    """
+    a, b, c = (random.randrange(1, 255) for _ in range(3))
+    return (f"127.{a}.{b}.{c}", 0)
+
+
 def smtp(port: int) -> smtplib.SMTP:
-    return smtplib.SMTP("127.0.0.1", port, timeout=15)
+    return smtplib.SMTP("127.0.0.1", port, timeout=15, source_address=loopback_source())
 
 
 def logged_in(port: int, username: str, password: str, mechanism: str = "PLAIN") -> smtplib.SMTP:

@@ -243,8 +243,7 @@ class NotifierTests(unittest.TestCase):
         """A webhook URL that is not http(s) is a configuration error naming the key."""
         from smtpplus.config import ConfigError
 
-        config = config_from_text('[notifications]\nwebhook_url = "ftp://x"\n').notifications
-        error = self.assertRaises(ConfigError, build_notifier, config, "h", Clock(), FakeSubmit(), object())
+        error = self.assertRaises(ConfigError, config_from_text, '[notifications]\nwebhook_url = "ftp://x"\n')
         self.assertIn("webhook_url", str(error))
 
     @inlineCallbacks

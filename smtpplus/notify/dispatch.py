@@ -26,7 +26,7 @@ from twisted.web.client import Agent, FileBodyProducer, HTTPConnectionPool, read
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgent
 
-from smtpplus.config import ConfigError, NotificationsConfig
+from smtpplus.config import NotificationsConfig
 from smtpplus.notify.events import utc_timestamp
 from smtpplus.notify.templates import MailTemplate, load_templates
 
@@ -387,8 +387,6 @@ def build_notifier(
         mail = MailNotifier(reactor, submit, hostname, config.recipients, dict(config.frequency), templates)
     webhook = None
     if config.webhook_url:
-        if not config.webhook_url.startswith(("http://", "https://")):
-            raise ConfigError(f"[notifications] webhook_url: {config.webhook_url!r} is not an http:// or https:// URL")
         pool = None
         if agent is None:
             pool = HTTPConnectionPool(reactor)
