@@ -9,7 +9,7 @@ from twisted.cred.credentials import UsernamePassword
 from twisted.cred.error import UnauthorizedLogin
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, inlineCallbacks
-from twisted.internet.task import Clock
+from twisted.internet.task import Clock, deferLater
 from twisted.trial.unittest import TestCase
 
 from smtpplus.auth import hashing
@@ -29,6 +29,26 @@ class CountingHasher(PasswordHasher):
     def verify(self, password: str, password_hash: bytes) -> Deferred[bool]:
         self.verified += 1
         return super().verify(password, password_hash)
+
+
+class GatedHasher(CountingHasher):
+    """Counts verifications and holds each result until L{release} is called."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pending: list[tuple[Deferred[bool], bool]] = []
+
+    def verify(self, password: str, password_hash: bytes) -> Deferred[bool]:
+        result: list[bool] = []
+        super().verify(password, password_hash).addCallback(result.append)
+        gate: Deferred[bool] = Deferred()
+        self.pending.append((gate, result[0]))
+        return gate
+
+    def release(self) -> None:
+        pending, self.pending = self.pending, []
+        for gate, result in pending:
+            gate.callback(result)
 
 
 class CheckerTests(TestCase):
@@ -72,6 +92,26 @@ class CheckerTests(TestCase):
         self.clock.advance(CACHE_SECONDS + 1)
         yield self.login("alice", self.password)
         self.assertEqual(self.hasher.verified, 2)
+
+    @inlineCallbacks
+    def test_concurrent_logins_share_one_check(self) -> Any:
+        """Logins with the same credentials arriving while bcrypt runs wait for that one check."""
+        gated = GatedHasher()
+        checker = UserChecker(self.store, gated, self.clock)
+        right = [checker.requestAvatarId(UsernamePassword("alice", self.password)) for _ in range(5)]
+        wrong = [checker.requestAvatarId(UsernamePassword("alice", "wrong")) for _ in range(3)]
+        for _ in range(500):
+            if len(gated.pending) >= 2:
+                break
+            yield deferLater(reactor, 0.01, lambda: None)
+        yield deferLater(reactor, 0.05, lambda: None)
+        self.assertEqual(gated.verified, 2)
+        gated.release()
+        for d in right:
+            self.assertEqual((yield d), "alice")
+        for d in wrong:
+            with self.assertRaises(UnauthorizedLogin):
+                yield d
 
     @inlineCallbacks
     def test_cache_key_holds_no_password(self) -> Any:

@@ -20,8 +20,9 @@ from typing import Any
 from twisted.cred.checkers import ICredentialsChecker
 from twisted.cred.credentials import IUsernamePassword
 from twisted.cred.error import UnauthorizedLogin
-from twisted.internet.defer import inlineCallbacks
+from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.interfaces import IReactorTime
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from smtpplus.auth.hashing import PasswordHasher
@@ -48,6 +49,8 @@ class UserChecker:
         self._key = secrets.token_bytes(32)
         # cache key -> (canonical username, expiry); oldest first.
         self._cache: OrderedDict[bytes, tuple[str, float]] = OrderedDict()
+        # cache key -> logins waiting for the bcrypt check already running.
+        self._inflight: dict[bytes, list[Deferred[bool]]] = {}
         # Unknown usernames are checked against a hash of the same cost so
         # that they take as long as a wrong password and do not reveal which
         # usernames exist; made on first use.
@@ -85,11 +88,34 @@ class UserChecker:
         cached = self._cache.get(key)
         if cached is not None and cached[1] > now:
             return record.username
-        ok = yield self._hasher.verify(password, record.password_hash)
+        ok = yield self._verify_once(key, password, record.password_hash)
         if not ok:
             raise UnauthorizedLogin()
         self._remember(key, record.username)
         return record.username
+
+    def _verify_once(self, key: bytes, password: str, password_hash: bytes) -> Deferred[bool]:
+        """
+        One bcrypt check per cache key at a time: a client opening fifty
+        sessions at once with the same credentials pays bcrypt once, not
+        fifty times, and does not starve everyone else's logins.
+        """
+        waiters = self._inflight.get(key)
+        if waiters is not None:
+            mine: Deferred[bool] = Deferred()
+            waiters.append(mine)
+            return mine
+        waiters = self._inflight[key] = []
+
+        def share(result: bool | Failure) -> bool | Failure:
+            for waiter in self._inflight.pop(key):
+                if isinstance(result, Failure):
+                    waiter.errback(result)
+                else:
+                    waiter.callback(result)
+            return result
+
+        return self._hasher.verify(password, password_hash).addBoth(share)
 
     def _remember(self, key: bytes, username: str) -> None:
         now = self._clock.seconds()

@@ -8,6 +8,7 @@ and never queues behind DNS lookups on the reactor's shared pool.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -35,7 +36,9 @@ class PasswordHasher(Service):
 
     name = "bcrypt-pool"
 
-    def __init__(self, reactor: IReactorThreads | None, threads: int = 2, rounds: int = DEFAULT_ROUNDS) -> None:
+    def __init__(self, reactor: IReactorThreads | None, threads: int = 0, rounds: int = DEFAULT_ROUNDS) -> None:
+        # Leave one core to the reactor: a login storm must not stall sessions.
+        threads = threads or max(1, (os.cpu_count() or 2) - 1)
         self._reactor = reactor
         self._rounds = rounds
         self._pool = ThreadPool(minthreads=0, maxthreads=threads, name="smtpplus-bcrypt") if reactor else None

@@ -45,7 +45,8 @@ class LoginService:
         def succeeded(result: tuple[Any, Any, Any]) -> tuple[Any, Any]:
             _, avatar, logout = result
             self._throttle.succeeded(username, peer_ip)
-            log.info("AUTH success for {username!r} from {ip}", username=username, ip=peer_ip)
+            # The session's own log line names the user; one line per login is enough.
+            log.debug("AUTH success for {username!r} from {ip}", username=username, ip=peer_ip)
             return avatar, logout
 
         def failed(failure: Failure) -> Deferred[Any] | Failure:

@@ -800,7 +800,9 @@ class SMTPSession(Protocol, TimeoutMixin):
         # Store CRLF only, so that a bare LF or CR cannot turn into a line
         # break (or an end-of-data) at a less careful next hop: SMTP smuggling.
         # Chunks never split a CRLF (see _data_step).
-        chunk = _BARE_NEWLINE_RE.sub(b"\r\n", chunk)
+        crlf = chunk.count(b"\r\n")
+        if chunk.count(b"\r") != crlf or chunk.count(b"\n") != crlf:
+            chunk = _BARE_NEWLINE_RE.sub(b"\r\n", chunk)
         if self._data_overflow:
             return
         self._data_size += len(chunk)

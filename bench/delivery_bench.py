@@ -1,0 +1,897 @@
+"""
+Delivery benchmark (issue 4): smtpplus against a private Postfix instance,
+both relaying to the same kind of C{smtp-sink} (Postfix's test server).
+
+For each side, in one run:
+
+  - accepted messages/s: N messages of 5 KiB over 50 concurrent sessions
+    (connection reuse, MAIL/RCPT/DATA pipelined), from the same asyncio
+    load generator; smtpplus with AUTH PLAIN (plaintext, auth_requires_tls
+    = false), Postfix without AUTH (relay for 127.0.0.0/8).  Both fsync
+    every accepted message before the 250 (Postfix's default, smtpplus
+    always);
+  - end-to-end delivered/s: N+1 messages counted at the sink (its C{-c}
+    counter) from the first connection to the last arrival;
+  - priority: right after the last bulk 250, one more message with
+    C{X-SMTPAPI: {"Priority": 1}} (Postfix ignores it): the time from its
+    250 until it appears in the sink's dump file (C{-D}; found by a unique
+    envelope sender).
+
+The generator's own ceiling is measured first, directly against a sink.
+
+Run: python -m bench.delivery_bench
+Environment: BENCH_MESSAGES (default 20000), BENCH_SESSIONS (50),
+BENCH_SIZE (5120), BENCH_DRAIN_TIMEOUT (seconds, default 900),
+BENCH_INSTALL_POSTFIX=1 (as root: apt-get install postfix when missing).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import os
+import re
+import resource
+import secrets
+import shutil
+import signal
+import ssl
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from collections.abc import Callable
+from typing import Any
+
+from tests.helpers import free_port_range, wait_for_ports
+
+HOST = "127.0.0.1"
+SENDER_DOMAIN = "bench.example"
+MESSAGES = int(os.environ.get("BENCH_MESSAGES", "20000"))
+SESSIONS = int(os.environ.get("BENCH_SESSIONS", "50"))
+SIZE = int(os.environ.get("BENCH_SIZE", "5120"))
+DRAIN_TIMEOUT = float(os.environ.get("BENCH_DRAIN_TIMEOUT", "900"))
+REPLY_TIMEOUT = 120.0
+PRIORITY_TIMEOUT = 600.0
+SINK_MARK = b"#BENCHMSG"
+POSTFIX_TOOLS = ("/usr/sbin/postfix", "/usr/sbin/smtp-sink", "/usr/sbin/postconf")
+TARGET_PRIORITY_S = 1.0
+
+
+# --- an asyncio SMTP client (auth_bench uses it too) --------------------------
+
+
+class SMTPError(Exception):
+    """An unexpected reply."""
+
+
+class SMTPClient:
+    """A minimal SMTP client on asyncio streams: enough for load generation."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader = reader
+        self.writer = writer
+
+    @classmethod
+    async def connect(cls, host: str, port: int, timeout: float = 30.0) -> SMTPClient:
+        reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout)
+        client = cls(reader, writer)
+        await client.expect(220)
+        return client
+
+    async def reply(self) -> tuple[int, str]:
+        """Read one (possibly multi-line) reply."""
+        lines = []
+        while True:
+            line = await asyncio.wait_for(self.reader.readline(), REPLY_TIMEOUT)
+            if not line:
+                raise SMTPError("connection closed")
+            lines.append(line[4:].rstrip(b"\r\n").decode("utf-8", "replace"))
+            if line[3:4] != b"-":
+                return int(line[:3]), "\n".join(lines)
+
+    async def expect(self, code: int) -> str:
+        got, text = await self.reply()
+        if got != code:
+            raise SMTPError(f"expected {code}, got {got} {text}")
+        return text
+
+    async def command(self, line: str, code: int) -> str:
+        self.writer.write(line.encode("utf-8") + b"\r\n")
+        return await self.expect(code)
+
+    async def ehlo(self, name: str = "client.bench.example") -> str:
+        return await self.command(f"EHLO {name}", 250)
+
+    async def starttls(self, context: ssl.SSLContext) -> None:
+        await self.command("STARTTLS", 220)
+        await self.writer.start_tls(context, server_hostname=None)
+
+    async def auth_plain(self, username: str, password: str) -> None:
+        token = base64.b64encode(f"\0{username}\0{password}".encode()).decode()
+        await self.command(f"AUTH PLAIN {token}", 235)
+
+    async def send(self, mail_from: str, recipient: str, data: bytes) -> tuple[int, str]:
+        """
+        One transaction, MAIL/RCPT/DATA pipelined (both servers offer
+        PIPELINING); C{data} has CRLF lines, no leading dots, ends in CRLF.
+        Returns the final reply.
+        """
+        self.writer.write(f"MAIL FROM:<{mail_from}>\r\nRCPT TO:<{recipient}>\r\nDATA\r\n".encode())
+        replies = [await self.reply() for _ in range(3)]
+        for (code, text), want in zip(replies, (250, 250, 354), strict=True):
+            if code != want:
+                if replies[2][0] == 354:
+                    # DATA was accepted although a recipient was not: end it empty.
+                    self.writer.write(b".\r\n")
+                    await self.reply()
+                return code, text
+        self.writer.write(data + b".\r\n")
+        return await self.reply()
+
+    async def quit(self) -> None:
+        try:
+            self.writer.write(b"QUIT\r\n")
+            await asyncio.wait_for(self.reader.readline(), 5)
+        except (TimeoutError, OSError, SMTPError):
+            pass
+        self.close()
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+def message_bytes(index: int, size: int, mail_from: str, recipient: str, extra_headers: str = "") -> bytes:
+    """A plain-text message of about C{size} bytes in total, CRLF lines."""
+    head = (
+        f"From: Bench <{mail_from}>\r\nTo: <{recipient}>\r\nSubject: bench message {index}\r\n"
+        f"Message-ID: <{index}.{secrets.token_hex(6)}@{SENDER_DOMAIN}>\r\n"
+        f"Date: {time.strftime('%a, %d %b %Y %H:%M:%S +0000', time.gmtime())}\r\n"
+        f"MIME-Version: 1.0\r\nContent-Type: text/plain; charset=us-ascii\r\n{extra_headers}\r\n"
+    ).encode()
+    line = b"x" * 76 + b"\r\n"
+    room = max(size - len(head), len(line))
+    body = line * (room // len(line)) + b"y" * (room % len(line) - 2 if room % len(line) >= 2 else 0)
+    if not body.endswith(b"\r\n"):
+        body += b"\r\n"
+    return head + body
+
+
+async def generate(
+    host: str,
+    port: int,
+    count: int,
+    sessions: int,
+    size: int,
+    mail_from: str,
+    recipient: str,
+    auth: tuple[str, str] | None = None,
+) -> dict[str, Any]:
+    """
+    Submit C{count} messages over C{sessions} concurrent sessions, each
+    reusing its connection.  Returns counts, failures, the elapsed time
+    from the first connect to the last final reply, and the client's CPU.
+    """
+    remaining = iter(range(count))
+    accepted: list[float] = []
+    failures: dict[str, int] = {}
+    cpu0 = _own_cpu()
+    started = time.monotonic()
+
+    def failed(reason: str) -> None:
+        failures[reason] = failures.get(reason, 0) + 1
+
+    async def session() -> None:
+        try:
+            client = await SMTPClient.connect(host, port)
+            await client.ehlo()
+            if auth is not None:
+                await client.auth_plain(*auth)
+        except (TimeoutError, OSError, SMTPError) as e:
+            failed(f"session setup: {e}")
+            return
+        try:
+            for index in remaining:
+                code, text = await client.send(mail_from, recipient, message_bytes(index, size, mail_from, recipient))
+                if code == 250:
+                    accepted.append(time.monotonic())
+                else:
+                    failed(f"{code} {text[:60]}")
+        except (TimeoutError, OSError, SMTPError) as e:
+            failed(f"session: {e}")
+        await client.quit()
+
+    await asyncio.gather(*(session() for _ in range(sessions)))
+    ended = accepted[-1] if accepted else time.monotonic()
+    return {
+        "accepted": len(accepted),
+        "failures": failures,
+        "elapsed": ended - started,
+        "started": started,
+        "ended": ended,
+        "rate": len(accepted) / (ended - started) if accepted else 0.0,
+        "client_cpu": _own_cpu() - cpu0,
+    }
+
+
+# --- processes ------------------------------------------------------------------
+
+
+def _own_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def proc_cpu(pid: int, children: bool = False) -> float:
+    """CPU seconds of C{pid} (and of its reaped children with C{children})."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    ticks = int(fields[11]) + int(fields[12])
+    if children:
+        ticks += int(fields[13]) + int(fields[14])
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def descendants(pid: int) -> list[int]:
+    """Every live process below C{pid}."""
+    parents: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        parents.setdefault(ppid, []).append(int(entry))
+    found, todo = [], [pid]
+    while todo:
+        for child in parents.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def tree_cpu(pid: int) -> float:
+    """CPU of a process, its live descendants and the children it reaped."""
+    return proc_cpu(pid, children=True) + sum(proc_cpu(child, children=True) for child in descendants(pid))
+
+
+def stop_process(proc: subprocess.Popen[bytes], timeout: float = 15.0) -> None:
+    """SIGTERM the child we started, then SIGKILL it if it lingers."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+
+
+def free_port() -> int:
+    return free_port_range(1)[0]
+
+
+class Sink:
+    """
+    One C{smtp-sink}: counts messages (its C{-c} counter on stdout, read by
+    a thread) and appends each one to a dump file (C{-D}), where a given
+    message is found by a unique string.
+    """
+
+    def __init__(self, directory: str) -> None:
+        self.directory = directory
+        os.makedirs(directory, exist_ok=True)
+        # smtp-sink drops to "nobody" when run as root and writes the dump then.
+        os.chmod(directory, 0o777)
+        self.dump = os.path.join(directory, "dump")
+        self.port = free_port()
+        self.count = 0
+        self.changes: list[tuple[float, int]] = []
+        self._lock = threading.Lock()
+        command = ["/usr/sbin/smtp-sink", "-c", "-D", self.dump, "-S", SINK_MARK.decode() + "\\n"]
+        if os.geteuid() == 0:
+            command += ["-u", "nobody"]
+        command += [f"{HOST}:{self.port}", "1024"]
+        self.proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+        if not wait_for_ports([self.port], 10, proc=self.proc):
+            self.stop()
+            raise RuntimeError("smtp-sink did not start")
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        fd = self.proc.stdout.fileno()
+        tail = b""
+        while True:
+            chunk = os.read(fd, 65536)
+            if not chunk:
+                return
+            tail = (tail + chunk)[-200:]
+            found = re.findall(rb"mesg=(\d+)", tail)
+            if found:
+                value = int(found[-1])
+                with self._lock:
+                    if value != self.count:
+                        self.count = value
+                        self.changes.append((time.monotonic(), value))
+
+    def when_reached(self, target: int) -> float | None:
+        """The monotonic time the counter first reached C{target}, if it did."""
+        with self._lock:
+            for at, value in self.changes:
+                if value >= target:
+                    return at
+        return None
+
+    def dump_size(self) -> int:
+        try:
+            return os.path.getsize(self.dump)
+        except OSError:
+            return 0
+
+    async def wait_count(self, target: int, timeout: float, progress: Callable[[int], None] | None = None) -> float | None:
+        deadline = time.monotonic() + timeout
+        last_report = time.monotonic()
+        while time.monotonic() < deadline:
+            at = self.when_reached(target)
+            if at is not None:
+                return at
+            if progress is not None and time.monotonic() - last_report > 15:
+                progress(self.count)
+                last_report = time.monotonic()
+            await asyncio.sleep(0.05)
+        return None
+
+    async def wait_for_text(self, text: bytes, offset: int, timeout: float) -> float | None:
+        """Poll the dump from C{offset} until C{text} appears; its monotonic time."""
+        deadline = time.monotonic() + timeout
+        keep = b""
+        while time.monotonic() < deadline:
+            try:
+                with open(self.dump, "rb") as f:
+                    f.seek(offset)
+                    chunk = f.read()
+            except OSError:
+                chunk = b""
+            if chunk:
+                seen = time.monotonic()
+                if text in keep + chunk:
+                    return seen
+                offset += len(chunk)
+                keep = chunk[-len(text):]
+            await asyncio.sleep(0.002)
+        return None
+
+    def cpu(self) -> float:
+        return proc_cpu(self.proc.pid)
+
+    def pause(self) -> None:
+        self.proc.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        self.proc.send_signal(signal.SIGCONT)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.resume()
+        stop_process(self.proc, 5)
+
+
+# --- Postfix ------------------------------------------------------------------------
+
+
+def postfix_available() -> bool:
+    """Postfix and its test tools are installed; with BENCH_INSTALL_POSTFIX=1 as root, install them."""
+    if all(os.access(tool, os.X_OK) for tool in POSTFIX_TOOLS):
+        return True
+    if os.environ.get("BENCH_INSTALL_POSTFIX") != "1" or os.geteuid() != 0 or not shutil.which("apt-get"):
+        return False
+    print("installing postfix (BENCH_INSTALL_POSTFIX=1)...", flush=True)
+    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+    # "No configuration": the package writes no main.cf and starts no system
+    # instance on port 25; the bench runs its own instance.
+    debconf = "postfix postfix/main_mailer_type select No configuration\n"
+    subprocess.run(["debconf-set-selections"], input=debconf.encode(), check=False)
+    subprocess.run(["apt-get", "update", "-qq"], env=env, check=False, timeout=600)
+    subprocess.run(["apt-get", "install", "-y", "-qq", "postfix"], env=env, check=False, timeout=900)
+    return all(os.access(tool, os.X_OK) for tool in POSTFIX_TOOLS)
+
+
+_MASTER_CF = """\
+{port}     inet  n       -       n       -       -       smtpd
+pickup     unix  n       -       n       60      1       pickup
+cleanup    unix  n       -       n       -       0       cleanup
+qmgr       unix  n       -       n       300     1       qmgr
+rewrite    unix  -       -       n       -       -       trivial-rewrite
+bounce     unix  -       -       n       -       0       bounce
+defer      unix  -       -       n       -       0       bounce
+trace      unix  -       -       n       -       0       bounce
+verify     unix  -       -       n       -       1       verify
+flush      unix  n       -       n       1000?   0       flush
+proxymap   unix  -       -       n       -       -       proxymap
+smtp       unix  -       -       n       -       -       smtp
+relay      unix  -       -       n       -       -       smtp
+showq      unix  n       -       n       -       -       showq
+error      unix  -       -       n       -       -       error
+retry      unix  -       -       n       -       -       error
+discard    unix  -       -       n       -       -       discard
+anvil      unix  -       -       n       -       1       anvil
+scache     unix  -       -       n       -       1       scache
+postlog    unix-dgram n  -       n       -       1       postlogd
+"""
+
+# Stock settings except what a private relay on loopback needs, and the
+# same outbound concurrency as smtpplus (max_concurrency = sessions).
+_MAIN_CF = """\
+compatibility_level = 3.6
+queue_directory = {queue}
+data_directory = {data}
+meta_directory = /etc/postfix
+mail_owner = postfix
+setgid_group = postdrop
+myhostname = postfix.bench.localdomain
+mydomain = bench.localdomain
+myorigin = $myhostname
+mydestination =
+local_recipient_maps =
+alias_maps =
+alias_database =
+local_transport = error:local delivery is disabled
+inet_interfaces = {host}
+inet_protocols = ipv4
+mynetworks = 127.0.0.0/8
+smtpd_relay_restrictions = permit_mynetworks, reject
+smtpd_peername_lookup = no
+relayhost = [{host}]:{sink}
+smtp_tls_security_level = none
+smtpd_tls_security_level = none
+default_process_limit = {processes}
+smtp_destination_concurrency_limit = {concurrency}
+maillog_file = {log}
+maillog_file_prefixes = {directory}
+biff = no
+"""
+
+
+class Postfix:
+    """A private Postfix (own config and queue directories), master in the foreground."""
+
+    def __init__(self, directory: str, sink_port: int, concurrency: int) -> None:
+        self.directory = directory
+        self.config_dir = os.path.join(directory, "etc")
+        self.queue = os.path.join(directory, "queue")
+        os.makedirs(self.config_dir)
+        os.makedirs(self.queue)
+        os.chmod(directory, 0o755)
+        self.port = free_port()
+        self.log = os.path.join(directory, "maillog")
+        with open(os.path.join(self.config_dir, "main.cf"), "w") as f:
+            f.write(
+                _MAIN_CF.format(
+                    queue=self.queue,
+                    data=os.path.join(directory, "data"),
+                    host=HOST,
+                    sink=sink_port,
+                    processes=max(100, 4 * concurrency),
+                    concurrency=concurrency,
+                    log=self.log,
+                    directory=directory,
+                )
+            )
+        with open(os.path.join(self.config_dir, "master.cf"), "w") as f:
+            f.write(_MASTER_CF.format(port=f"{HOST}:{self.port}"))
+        output = open(os.path.join(directory, "postfix.out"), "wb")  # noqa: SIM115 - closed in stop()
+        self._output = output
+        self.proc = subprocess.Popen(
+            ["/usr/sbin/postfix", "-c", self.config_dir, "start-fg"],
+            stdout=output,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+        )
+        if not wait_for_ports([self.port], 30, proc=self.proc):
+            self.stop()
+            raise RuntimeError(f"postfix did not start; see {directory}/postfix.out and {self.log}: " + self.tail())
+
+    def master_pid(self) -> int:
+        """postfix start-fg execs the master in the same process, or forks it."""
+        try:
+            with open(os.path.join(self.queue, "pid", "master.pid")) as f:
+                return int(f.read().split()[0])
+        except (OSError, ValueError, IndexError):
+            return self.proc.pid
+
+    def cpu(self) -> float:
+        return tree_cpu(self.master_pid())
+
+    def tail(self) -> str:
+        text = ""
+        for path in (os.path.join(self.directory, "postfix.out"), self.log):
+            try:
+                with open(path, errors="replace") as f:
+                    text += "".join(f.readlines()[-10:])
+            except OSError:
+                pass
+        return text
+
+    def stop(self) -> None:
+        master = self.master_pid()
+        # Our master (started by us): SIGTERM stops it and its children.
+        if master != self.proc.pid and self.proc.poll() is None:
+            try:
+                os.kill(master, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        stop_process(self.proc, 20)
+        self._output.close()
+
+
+# --- smtpplus ---------------------------------------------------------------------------
+
+# Starts twistd in this interpreter after scheduling a 10 ms LoopingCall that
+# records the reactor's longest stall (the gap between ticks beyond the
+# interval) every 0.5 s into the file named by SMTPPLUS_BENCH_PROBE: the
+# daemon itself has no such probe and its code stays untouched.
+_PROBED_TWISTD = r"""
+import os, sys, time
+from twisted.internet import reactor
+from twisted.internet.task import LoopingCall
+INTERVAL = 0.01
+out = open(os.environ["SMTPPLUS_BENCH_PROBE"], "a", buffering=1)
+state = {"last": None, "worst": 0.0, "since": time.monotonic()}
+def tick():
+    now = time.monotonic()
+    if state["last"] is not None:
+        state["worst"] = max(state["worst"], now - state["last"] - INTERVAL)
+    state["last"] = now
+    if now - state["since"] >= 0.5:
+        out.write(f"{time.time():.3f} {state['worst'] * 1000:.2f}\n")
+        state["worst"] = 0.0
+        state["since"] = now
+LoopingCall(tick).start(INTERVAL, now=False)
+from twisted.scripts.twistd import run
+sys.argv[0] = "twistd"
+run()
+"""
+
+
+class Smtpplus:
+    """The real daemon under C{twistd}, with the stall probe, on free ports."""
+
+    def __init__(self, directory: str, extra_config: str = "", ports: int = 1) -> None:
+        self.directory = directory
+        os.makedirs(directory)
+        self.ports = free_port_range(ports)
+        self.port = self.ports[0]
+        self.admin_port = free_port()
+        self.token = secrets.token_urlsafe(24)
+        self.probe = os.path.join(directory, "stall-probe.txt")
+        config = os.path.join(directory, "smtpplus.toml")
+        with open(config, "w") as f:
+            f.write(
+                f'[server]\nhostname = "smtpplus.bench.localdomain"\nstate_dir = "{directory}/state"\n'
+                f'[smtp]\nlisten = "{HOST}"\nports = "{",".join(map(str, self.ports))}"\n'
+                f"max_connections_per_ip = 1000\n{extra_config}\n"
+                f'[admin]\nlisten = "{HOST}"\nport = {self.admin_port}\ntoken = "{self.token}"\n'
+            )
+        self.output = os.path.join(directory, "twistd.out")
+        env = dict(os.environ, PYTHONUNBUFFERED="1", SMTPPLUS_BENCH_PROBE=self.probe)
+        command = [sys.executable, "-c", _PROBED_TWISTD]
+        with open(self.output, "wb") as out:
+            self.proc = subprocess.Popen(
+                [*command, "--nodaemon", "--pidfile=", "smtpplus", "--config", config],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                cwd=directory,
+                env=env,
+            )
+        if not wait_for_ports([*self.ports, self.admin_port], 30, proc=self.proc):
+            self.stop()
+            raise RuntimeError("smtpplus did not start:\n" + self.tail())
+
+    def api(self, method: str, path: str, body: Any = None) -> Any:
+        data = None if body is None else json.dumps(body).encode()
+        request = urllib.request.Request(
+            f"http://{HOST}:{self.admin_port}{path}",
+            data=data,
+            method=method,
+            headers={"Authorization": f"Bearer {self.token}", "Content-Type": "application/json"},
+        )
+        with urllib.request.urlopen(request, timeout=60) as response:
+            text = response.read()
+        return json.loads(text) if text else None
+
+    def create_user(self, username: str) -> str:
+        """Create a user allowed to send from the bench domain; returns its password."""
+        user = self.api("POST", "/api/v1/users", {"username": username, "authorized_domains": [SENDER_DOMAIN]})
+        return user["password"]
+
+    def cpu(self) -> float:
+        return proc_cpu(self.proc.pid)
+
+    def stalls(self, since: float, until: float) -> float | None:
+        """The longest reactor stall (ms) the probe saw in the wall-clock window."""
+        worst = None
+        try:
+            with open(self.probe) as f:
+                for line in f:
+                    stamp, value = line.split()
+                    # A probe line covers the 0.5 s before its time stamp.
+                    if since <= float(stamp) <= until + 0.5:
+                        worst = max(worst or 0.0, float(value))
+        except (OSError, ValueError):
+            return None
+        return worst
+
+    def tail(self, lines: int = 20) -> str:
+        with open(self.output, errors="replace") as f:
+            return "".join(f.readlines()[-lines:])
+
+    def stop(self) -> None:
+        stop_process(self.proc, 15)
+
+
+# --- the measurement ----------------------------------------------------------------------
+
+
+async def _login(host: str, port: int, auth: tuple[str, str] | None) -> SMTPClient:
+    client = await SMTPClient.connect(host, port)
+    await client.ehlo()
+    if auth is not None:
+        await client.auth_plain(*auth)
+    return client
+
+
+async def _priority_behind_backlog(name: str, sink: Sink, host: str, port: int, auth: tuple[str, str] | None) -> dict[str, Any]:
+    """
+    Phase B: with the sink paused (SIGSTOP: connections hang before the
+    greeting, so nothing leaves), queue C{MESSAGES} bulk messages, then one
+    priority-1 message; resume the sink right after its 250 and time its
+    arrival.  The drain of the backlog gives the delivery-only rate.
+    """
+    before = sink.count
+    sink.pause()
+    try:
+        print(f"[{name}] priority: queueing a backlog of {MESSAGES} with the sink paused...", flush=True)
+        backlog = await generate(host, port, MESSAGES, SESSIONS, SIZE, f"bulk@{SENDER_DOMAIN}", "rcpt@sink.example", auth)
+        token = secrets.token_hex(8)
+        sender = f"urgent-{token}@{SENDER_DOMAIN}"
+        data = message_bytes(0, SIZE, sender, "rcpt@sink.example", 'X-SMTPAPI: {"Priority": 1}\r\n')
+        offset = sink.dump_size()
+        client = await _login(host, port, auth)
+        sent = time.monotonic()
+        code, text = await client.send(sender, "rcpt@sink.example", data)
+        queued_at = time.monotonic()
+        await client.quit()
+    finally:
+        sink.resume()
+    resumed_at = time.monotonic()
+    result: dict[str, Any] = {
+        "backlog_accepted": backlog["accepted"],
+        "backlog_rate": backlog["rate"],
+        "backlog_failures": backlog["failures"],
+        "data_to_250": queued_at - sent,
+    }
+    if code != 250:
+        result["error"] = f"priority message refused: {code} {text}"
+        return result
+    arrived = await sink.wait_for_text(f"urgent-{token}@".encode(), offset, DRAIN_TIMEOUT)
+    if arrived is not None:
+        result["latency"] = arrived - queued_at
+        # Messages that reached the sink before it (counter at detection).
+        result["overtaken_by"] = max(0, sink.count - before - 1)
+    target = before + backlog["accepted"] + 1
+    done = await sink.wait_count(target, DRAIN_TIMEOUT, lambda n: print(f"[{name}] sink: {n - before}/{target - before}", flush=True))
+    result["drained"] = done is not None
+    end = done if done is not None else time.monotonic()
+    result["drain_rate"] = (sink.count - before) / (end - resumed_at)
+    return result
+
+
+async def run_side(name: str, sink: Sink, host: str, port: int, cpu: Callable[[], float], auth: tuple[str, str] | None) -> dict[str, Any]:
+    """Phase A (throughput, sink running) then phase B (priority behind a backlog)."""
+    warmup = None
+    if auth is not None:
+        # One login first: the steady state has the password verification
+        # cached; 50 sessions logging in cold at once are auth_bench's subject.
+        started = time.monotonic()
+        await (await _login(host, port, auth)).quit()
+        warmup = time.monotonic() - started
+    print(f"[{name}] submitting {MESSAGES} x {SIZE} B over {SESSIONS} sessions...", flush=True)
+    cpu0, sink_cpu0 = cpu(), sink.cpu()
+    bulk = await generate(host, port, MESSAGES, SESSIONS, SIZE, f"bulk@{SENDER_DOMAIN}", "rcpt@sink.example", auth)
+    at_submit_end = sink.count
+    print(
+        f"[{name}] accepted {bulk['accepted']} in {bulk['elapsed']:.1f} s ({bulk['rate']:.0f}/s); "
+        f"{at_submit_end} already at the sink; failures: {bulk['failures'] or 'none'}",
+        flush=True,
+    )
+    target = bulk["accepted"]
+    done = await sink.wait_count(target, DRAIN_TIMEOUT, lambda n: print(f"[{name}] sink: {n}/{target}", flush=True))
+    end = done if done is not None else time.monotonic()
+    delivered = sink.count
+    server_cpu, sink_cpu = cpu() - cpu0, sink.cpu() - sink_cpu0
+    print(f"[{name}] delivered {delivered} in {end - bulk['started']:.1f} s", flush=True)
+    priority = await _priority_behind_backlog(name, sink, host, port, auth) if done is not None else {"error": "phase A did not drain"}
+    return {
+        "name": name,
+        "warmup": warmup,
+        "bulk": bulk,
+        "priority": priority,
+        "delivered": delivered,
+        "drained": done is not None,
+        "e2e_rate": delivered / (end - bulk["started"]),
+        "drain_rate": (delivered - at_submit_end) / (end - bulk["ended"]) if end > bulk["ended"] + 0.1 else float("nan"),
+        "at_submit_end": at_submit_end,
+        "server_cpu": server_cpu,
+        "sink_cpu": sink_cpu,
+    }
+
+
+async def _calibrate(work: str) -> dict[str, Any]:
+    """The generator's own ceiling: straight into a sink."""
+    sink = Sink(os.path.join(work, "sink-calibration"))
+    try:
+        count = min(MESSAGES, 20000)
+        result = await generate(HOST, sink.port, count, SESSIONS, SIZE, f"bulk@{SENDER_DOMAIN}", "rcpt@sink.example")
+        result["sink_cpu"] = sink.cpu()
+        return result
+    finally:
+        sink.stop()
+
+
+async def _postfix_side(work: str) -> dict[str, Any]:
+    sink = Sink(os.path.join(work, "sink-postfix"))
+    postfix = None
+    try:
+        postfix = Postfix(os.path.join(work, "postfix"), sink.port, SESSIONS)
+        return await run_side("postfix", sink, HOST, postfix.port, postfix.cpu, None)
+    finally:
+        if postfix is not None:
+            postfix.stop()
+        sink.stop()
+
+
+async def _smtpplus_side(work: str) -> dict[str, Any]:
+    sink = Sink(os.path.join(work, "sink-smtpplus"))
+    daemon = None
+    try:
+        daemon = Smtpplus(
+            os.path.join(work, "smtpplus"),
+            "auth_requires_tls = false\n"
+            f'[delivery]\nmode = "smarthost"\nsmarthost = "{HOST}:{sink.port}"\nsmarthost_tls = "none"\n'
+            f"max_concurrency = {SESSIONS}\n",
+        )
+        password = daemon.create_user("bench")
+        wall0 = time.time()
+        result = await run_side("smtpplus", sink, HOST, daemon.port, daemon.cpu, ("bench", password))
+        result["stall_ms"] = daemon.stalls(wall0, time.time())
+        result["rss_mib"] = _rss_mib(daemon.proc.pid)
+        if not result["drained"] or result["bulk"]["failures"]:
+            print("smtpplus output (last lines):\n" + daemon.tail(), flush=True)
+        return result
+    finally:
+        if daemon is not None:
+            daemon.stop()
+        sink.stop()
+
+
+def _rss_mib(pid: int) -> float:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return float("nan")
+
+
+def _fmt(value: float | None, spec: str = ".0f", unit: str = "") -> str:
+    if value is None or value != value:
+        return "n/a"
+    return f"{value:{spec}}{unit}"
+
+
+def report(calibration: dict[str, Any] | None, ours: dict[str, Any], peer: dict[str, Any] | None) -> None:
+    print()
+    print(
+        f"delivery bench: {MESSAGES} messages x {SIZE} B, {SESSIONS} sessions, one recipient each; "
+        f"cores: {os.cpu_count()}; fsync on both sides; load average before/after: {LOADAVG[0]} / {_loadavg()}"
+    )
+    if calibration is not None:
+        print(
+            f"generator ceiling (straight into smtp-sink, no AUTH): {calibration['rate']:.0f} msg/s "
+            f"({calibration['accepted']} in {calibration['elapsed']:.1f} s, generator CPU {calibration['client_cpu']:.1f} s)"
+        )
+    sides = [ours] + ([peer] if peer else [])
+    print(f"{'':34}" + "".join(f"{s['name']:>14}" for s in sides) + ("         ratio" if peer else ""))
+
+    def row(label: str, values: list[float | None], spec: str = ".0f", ratio: bool = True) -> None:
+        line = f"{label:34}" + "".join(f"{_fmt(v, spec):>14}" for v in values)
+        if peer and ratio and all(v and v == v for v in values[:2]):
+            line += f"{values[0] / values[1]:>14.2f}"
+        print(line)
+
+    print("phase A: sink running")
+    row("  accepted msg/s", [s["bulk"]["rate"] for s in sides])
+    row("  end-to-end delivered msg/s", [s["e2e_rate"] for s in sides])
+    row("  drain after last 250 msg/s", [s["drain_rate"] for s in sides])
+    row("  at the sink at the last 250", [s["at_submit_end"] for s in sides], ratio=False)
+    row("  server CPU s / 1000 msg", [1000 * s["server_cpu"] / max(1, s["delivered"]) for s in sides], ".2f")
+    row("  generator CPU s", [s["bulk"]["client_cpu"] for s in sides], ".1f", ratio=False)
+    row("  sink CPU s", [s["sink_cpu"] for s in sides], ".1f", ratio=False)
+    print(f"phase B: {MESSAGES} queued with the sink paused, then one priority-1 message, then the sink resumed")
+    row("  accepted msg/s (sink paused)", [s["priority"].get("backlog_rate") for s in sides])
+    row("  priority msg DATA->250 (s)", [s["priority"].get("data_to_250") for s in sides], ".3f", ratio=False)
+    row("  priority msg 250->sink (s)", [s["priority"].get("latency") for s in sides], ".3f")
+    row("  messages arriving before it", [s["priority"].get("overtaken_by") for s in sides], ratio=False)
+    row("  backlog drain msg/s", [s["priority"].get("drain_rate") for s in sides])
+    print(f"smtpplus: first AUTH (bcrypt, before the run) {_fmt(ours.get('warmup'), '.3f', ' s')}")
+    print(
+        f"smtpplus: reactor worst stall {_fmt(ours.get('stall_ms'), '.0f', ' ms')}, RSS at end "
+        f"{_fmt(ours.get('rss_mib'), '.0f', ' MiB')}; drained A/B: {ours['drained']}/{ours['priority'].get('drained')}"
+        + (f"; postfix drained A/B: {peer['drained']}/{peer['priority'].get('drained')}" if peer else "")
+    )
+    for side in sides:
+        problems = [side["bulk"]["failures"], side["priority"].get("backlog_failures"), side["priority"].get("error")]
+        if any(problems):
+            print(f"{side['name']}: problems {problems}")
+    verdicts = []
+    if peer:
+        verdicts.append(f"accept {'OK' if ours['bulk']['rate'] >= peer['bulk']['rate'] else 'MISSED'} (>= postfix)")
+        verdicts.append(f"end-to-end {'OK' if ours['e2e_rate'] >= peer['e2e_rate'] else 'MISSED'} (>= postfix)")
+    latency = ours["priority"].get("latency")
+    verdicts.append(f"priority {'OK' if latency is not None and latency < TARGET_PRIORITY_S else 'MISSED'} (< 1 s)")
+    print("targets: " + "; ".join(verdicts))
+
+
+def _loadavg() -> str:
+    with open("/proc/loadavg") as f:
+        return " ".join(f.read().split()[:3])
+
+
+LOADAVG: list[str] = []
+
+
+async def _main(work: str) -> None:
+    LOADAVG[:] = [_loadavg()]
+    have_postfix = os.environ.get("BENCH_PEER", "1") != "0" and postfix_available()
+    if not os.access("/usr/sbin/smtp-sink", os.X_OK):
+        print(
+            "SKIPPED: smtp-sink (from Postfix) is missing. Install it with "
+            "`apt-get install postfix` (choose 'No configuration'), or run as root with BENCH_INSTALL_POSTFIX=1."
+        )
+        return
+    calibration = await _calibrate(work) if os.environ.get("BENCH_CALIBRATE", "1") != "0" else None
+    if calibration is not None:
+        print(f"generator ceiling: {calibration['rate']:.0f} msg/s", flush=True)
+    peer = await _postfix_side(work) if have_postfix else None
+    ours = await _smtpplus_side(work)
+    report(calibration, ours, peer)
+
+
+def main() -> None:
+    """Run the delivery benchmark and print its report."""
+    work = tempfile.mkdtemp(prefix="smtpplus-delivery-bench-")
+    # smtp-sink (as "nobody") and Postfix's daemons must reach their directories.
+    os.chmod(work, 0o755)
+    try:
+        asyncio.run(_main(work))
+    finally:
+        if os.environ.get("BENCH_KEEP") != "1":
+            shutil.rmtree(work, ignore_errors=True)
+        else:
+            print(f"kept {work}")
+
+
+if __name__ == "__main__":
+    main()
