@@ -67,6 +67,8 @@ class _Handler:
                     "rcpt_tos": list(envelope.rcpt_tos),
                     "data": envelope.original_content,
                     "tls": session.ssl is not None,
+                    # One (address, port) per client connection.
+                    "peer": tuple(session.peer),
                 }
             )
         return "250 2.0.0 Ok: queued at smarthost"
@@ -94,6 +96,10 @@ class FakeSmarthost:
     def received(self) -> list[dict[str, Any]]:
         with self.lock:
             return list(self.messages)
+
+    def connections(self) -> int:
+        """How many client connections carried the messages received so far."""
+        return len({m["peer"] for m in self.received()})
 
 
 def parse(data: bytes) -> email.message.EmailMessage:
@@ -184,8 +190,8 @@ class Recorder:
     def rejected(self, user: str, mail_from: str, header_from: str, subject: str) -> None:
         self.calls.append(("rejected", (user, mail_from, header_from, subject)))
 
-    def recipient_result(self, message: dict[str, Any], status: str) -> None:
-        self.calls.append(("recipient_result", (message, status)))
+    def recipient_result(self, message: dict[str, Any], status: str, previous: str | None = None) -> None:
+        self.calls.append(("recipient_result", (message, status, previous)))
 
 
 def make_config(state_dir: str, delivery: str) -> Any:

@@ -6,11 +6,12 @@ import os
 from typing import Any
 
 from twisted.internet import reactor
-from twisted.internet.defer import inlineCallbacks
+from twisted.internet.defer import gatherResults, inlineCallbacks
 from twisted.names import authority, dns, server
 from twisted.trial import unittest
 
 from smtpplus.delivery import queue
+from smtpplus.delivery import spool as spool_module
 from tests.delivery_helpers import (
     FakeSmarthost,
     Stack,
@@ -45,6 +46,19 @@ class SmarthostTests(unittest.TestCase):
         yield wait_until(lambda: not os.path.exists(stack.delivery.spool.path(queue_id(text))))
         results = [args[1] for name, args in stack.recorder.calls if name == "recipient_result"]
         self.assertEqual(results, ["sent"])
+
+    @inlineCallbacks
+    def test_large_message_intact(self) -> Any:
+        """A message larger than the in-memory limit is spooled to a file and relayed byte for byte, dots included."""
+        stack = Stack(self)
+        lines = b"".join(b".%06d dotted line that the relay must stuff again\r\n" % n for n in range(8000))
+        data = simple_message(extra="X-Big: yes\r\n") + lines
+        self.assertGreater(len(data), 4 * spool_module.MEMORY_LIMIT)
+        code, text = yield stack.submit("me@example.com", ["r@dest.test"], data)
+        self.assertEqual(code, 250, text)
+        yield stack.wait_status(queue_id(text), "sent")
+        [got] = stack.smarthost.received()
+        self.assertTrue(got["data"].endswith(lines), "body changed in transit")
 
     @inlineCallbacks
     def test_opportunistic_starttls(self) -> Any:
@@ -244,10 +258,64 @@ class StoreTests(unittest.TestCase):
         conn.executescript(queue.MIGRATIONS[0])
         message = queue.NewMessage("ID1", "u", "a@b.c", "", "", 3, ("x@y.z", "w@y.z"), None, None, None, 1, False, 0.0)
         queue.insert_messages(conn, [message])
-        queue.begin_attempt(conn, "ID1", 1.0)
+        queue.mark_sending(conn, "ID1", 1.0)
         conn.execute("UPDATE queue_recipients SET attempts = 1 WHERE idx = 1")
         rows = queue.recover(conn, 2.0)
         self.assertEqual([r["id"] for r in rows], ["ID1"])
         loaded = queue.load_message(conn, "ID1")
         self.assertEqual(loaded["status"], "queued")
         self.assertEqual([r["status"] for r in loaded["recipients"]], ["queued", "deferred"])
+
+    def test_as_row_matches_load(self) -> None:
+        """The in-memory row of a fresh message equals what the database gives back for it."""
+        import sqlite3
+
+        conn = sqlite3.connect(":memory:", isolation_level=None)
+        conn.row_factory = sqlite3.Row
+        conn.executescript(queue.MIGRATIONS[0])
+        message = queue.NewMessage("ID2", "u", "a@b.c", "A <a@b.c>", "s", 2, ("x@y.z", "w@y.z"), "n", "c", None, 9, True, 5.0)
+        [seq] = queue.insert_messages(conn, [message])
+        self.assertEqual({**queue.as_row(message), "seq": seq}, queue.load_message(conn, "ID2"))
+
+
+class StateWriterTests(unittest.TestCase):
+    def setUp(self) -> None:
+        from smtpplus.storage.database import Database
+
+        self.database = Database(reactor, os.path.join(os.path.abspath(self.mktemp()) + ".db"))
+        self.addCleanup(self.database.stop)
+        self.database.migrate(queue.COMPONENT, queue.MIGRATIONS)
+        messages = [
+            queue.NewMessage(f"M{n}", "u", "a@b.c", "", "", 3, ("x@y.z",), None, None, None, 1, False, 0.0) for n in range(50)
+        ]
+        self.database.run_sync(queue.insert_messages, messages)
+
+    @inlineCallbacks
+    def test_changes_share_transactions(self) -> Any:
+        """State changes made while a batch commits are committed together in the next one."""
+        writer = queue.StateWriter(self.database)
+        yield gatherResults([writer.write(queue.mark_sending, f"M{n}", 1.0) for n in range(50)])
+        self.assertLessEqual(writer.batches, 2)
+        statuses = self.database.run_sync(lambda c: {r[0] for r in c.execute("SELECT status FROM queue_messages")})
+        self.assertEqual(statuses, {"sending"})
+
+    @inlineCallbacks
+    def test_failing_change_alone_is_undone(self) -> Any:
+        """A change that fails is rolled back by itself; the others of its batch are committed."""
+        import sqlite3
+
+        def broken(conn: Any, message_id: str) -> None:
+            conn.execute("UPDATE queue_messages SET status = 'sending' WHERE id = ?", (message_id,))
+            raise sqlite3.OperationalError("boom")
+
+        writer = queue.StateWriter(self.database)
+        results = yield gatherResults(
+            [
+                writer.write(queue.mark_sending, "M1", 1.0),
+                writer.write(broken, "M2").addErrback(lambda f: f.trap(sqlite3.OperationalError) and "failed"),
+                writer.write(queue.mark_sending, "M3", 1.0),
+            ]
+        )
+        self.assertEqual(results, [None, "failed", None])
+        rows = self.database.run_sync(lambda c: dict(c.execute("SELECT id, status FROM queue_messages WHERE id IN ('M1', 'M2', 'M3')").fetchall()))
+        self.assertEqual(rows, {"M1": "sending", "M2": "queued", "M3": "sending"})

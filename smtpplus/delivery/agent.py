@@ -15,12 +15,15 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 
 from smtpplus.delivery import queue
+from smtpplus.delivery.batching import Batcher
 from smtpplus.delivery.dsn import build_dsn, read_headers
 from smtpplus.delivery.query import iso
 from smtpplus.delivery.relay import HopOutcome
 from smtpplus.delivery.spool import Spool
 
 log = Logger()
+
+FRESH_LIMIT = 10000
 
 
 class DeliveryAgent:
@@ -60,24 +63,46 @@ class DeliveryAgent:
         # Next hops that failed since their last success: one send_problem
         # event per outage.
         self.outages: set[str] = set()
+        self.writer = queue.StateWriter(database)
+        # Fresh messages as committed, so that their first attempt need not
+        # read them back; bounded, the database is the fallback.
+        self._fresh: dict[str, dict[str, Any]] = {}
+        self._removals: Batcher[str] = Batcher(self._remove)
 
     def _in_thread(self, fn: Callable[..., Any], *args: Any) -> Deferred[Any]:
         return deferToThreadPool(self._reactor, self._reactor.getThreadPool(), fn, *args)
+
+    def _remove(self, message_ids: list[str]) -> Deferred[list[None]]:
+        d = self._in_thread(self._spool.remove, message_ids)
+        return d.addCallback(lambda _: [None] * len(message_ids))
 
     def retry_interval(self, attempts: int) -> int:
         """Seconds before the next attempt after C{attempts} ones; the last interval repeats."""
         return self._retry_schedule[min(max(attempts, 1), len(self._retry_schedule)) - 1]
 
+    def remember(self, message: queue.NewMessage) -> None:
+        """Keep a just-committed message for its first attempt (up to L{FRESH_LIMIT} of them)."""
+        if len(self._fresh) < FRESH_LIMIT:
+            self._fresh[message.id] = queue.as_row(message)
+
     @inlineCallbacks
     def deliver(self, message_id: str) -> Any:
         """One attempt; returns when to try again, or None when the message is finished."""
-        message = yield self._database.transaction(queue.begin_attempt, message_id, self._clock.seconds())
+        message = self._fresh.pop(message_id, None)
         if message is None:
+            message = yield self._database.run(queue.load_message, message_id)
+        if message is None or message["status"] not in queue.ACTIVE:
             return None
+        # Not waited for: only the admin API sees "sending"; after a crash
+        # the message is active either way and is tried again.
+        self.writer.write(queue.mark_sending, message_id, self._clock.seconds()).addErrback(
+            lambda f: log.failure("marking {id} sending failed", f, id=message_id)
+        )
         pending = [r for r in message["recipients"] if r["status"] not in queue.FINAL_RECIPIENT]
         addresses = list(dict.fromkeys(r["address"] for r in pending))
         try:
-            outcomes = yield self._relay.send(message["mail_from"], addresses, self._spool.path(message_id))
+            content = yield self._in_thread(self._spool.read_small, message_id)
+            outcomes = yield self._relay.send(message["mail_from"], addresses, self._spool.path(message_id), content)
         except Exception:
             log.failure("relaying {id} failed unexpectedly", id=message_id)
             outcomes = []
@@ -143,13 +168,12 @@ class DeliveryAgent:
         )
         if bounced and message["mail_from"]:
             yield self._bounce(message, bounced, now)
-        yield self._database.transaction(
-            queue.finish_attempt, message["id"], status, next_attempt, updates, notify_delay, now
-        )
+        yield self.writer.write(queue.finish_attempt, message["id"], status, next_attempt, updates, notify_delay, now)
         if not message["internal"]:
             summary = _stats_message(message)
+            previous = {r["idx"]: r["status"] for r in pending}
             for u in updates:
-                self._count(summary, u.status)
+                self._count(summary, u.status, previous[u.idx])
             if bounced:
                 detail = "; ".join(f"{a}: {c} {t}" for a, c, t in bounced)
                 self._record("bounce", message["user"], message["id"], f"{len(bounced)} recipient(s) bounced: {detail}")
@@ -157,10 +181,11 @@ class DeliveryAgent:
                 waited = int(now - message["created_at"])
                 self._record("delivery_delay", message["user"], message["id"], f"not delivered after {waited} s: {problem}")
         if next_attempt is None:
-            try:
-                yield self._in_thread(self._spool.remove, [message["id"]])
-            except Exception:
-                log.failure("removing spooled message {id} failed", id=message["id"])
+            # Only now that the final state is committed: a crash before
+            # would find an active message without its file.
+            self._removals.add(message["id"]).addErrback(
+                lambda f: log.failure("removing spooled message {id} failed", f, id=message["id"])
+            )
         log.info(
             "delivery attempt id={id} status={status} next={next}", id=message["id"], status=status, next=next_attempt
         )
@@ -183,10 +208,11 @@ class DeliveryAgent:
             lambda f: log.failure("recording a {kind} event failed", f, kind=kind)
         )
 
-    def _count(self, summary: dict[str, Any], status: str) -> None:
+    def _count(self, summary: dict[str, Any], status: str, previous: str) -> None:
         if self._stats is None or status not in ("sent", "deferred", "bounced"):
             return
-        maybeDeferred(self._stats.recipient_result, summary, status).addErrback(
+        # Counts are current state: deferred -> sent leaves "deferred".
+        maybeDeferred(self._stats.recipient_result, summary, status, previous).addErrback(
             lambda f: log.failure("counting a recipient result failed", f)
         )
 

@@ -17,6 +17,7 @@ from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 
+from smtpplus.delivery.batching import Batcher
 from smtpplus.delivery.spool import Spool, TempMessage, local_failure
 
 log = Logger()
@@ -107,6 +108,33 @@ def insert_messages(conn: sqlite3.Connection, messages: Sequence[NewMessage]) ->
     return seqs
 
 
+def as_row(m: NewMessage) -> dict[str, Any]:
+    """What L{load_message} returns for C{m} right after L{insert_messages}."""
+    return {
+        "seq": None,
+        "id": m.id,
+        "user": m.user,
+        "mail_from": m.mail_from,
+        "header_from": m.header_from,
+        "subject": m.subject,
+        "priority": m.priority,
+        "status": m.status,
+        "campaign_name": m.campaign_name,
+        "campaign_code": m.campaign_code,
+        "schedule_at": m.schedule_at,
+        "next_attempt": m.schedule_at,
+        "size": m.size,
+        "internal": int(m.internal),
+        "delay_notified": 0,
+        "created_at": m.created_at,
+        "updated_at": m.created_at,
+        "recipients": [
+            {"idx": i, "address": address, "status": "queued", "attempts": 0, "last_response": None, "next_attempt": None}
+            for i, address in enumerate(m.recipients)
+        ],
+    }
+
+
 def recover(conn: sqlite3.Connection, now: float) -> list[dict[str, Any]]:
     """
     At start-up: whatever was in flight when the daemon died goes back to
@@ -173,21 +201,22 @@ def list_messages(conn: sqlite3.Connection, user: str | None, status: str | None
     return result
 
 
-def begin_attempt(conn: sqlite3.Connection, message_id: str, now: float) -> dict[str, Any] | None:
-    """Mark the message and its unfinished recipients C{sending}; return it."""
-    message = load_message(conn, message_id)
-    if message is None or message["status"] not in ACTIVE:
-        return None
-    conn.execute("UPDATE queue_messages SET status = 'sending', updated_at = ? WHERE id = ?", (now, message_id))
+def mark_sending(conn: sqlite3.Connection, message_id: str, now: float) -> None:
+    """Mark an active message and its unfinished recipients C{sending}."""
+    conn.execute(
+        "UPDATE queue_messages SET status = 'sending', updated_at = ? WHERE id = ? AND status IN (?, ?, ?, ?)",
+        (now, message_id, *ACTIVE),
+    )
     conn.execute(
         "UPDATE queue_recipients SET status = 'sending' WHERE message_id = ? AND status NOT IN ('sent', 'bounced')",
         (message_id,),
     )
-    return message
 
 
 @attrs.frozen
 class RecipientUpdate:
+    """The outcome of one attempt for one recipient."""
+
     idx: int
     status: str
     attempts: int
@@ -215,6 +244,57 @@ def finish_attempt(
         "WHERE message_id = ? AND idx = ?",
         [(u.status, u.attempts, u.last_response, u.next_attempt, message_id, u.idx) for u in updates],
     )
+
+
+def apply_changes(conn: sqlite3.Connection, changes: Sequence[tuple[Callable[..., None], tuple[Any, ...]]]) -> list[Exception | None]:
+    """
+    Apply C{(fn, args)} changes in one transaction, each in a savepoint so
+    that one failing change is undone alone.  Returns its error or None
+    per change.
+    """
+    errors: list[Exception | None] = []
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        for fn, args in changes:
+            conn.execute("SAVEPOINT change")
+            try:
+                fn(conn, *args)
+            except sqlite3.Error as e:
+                conn.execute("ROLLBACK TO change")
+                errors.append(e)
+            else:
+                errors.append(None)
+            conn.execute("RELEASE change")
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
+    return errors
+
+
+class StateWriter:
+    """
+    Writes delivery state changes (attempt started, attempt finished) in
+    group commits, as the L{Committer} does for new messages: one
+    transaction, one sync, for every change that arrived meanwhile.
+
+    Recovery does not depend on it: a change lost in a crash leaves the
+    message active on disk, and it is tried again (at least once).
+    """
+
+    def __init__(self, database: Any) -> None:
+        self._database = database
+        self._batcher: Batcher[tuple[Callable[..., None], tuple[Any, ...]]] = Batcher(self._apply)
+        self.batches = 0
+
+    def _apply(self, changes: list[tuple[Callable[..., None], tuple[Any, ...]]]) -> Deferred[list[Exception | None]]:
+        self.batches += 1
+        return self._database.run(apply_changes, changes)
+
+    def write(self, fn: Callable[..., None], *args: Any) -> Deferred[None]:
+        """Queue C{fn(conn, *args)}; fires once it is committed."""
+        return self._batcher.add((fn, args))
 
 
 class Committer:

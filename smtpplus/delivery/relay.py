@@ -2,9 +2,9 @@
 Outbound SMTP: hand one spooled message to the smarthost, or to each
 recipient domain's MX hosts, and report the result for every recipient.
 
-Built on Twisted's C{ESMTPClient} (EHLO, STARTTLS, AUTH); this module adds
-per-recipient results, CRLF-preserving transfer and MX routing through
-C{twisted.names}.
+The SMTP conversation and the reuse of connections live in
+L{smtpplus.delivery.client}; this module chooses the servers: the smarthost,
+or MX routing through C{twisted.names}.
 """
 
 from __future__ import annotations
@@ -15,21 +15,15 @@ from typing import Any
 
 import attrs
 from twisted.internet.defer import Deferred, DeferredList, inlineCallbacks
-from twisted.internet.protocol import ClientFactory
 from twisted.internet.ssl import CertificateOptions
 from twisted.logger import Logger
-from twisted.mail.smtp import ESMTPClient, LOGINAuthenticator, PLAINAuthenticator, SMTPClientError
 from twisted.names import client, dns
 from twisted.names.error import DNSNameError
-from twisted.python.failure import Failure
 
 from smtpplus.config import DeliveryConfig
+from smtpplus.delivery.client import Destination, Pool, Transfer
 
 log = Logger()
-
-CONNECT_TIMEOUT = 30
-# Seconds to wait for each server reply (RFC 5321 4.5.3.2 suggests minutes).
-REPLY_TIMEOUT = 300
 
 
 @attrs.frozen
@@ -47,115 +41,6 @@ class HopOutcome:
     hop: str
     results: dict[str, tuple[int, str]]
     problem: str | None = None
-
-
-class _Transfer:
-    """One message offered to one connection; fires C{done} exactly once."""
-
-    def __init__(self, mail_from: str, recipients: Sequence[str], path: str) -> None:
-        self.mail_from = mail_from
-        self.recipients = list(recipients)
-        self.path = path
-        self.done: Deferred[dict[str, tuple[int, str]] | str] = Deferred()
-
-    def finish(self, outcome: dict[str, tuple[int, str]] | str) -> None:
-        if not self.done.called:
-            self.done.callback(outcome)
-
-
-def _text(value: bytes | str | None) -> str:
-    if isinstance(value, bytes):
-        value = value.decode("utf-8", "replace")
-    return " ".join((value or "").split())
-
-
-class _RelayClient(ESMTPClient):
-    """Sends one L{_Transfer}, then quits."""
-
-    timeout = REPLY_TIMEOUT
-
-    def __init__(self, transfer: _Transfer, username: str, secret: bytes | None, context: Any, identity: str, require_tls: bool) -> None:
-        ESMTPClient.__init__(self, secret, context, identity=identity.encode("idna"))
-        self.transfer = transfer
-        self.requireTransportSecurity = require_tls
-        self.heloFallback = not require_tls and not username
-        self.requireAuthentication = bool(username)
-        if username:
-            self.registerAuthenticator(PLAINAuthenticator(username.encode("utf-8")))
-            self.registerAuthenticator(LOGINAuthenticator(username.encode("utf-8")))
-        # SMTPClient reads these after a refused MAIL FROM on a fresh session.
-        self.toAddressesResult: list[tuple[str, int, bytes]] = []
-        self.successAddresses: list[str] = []
-        self._started = False
-        self._at_line_start = True
-
-    def getMailFrom(self) -> str | None:
-        if self._started:
-            return None
-        self._started = True
-        return self.transfer.mail_from
-
-    def getMailTo(self) -> list[str]:
-        return self.transfer.recipients
-
-    def getMailData(self) -> Any:
-        return open(self.transfer.path, "rb")  # noqa: SIM115 - FileSender reads it to the end
-
-    def transformChunk(self, chunk: bytes) -> bytes:
-        # The spool holds CRLF lines already; only dot-stuff, also across
-        # chunk boundaries.
-        self.resetTimeout()
-        if not chunk:
-            return chunk
-        stuffed = chunk.replace(b"\r\n.", b"\r\n..")
-        if self._at_line_start and chunk.startswith(b"."):
-            stuffed = b"." + stuffed
-        self._at_line_start = chunk.endswith(b"\r\n")
-        return stuffed
-
-    def finishedFileTransfer(self, lastsent: bytes) -> None:
-        self.sendLine(b"." if self._at_line_start else b"\r\n.")
-
-    def sentMail(self, code: int, resp: bytes, numOk: int, addresses: list[tuple[str, int, bytes]], log: Any) -> None:
-        final = (code, _text(resp))
-        results: dict[str, tuple[int, str]] = {}
-        for address, rcpt_code, rcpt_resp in addresses:
-            results[address] = final if 200 <= rcpt_code < 300 else (rcpt_code, _text(rcpt_resp))
-        for address in self.transfer.recipients:
-            results.setdefault(address, final)
-        self.transfer.finish(results)
-
-    def sendError(self, exc: Exception) -> None:
-        if isinstance(exc, SMTPClientError):
-            reason = f"{exc.code} {_text(exc.resp)}" if exc.code and exc.code > 0 else _text(exc.resp)
-        else:
-            reason = str(exc)
-        self.transfer.finish(reason or exc.__class__.__name__)
-        ESMTPClient.sendError(self, exc)
-
-
-class _RelayFactory(ClientFactory):
-    noisy = False
-
-    def __init__(self, transfer: _Transfer, relay: Relay, require_tls: bool, context: Any) -> None:
-        self.transfer = transfer
-        self.relay = relay
-        self.require_tls = require_tls
-        self.context = context
-
-    def buildProtocol(self, addr: Any) -> _RelayClient:
-        relay = self.relay
-        secret = relay.password.encode("utf-8") if relay.username else None
-        proto = _RelayClient(self.transfer, relay.username, secret, self.context, relay.hostname, self.require_tls)
-        proto.callLater = relay.reactor.callLater
-        proto.factory = self
-        return proto
-
-    def clientConnectionFailed(self, connector: Any, reason: Failure) -> None:
-        self.transfer.finish(f"connection failed: {_text(reason.getErrorMessage())}")
-
-    def clientConnectionLost(self, connector: Any, reason: Failure) -> None:
-        self.transfer.finish(f"connection lost: {_text(reason.getErrorMessage())}")
 
 
 def _server_address(text: str, default_port: int) -> tuple[str, int]:
@@ -191,8 +76,6 @@ class Relay:
         self.reactor = reactor
         self.config = config
         self.hostname = hostname
-        self.username = config.smarthost_username
-        self.password = config.smarthost_password
         self.mx_port = mx_port
         if resolver is None and config.mode == "mx":
             if config.dns_servers:
@@ -204,30 +87,34 @@ class Relay:
         # Opportunistic and "required" TLS both encrypt without verifying the
         # peer, like Postfix's "may" and "encrypt" levels: MX and smarthost
         # certificates are often self-signed or for another name.
-        self._context = CertificateOptions(verify=False)
+        context = CertificateOptions(verify=False)
+        self.pool = Pool(reactor, hostname, config.smarthost_username, config.smarthost_password, context)
 
-    def send(self, mail_from: str, recipients: Sequence[str], path: str) -> Deferred[list[HopOutcome]]:
-        """Offer the message at C{path} to its next hop(s)."""
+    def send(
+        self, mail_from: str, recipients: Sequence[str], path: str, content: bytes | None = None
+    ) -> Deferred[list[HopOutcome]]:
+        """Offer the message at C{path} (or C{content}, when read already) to its next hop(s)."""
+        message = (path, content)
         if self.config.mode == "smarthost":
             host, port = _server_address(self.config.smarthost, 25)
             tls = self.config.smarthost_tls
-            d = self._offer(self.config.smarthost, [(host, port)], mail_from, recipients, path, tls)
+            d = self._offer(self.config.smarthost, [(host, port)], mail_from, recipients, message, tls)
             return d.addCallback(lambda outcome: [outcome])
         by_domain: dict[str, list[str]] = {}
         for address in recipients:
             by_domain.setdefault(address.rpartition("@")[2].lower(), []).append(address)
-        attempts = [self._send_domain(domain, mail_from, group, path) for domain, group in by_domain.items()]
+        attempts = [self._send_domain(domain, mail_from, group, message) for domain, group in by_domain.items()]
         return DeferredList(attempts, consumeErrors=True).addCallback(_unwrap)
 
     @inlineCallbacks
-    def _send_domain(self, domain: str, mail_from: str, recipients: list[str], path: str) -> Any:
+    def _send_domain(self, domain: str, mail_from: str, recipients: list[str], message: tuple[str, bytes | None]) -> Any:
         try:
             servers = yield self._route(domain)
         except _PermanentRoute as e:
             return HopOutcome(domain, {a: (550, str(e)) for a in recipients})
         except Exception as e:
             return HopOutcome(domain, {}, f"DNS lookup for {domain} failed: {_dns_error(e)}")
-        outcome = yield self._offer(domain, servers, mail_from, recipients, path, "opportunistic")
+        outcome = yield self._offer(domain, servers, mail_from, recipients, message, "opportunistic")
         return outcome
 
     @inlineCallbacks
@@ -273,20 +160,36 @@ class Relay:
 
     @inlineCallbacks
     def _offer(
-        self, hop: str, servers: Sequence[tuple[str, int]], mail_from: str, recipients: Sequence[str], path: str, tls: str
+        self,
+        hop: str,
+        servers: Sequence[tuple[str, int]],
+        mail_from: str,
+        recipients: Sequence[str],
+        message: tuple[str, bytes | None],
+        tls: str,
     ) -> Any:
         """Try each server in turn until one gives per-recipient results."""
         problem = "no server to try"
         for host, port in servers:
-            transfer = _Transfer(mail_from, recipients, path)
-            factory = _RelayFactory(transfer, self, tls == "required", None if tls == "none" else self._context)
-            self.reactor.connectTCP(host, port, factory, timeout=CONNECT_TIMEOUT)
-            outcome = yield transfer.done
+            destination = Destination(host, port, tls)
+            transfer = Transfer(mail_from, recipients, *message)
+            outcome = yield self.pool.send(destination, transfer)
+            if isinstance(outcome, str) and transfer.reused and not transfer.dot_sent:
+                # A kept connection that broke before the message could
+                # have been accepted (the server timed it out, say) says
+                # nothing about the server: try once on a new one.
+                transfer = Transfer(mail_from, recipients, *message)
+                outcome = yield self.pool.send(destination, transfer, fresh=True)
             if isinstance(outcome, dict):
                 return HopOutcome(hop, outcome)
             problem = f"{host}:{port}: {outcome}"
             log.info("relay to {hop} via {host}:{port} failed: {problem}", hop=hop, host=host, port=port, problem=outcome)
         return HopOutcome(hop, {}, problem)
+
+
+    def close(self) -> Deferred[None]:
+        """Close the kept connections (at shutdown); fires when they are gone."""
+        return self.pool.close()
 
 
 def _dns_error(error: Exception) -> str:

@@ -6,6 +6,7 @@ sender at C{MAIL FROM} and to the header C{From:} at the end of DATA.
 from __future__ import annotations
 
 import email.utils
+import functools
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -27,6 +28,7 @@ def _items(value: Any) -> tuple[str, ...]:
     return tuple(item.strip() for item in value or () if item and item.strip())
 
 
+@functools.lru_cache(maxsize=4096)
 def _domain_key(domain: str) -> str:
     """
     C{domain} as the user store keeps it: a lower-case IDNA A-label, so
@@ -34,6 +36,10 @@ def _domain_key(domain: str) -> str:
     the lists.  What IDNA refuses is compared lower-cased as written; it
     can only match an identical entry.
     """
+    if domain.isascii():
+        # The common case, and what IDNA would do to a valid ASCII name
+        # (the lists hold only valid ones): lower-case it.
+        return domain.strip().rstrip(".").lower()
     try:
         return normalize_domain(domain)
     except ValueError:

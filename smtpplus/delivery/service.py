@@ -114,6 +114,8 @@ class Delivery:
                 "recipients": len(message.recipients),
             }
             _call_logged(self.stats.accepted, summary)
+        if message.status == "queued":
+            self.agent.remember(message)
         self.scheduler.add(Job(message.id, message.priority, seq, message.user), message.schedule_at)
 
     def recover(self) -> None:
@@ -161,7 +163,11 @@ class DeliveryService(Service):
             if not finished.called:
                 finished.callback(None)
 
-        self.delivery.scheduler.stop().addBoth(done)
+        def close_connections(_: object) -> Deferred[None] | None:
+            close = getattr(self.delivery.relay, "close", None)
+            return maybeDeferred(close) if close is not None else None
+
+        self.delivery.scheduler.stop().addBoth(close_connections).addBoth(done)
         return finished
 
 

@@ -1,12 +1,12 @@
 """
 The message spool under C{state_dir/spool}: C{tmp/} holds messages being
-received, C{msg/} holds accepted ones, one file per queue id.
+received (written out at the end of DATA, or earlier when large), C{msg/}
+holds accepted ones, one file per queue id.
 
 A file reaches C{msg/} only by rename after an fsync of its content, and the
 rename is made durable by an fsync of the directory.  Every method that
-syncs is meant for a worker thread; only L{TempMessage.write} runs on the
-reactor (buffered writes into the page cache, as Twisted's own
-C{FileMessage} does).
+syncs or reads is meant for a worker thread; only L{TempMessage.write}
+runs on the reactor.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import base64
 import errno
 import os
 from collections.abc import Iterable, Sequence
+from typing import BinaryIO
 
 from twisted.logger import Logger
 
@@ -23,6 +24,9 @@ from smtpplus.smtp.interfaces import SMTPReply
 log = Logger()
 
 _WRITE_BUFFER = 64 * 1024
+# A message up to this size is held in memory until the end of DATA (as a
+# buffered file would hold it anyway), and read whole for relaying.
+MEMORY_LIMIT = 64 * 1024
 
 
 def new_queue_id(now: float) -> str:
@@ -45,7 +49,13 @@ def local_failure(error: BaseException) -> SMTPReply:
 
 
 class TempMessage:
-    """One message being written into C{tmp/}."""
+    """
+    One message being received.  Up to L{MEMORY_LIMIT} bytes it stays in
+    memory and the worker thread writes it out at the end of DATA, so that
+    the reactor does not wait on the file system for a typical message;
+    past that it spills into a file in C{tmp/} (buffered writes into the
+    page cache, as Twisted's own C{FileMessage} does).
+    """
 
     def __init__(self, spool: Spool, message_id: str) -> None:
         self.id = message_id
@@ -53,22 +63,38 @@ class TempMessage:
         self.final_path = spool.path(message_id)
         self.size = 0
         self.error: OSError | None = None
-        self._file = open(self.path, "wb", buffering=_WRITE_BUFFER)  # noqa: SIM115 - closed by sync/discard
+        self._chunks: list[bytes] = []
+        self._file: BinaryIO | None = None
 
     def write(self, data: bytes) -> None:
         """Append C{data}; a failure is kept and reported at the end of DATA."""
         if self.error is not None:
             return
+        self.size += len(data)
+        if self._file is None:
+            self._chunks.append(data)
+            if self.size <= MEMORY_LIMIT:
+                return
+            data = b"".join(self._chunks)
+            self._chunks = []
+            try:
+                self._file = open(self.path, "wb", buffering=_WRITE_BUFFER)  # noqa: SIM115 - closed by sync/discard
+            except OSError as e:
+                self.error = e
+                return
         try:
             self._file.write(data)
         except OSError as e:
             self.error = e
-        self.size += len(data)
 
     def sync(self) -> None:
-        """Flush, fsync, close and rename into C{msg/} (worker thread)."""
+        """Write out, fsync, close and rename into C{msg/} (worker thread)."""
         if self.error is not None:
             raise self.error
+        if self._file is None:
+            self._file = open(self.path, "wb")  # noqa: SIM115 - closed below or by discard
+            self._file.write(b"".join(self._chunks))
+            self._chunks = []
         self._file.flush()
         os.fsync(self._file.fileno())
         self._file.close()
@@ -76,10 +102,12 @@ class TempMessage:
 
     def discard(self) -> None:
         """Close and delete, wherever the file is (worker thread)."""
-        try:
-            self._file.close()
-        except OSError:
-            pass
+        self._chunks = []
+        if self._file is not None:
+            try:
+                self._file.close()
+            except OSError:
+                pass
         for path in (self.path, self.final_path):
             try:
                 os.unlink(path)
@@ -136,6 +164,12 @@ class Spool:
             os.fsync(fd)
         finally:
             os.close(fd)
+
+    def read_small(self, message_id: str) -> bytes | None:
+        """The whole message if it is up to L{MEMORY_LIMIT} bytes, else None (worker thread)."""
+        with open(self.path(message_id), "rb") as f:
+            data = f.read(MEMORY_LIMIT + 1)
+        return data if len(data) <= MEMORY_LIMIT else None
 
     def remove(self, message_ids: Iterable[str]) -> None:
         """Delete accepted messages that are finished (worker thread)."""

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import datetime
 import email.utils
 import re
 from collections.abc import Callable
@@ -756,7 +757,8 @@ class SMTPSession(Protocol, TimeoutMixin):
             protocol += "S"
         if self.avatar is not None:
             protocol += "A"
-        stamp = email.utils.format_datetime(email.utils.localtime(), usegmt=False)
+        # UTC from the injected clock: localtime() costs up to a millisecond a message.
+        stamp = email.utils.format_datetime(datetime.datetime.fromtimestamp(self.registry.clock.seconds(), datetime.UTC))
         header = (
             f"Received: from {self._helo} ({_address_literal(self.peer_ip)})\r\n"
             f"\tby {self.settings.hostname} (smtpplus) with {protocol};\r\n"

@@ -1,0 +1,64 @@
+"""
+Group work that arrives one item at a time into batches: the first item
+starts a batch at once; items arriving while it runs form the next one.
+Under light load an item waits for nothing; under heavy load one
+transaction (or one trip to a thread) carries many items.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any, Generic, TypeVar
+
+from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.logger import Logger
+
+log = Logger()
+
+T = TypeVar("T")
+
+# A bound on one batch, so that one transaction stays short.
+MAX_BATCH = 500
+
+
+class Batcher(Generic[T]):
+    """
+    Runs items through C{run(items)}, a batch at a time.  C{run} returns
+    (a Deferred of) one exception or None per item, in order.
+
+    @ivar batches: how many batches ran (observable in tests).
+    """
+
+    def __init__(self, run: Callable[[list[T]], Deferred[Sequence[BaseException | None]]], max_batch: int = MAX_BATCH) -> None:
+        self._run = run
+        self._max = max_batch
+        self._waiting: list[tuple[T, Deferred[None]]] = []
+        self._busy = False
+        self.batches = 0
+
+    def add(self, item: T) -> Deferred[None]:
+        """Fires when C{item}'s batch has run; fails with the item's own error."""
+        d: Deferred[None] = Deferred()
+        self._waiting.append((item, d))
+        if not self._busy:
+            self._flush()
+        return d
+
+    @inlineCallbacks
+    def _flush(self) -> Any:
+        self._busy = True
+        try:
+            while self._waiting:
+                batch, self._waiting = self._waiting[: self._max], self._waiting[self._max :]
+                try:
+                    errors = yield self._run([item for item, _ in batch])
+                except Exception as e:
+                    errors = [e] * len(batch)
+                self.batches += 1
+                for (_, d), error in zip(batch, errors, strict=True):
+                    if error is None:
+                        d.callback(None)
+                    else:
+                        d.errback(error)
+        finally:
+            self._busy = False

@@ -1,0 +1,383 @@
+"""
+Outbound SMTP connections, kept open and reused for consecutive messages to
+the same server (as Postfix's connection cache does): one handshake (TCP,
+EHLO, STARTTLS, AUTH) serves up to L{MAX_MESSAGES} messages, with an RSET
+between them, and an idle connection is closed after L{IDLE_SECONDS}.
+
+Built on Twisted's C{ESMTPClient}, which already loops over messages
+(C{getMailFrom} is asked again after each one); this module adds parking
+the connection between messages, per-recipient results and CRLF-preserving
+transfer.
+"""
+
+from __future__ import annotations
+
+import io
+from collections import deque
+from collections.abc import Sequence
+from typing import Any
+
+import attrs
+from twisted.internet.defer import Deferred, DeferredList
+from twisted.internet.interfaces import IDelayedCall
+from twisted.internet.protocol import ClientFactory, connectionDone
+from twisted.logger import Logger
+from twisted.mail.smtp import ESMTPClient, LOGINAuthenticator, PLAINAuthenticator, SMTPClient, SMTPClientError
+from twisted.python.failure import Failure
+
+log = Logger()
+
+CONNECT_TIMEOUT = 30
+# Seconds to wait for each server reply (RFC 5321 4.5.3.2 suggests minutes).
+REPLY_TIMEOUT = 300
+# A connection idle this long is closed: long enough to carry a stream of
+# messages, short enough not to hold a slot on the server (Postfix: 2 s).
+IDLE_SECONDS = 5.0
+# Messages per connection, then a fresh one: bounds what one session's
+# state (and a server's per-session limits) can affect.
+MAX_MESSAGES = 100
+
+Results = dict[str, tuple[int, str]]
+
+
+@attrs.frozen
+class Destination:
+    """Which connections are interchangeable: same server, same TLS policy."""
+
+    host: str
+    port: int
+    tls: str  # "opportunistic" | "required" | "none"
+
+
+class Transfer:
+    """
+    One message offered over one connection; C{done} fires exactly once,
+    with address -> (code, text) for every recipient, or with a string
+    saying why the server could not be used.
+
+    @ivar content: the message itself when it was read already (small
+        ones are, off the reactor), else None: it is read from C{path}.
+    @ivar reused: the connection had carried a message before this one.
+    @ivar dot_sent: the end of the data was sent, so the server may have
+        accepted the message even if no reply came.
+    """
+
+    def __init__(self, mail_from: str, recipients: Sequence[str], path: str, content: bytes | None = None) -> None:
+        self.mail_from = mail_from
+        self.recipients = list(recipients)
+        self.path = path
+        self.content = content
+        self.reused = False
+        self.dot_sent = False
+        self.done: Deferred[Results | str] = Deferred()
+
+    def finish(self, outcome: Results | str) -> None:
+        if not self.done.called:
+            self.done.callback(outcome)
+
+
+def text_of(value: bytes | str | None) -> str:
+    """A server reply as one line of text."""
+    if isinstance(value, bytes):
+        value = value.decode("utf-8", "replace")
+    return " ".join((value or "").split())
+
+
+class RelayClient(ESMTPClient):
+    """
+    One pooled connection.  It is given a L{Transfer} at a time by its
+    L{Pool}; between transfers it waits, parked, for the next one.
+    """
+
+    timeout = REPLY_TIMEOUT
+
+    def __init__(self, pool: Pool, destination: Destination, transfer: Transfer) -> None:
+        require_tls = destination.tls == "required"
+        context = None if destination.tls == "none" else pool.context
+        secret = pool.password.encode("utf-8") if pool.username else None
+        ESMTPClient.__init__(self, secret, context, identity=pool.hostname.encode("idna"))
+        self.pool = pool
+        self.destination = destination
+        self.transfer: Transfer | None = transfer
+        self.requireTransportSecurity = require_tls
+        self.heloFallback = not require_tls and not pool.username
+        self.requireAuthentication = bool(pool.username)
+        if pool.username:
+            self.registerAuthenticator(PLAINAuthenticator(pool.username.encode("utf-8")))
+            self.registerAuthenticator(LOGINAuthenticator(pool.username.encode("utf-8")))
+        # SMTPClient reads these after a refused MAIL FROM on a fresh session.
+        self.toAddressesResult: list[tuple[str, int, bytes]] = []
+        self.successAddresses: list[str] = []
+        self.sent = 0
+        self.parked = False
+        self.usable = True
+        self.lost: Deferred[None] = Deferred()
+        self._file: Any = None
+        self._at_line_start = True
+
+    # -- the pool's side ---------------------------------------------------
+
+    def start(self, transfer: Transfer) -> None:
+        """Send C{transfer} on this parked connection."""
+        self.parked = False
+        self.transfer = transfer
+        transfer.reused = True
+        self.setTimeout(self.timeout)
+        SMTPClient.smtpState_from(self, 250, b"")
+
+    def park(self) -> None:
+        """Wait for the next transfer without a reply timeout."""
+        self.parked = True
+        self.setTimeout(None)
+
+    def quit(self) -> None:
+        """Say goodbye; used for idle, worn-out and shutting-down connections."""
+        self.usable = False
+        self.parked = False
+        self.setTimeout(self.timeout)
+        self._disconnectFromServer()
+
+    # -- SMTPClient callbacks ------------------------------------------------
+
+    def lineReceived(self, line: bytes) -> Any:
+        if self.parked:
+            # Typically "421 idle timeout" before the server hangs up.
+            self.usable = False
+            self.pool.unpark(self)
+            self.transport.loseConnection()
+            return None
+        return ESMTPClient.lineReceived(self, line)
+
+    def smtpState_from(self, code: int, resp: bytes) -> None:
+        if self.transfer is None:
+            # RSET answered: the connection is free for the next message.
+            self.pool.ready(self)
+            return
+        SMTPClient.smtpState_from(self, code, resp)
+
+    def getMailFrom(self) -> str | None:
+        return None if self.transfer is None else self.transfer.mail_from
+
+    def getMailTo(self) -> list[str]:
+        assert self.transfer is not None
+        return self.transfer.recipients
+
+    def getMailData(self) -> Any:
+        assert self.transfer is not None
+        self._at_line_start = True
+        if self.transfer.content is not None:
+            self._file = io.BytesIO(self.transfer.content)
+        else:
+            self._file = open(self.transfer.path, "rb")  # noqa: SIM115 - closed when the transfer ends
+        return self._file
+
+    def transformChunk(self, chunk: bytes) -> bytes:
+        # The spool holds CRLF lines already; only dot-stuff, also across
+        # chunk boundaries.
+        self.resetTimeout()
+        if not chunk:
+            return chunk
+        stuffed = chunk.replace(b"\r\n.", b"\r\n..")
+        if self._at_line_start and chunk.startswith(b"."):
+            stuffed = b"." + stuffed
+        self._at_line_start = chunk.endswith(b"\r\n")
+        return stuffed
+
+    def finishedFileTransfer(self, lastsent: bytes) -> None:
+        self._close_file()
+        if self.transfer is not None:
+            self.transfer.dot_sent = True
+        self.sendLine(b"." if self._at_line_start else b"\r\n.")
+
+    def sentMail(self, code: int, resp: bytes, numOk: int, addresses: list[tuple[str, int, bytes]], log: Any) -> None:
+        transfer, self.transfer = self.transfer, None
+        self.sent += 1
+        if transfer is None:
+            return
+        final = (code, text_of(resp))
+        results: Results = {}
+        for address, rcpt_code, rcpt_resp in addresses:
+            results[address] = final if 200 <= rcpt_code < 300 else (rcpt_code, text_of(rcpt_resp))
+        for address in transfer.recipients:
+            results.setdefault(address, final)
+        self.pool.resetting(self)
+        transfer.finish(results)
+
+    def smtpState_msgSent(self, code: int, resp: bytes) -> None:
+        SMTPClient.smtpState_msgSent(self, code, resp)
+        # Twisted would answer a refused RSET with another RSET, forever.
+        self._failresponse = self._reset_refused
+
+    def _reset_refused(self, code: int, resp: bytes) -> None:
+        self.usable = False
+        self.pool.unpark(self)
+        self._disconnectFromServer()
+
+    def sendError(self, exc: Exception) -> None:
+        self.usable = False
+        if isinstance(exc, SMTPClientError):
+            reason = f"{exc.code} {text_of(exc.resp)}" if exc.code and exc.code > 0 else text_of(exc.resp)
+        else:
+            reason = str(exc)
+        transfer, self.transfer = self.transfer, None
+        if transfer is not None:
+            transfer.finish(reason or exc.__class__.__name__)
+        self.pool.unpark(self)
+        ESMTPClient.sendError(self, exc)
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        ESMTPClient.connectionLost(self, reason)
+        self.usable = False
+        self._close_file()
+        transfer, self.transfer = self.transfer, None
+        if transfer is not None:
+            transfer.finish(f"connection lost: {text_of(reason.getErrorMessage())}")
+        self.pool.gone(self)
+        self.lost.callback(None)
+
+    def _close_file(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
+class _ClientFactory(ClientFactory):
+    noisy = False
+
+    def __init__(self, pool: Pool, destination: Destination, transfer: Transfer) -> None:
+        self.pool = pool
+        self.destination = destination
+        self.transfer = transfer
+
+    def buildProtocol(self, addr: Any) -> RelayClient:
+        proto = RelayClient(self.pool, self.destination, self.transfer)
+        proto.callLater = self.pool.reactor.callLater
+        proto.factory = self
+        self.pool.opened(proto)
+        return proto
+
+    def clientConnectionFailed(self, connector: Any, reason: Failure) -> None:
+        self.transfer.finish(f"connection failed: {text_of(reason.getErrorMessage())}")
+
+
+class _Slot:
+    """The connections of one destination."""
+
+    def __init__(self) -> None:
+        self.idle: list[RelayClient] = []
+        self.timers: dict[RelayClient, IDelayedCall] = {}
+        # Connections whose message is done and whose RSET is pending:
+        # transfers may wait for them instead of opening a connection.
+        self.resetting: set[RelayClient] = set()
+        self.waiting: deque[Transfer] = deque()
+
+
+class Pool:
+    """
+    Connections by L{Destination}.  L{send} gives a transfer to an idle
+    connection, or to one about to be free, or opens a new one.
+    """
+
+    def __init__(self, reactor: Any, hostname: str, username: str, password: str, context: Any) -> None:
+        self.reactor = reactor
+        self.hostname = hostname
+        self.username = username
+        self.password = password
+        self.context = context
+        self._slots: dict[Destination, _Slot] = {}
+        self._all: set[RelayClient] = set()
+        self._closing = False
+        # Observable in tests: connections opened so far.
+        self.connections_opened = 0
+
+    def send(self, destination: Destination, transfer: Transfer, fresh: bool = False) -> Deferred[Results | str]:
+        """Offer C{transfer} to C{destination}; C{fresh}: on a new connection."""
+        slot = self._slots.setdefault(destination, _Slot())
+        if not fresh and not self._closing:
+            while slot.idle:
+                conn = slot.idle.pop()
+                self._cancel_timer(slot, conn)
+                if conn.usable:
+                    conn.start(transfer)
+                    return transfer.done
+            if len(slot.waiting) < len(slot.resetting):
+                slot.waiting.append(transfer)
+                return transfer.done
+        self._connect(destination, transfer)
+        return transfer.done
+
+    def _connect(self, destination: Destination, transfer: Transfer) -> None:
+        self.connections_opened += 1
+        factory = _ClientFactory(self, destination, transfer)
+        self.reactor.connectTCP(destination.host, destination.port, factory, timeout=CONNECT_TIMEOUT)
+
+    def opened(self, conn: RelayClient) -> None:
+        self._all.add(conn)
+
+    def resetting(self, conn: RelayClient) -> None:
+        """C{conn} finished a message and sent RSET."""
+        self._slots[conn.destination].resetting.add(conn)
+
+    def ready(self, conn: RelayClient) -> None:
+        """C{conn} may carry another message: give it one, park it or retire it."""
+        slot = self._slots[conn.destination]
+        slot.resetting.discard(conn)
+        if self._closing or conn.sent >= MAX_MESSAGES:
+            conn.quit()
+            self._rescue(conn.destination)
+            return
+        if slot.waiting:
+            conn.start(slot.waiting.popleft())
+            return
+        conn.park()
+        slot.idle.append(conn)
+        slot.timers[conn] = self.reactor.callLater(IDLE_SECONDS, self._expire, slot, conn)
+
+    def _expire(self, slot: _Slot, conn: RelayClient) -> None:
+        slot.timers.pop(conn, None)
+        if conn in slot.idle:
+            slot.idle.remove(conn)
+            conn.quit()
+
+    def unpark(self, conn: RelayClient) -> None:
+        """C{conn} can carry no more messages (error, server closing)."""
+        slot = self._slots.get(conn.destination)
+        if slot is None:
+            return
+        if conn in slot.idle:
+            slot.idle.remove(conn)
+        self._cancel_timer(slot, conn)
+        if conn in slot.resetting:
+            slot.resetting.discard(conn)
+            self._rescue(conn.destination)
+
+    def gone(self, conn: RelayClient) -> None:
+        """C{conn} is disconnected."""
+        self.unpark(conn)
+        self._all.discard(conn)
+
+    def _rescue(self, destination: Destination) -> None:
+        # Transfers waiting for connections that will not be free after all
+        # get connections of their own.
+        slot = self._slots[destination]
+        while len(slot.waiting) > len(slot.resetting):
+            self._connect(destination, slot.waiting.popleft())
+
+    def _cancel_timer(self, slot: _Slot, conn: RelayClient) -> None:
+        timer = slot.timers.pop(conn, None)
+        if timer is not None and timer.active():
+            timer.cancel()
+
+    def close(self) -> Deferred[None]:
+        """
+        Close idle connections now and busy ones after their message;
+        fires when every connection is gone (the caller bounds the wait).
+        """
+        self._closing = True
+        for slot in self._slots.values():
+            for conn in list(slot.idle):
+                self._cancel_timer(slot, conn)
+                conn.quit()
+            slot.idle.clear()
+        waits = [conn.lost for conn in self._all if not conn.lost.called]
+        return DeferredList(waits).addCallback(lambda _: None)
