@@ -149,3 +149,119 @@ class BrokenReuseTests(unittest.TestCase):
         second = yield _send_one(stack, ["r1@dest.test"])
         self.assertEqual(second["recipients"][0]["attempts"], 1)
         self.assertEqual((factory.connections, factory.delivered), (2, 2))
+
+
+class _Pipelining(LineReceiver):
+    """
+    An SMTP server offering PIPELINING that answers a MAIL/RCPT/DATA group
+    only once its DATA has arrived: a client waiting for each reply in turn
+    would wait forever.
+    """
+
+    def connectionMade(self) -> None:
+        self.factory.connections += 1
+        self.in_data = False
+        self.group: list[bytes] = []
+        self.mail_ok = False
+        self.accepted: list[str] = []
+        self.lines: list[bytes] = []
+        self.sendLine(b"220 pipe.test ESMTP")
+
+    def lineReceived(self, line: bytes) -> None:
+        if self.in_data:
+            if line == b".":
+                self.in_data = False
+                self.factory.messages.append((self.accepted, b"\r\n".join(self.lines)))
+                self.sendLine(b"250 2.0.0 queued")
+            else:
+                self.lines.append(line)
+            return
+        verb = line[:4].upper()
+        if verb == b"EHLO":
+            self.sendLine(b"250-pipe.test\r\n250 PIPELINING")
+        elif verb == b"MAIL":
+            sender = line.partition(b"<")[2].partition(b">")[0].decode()
+            self.mail_ok = sender not in self.factory.refused_senders
+            self.accepted = []
+            self.group = [b"250 2.1.0 ok" if self.mail_ok else b"550 5.7.1 sender refused"]
+        elif verb == b"RCPT":
+            address = line.partition(b"<")[2].partition(b">")[0].decode()
+            reply = self.factory.replies.get(address, b"250 2.1.5 ok") if self.mail_ok else b"503 5.5.1 no MAIL"
+            if reply.startswith(b"2"):
+                self.accepted.append(address)
+            self.group.append(reply)
+        elif verb == b"DATA":
+            if self.mail_ok and self.accepted:
+                self.in_data = True
+                self.lines = []
+                self.group.append(b"354 go on")
+            else:
+                self.group.append(b"554 5.5.1 no valid recipients")
+            self.transport.write(b"".join(reply + b"\r\n" for reply in self.group))
+        elif verb == b"RSET":
+            self.factory.rsets += 1
+            self.sendLine(b"250 2.0.0 ok")
+        elif verb == b"QUIT":
+            self.sendLine(b"221 bye")
+            self.transport.loseConnection()
+        else:
+            self.sendLine(b"502 5.5.2 unknown")
+
+
+class PipeliningTests(unittest.TestCase):
+    def _server(self) -> tuple[Factory, str]:
+        factory = Factory.forProtocol(_Pipelining)
+        factory.connections = 0
+        factory.rsets = 0
+        factory.messages = []
+        factory.replies = {}
+        factory.refused_senders = set()
+        port = reactor.listenTCP(0, factory, interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        return factory, f'mode = "smarthost"\nsmarthost = "127.0.0.1:{port.getHost().port}"\nsmarthost_tls = "none"'
+
+    @inlineCallbacks
+    def test_pipelined_per_recipient_results(self) -> Any:
+        """
+        To a server offering PIPELINING, MAIL, RCPT and DATA go out as one
+        group; each recipient still gets its own result, and consecutive
+        messages share the connection without an RSET between them.
+        """
+        factory, delivery = self._server()
+        factory.replies = {"busy@dest.test": b"451 4.2.0 busy", "bad@dest.test": b"550 5.1.1 no such user"}
+        stack = Stack(self, delivery=delivery)
+        first = yield _send_one(stack, ["good@dest.test", "busy@dest.test", "bad@dest.test"], "deferred")
+        results = {r["address"]: (r["status"], r["last_response"]) for r in first["recipients"]}
+        self.assertEqual(results["good@dest.test"], ("sent", "250 2.0.0 queued"))
+        self.assertEqual(results["busy@dest.test"], ("deferred", "451 4.2.0 busy"))
+        self.assertEqual(results["bad@dest.test"], ("bounced", "550 5.1.1 no such user"))
+        yield _send_one(stack, ["other@dest.test"])
+        # The bounce for bad@ goes out too; all on one connection.
+        yield wait_until(lambda: len(factory.messages) == 3)
+        data = next(data for rcpts, data in factory.messages if rcpts == ["good@dest.test"])
+        self.assertTrue(data.startswith(b"Received: "), data[:40])
+        # Sent in one write, still dot-stuffed (this server does not unstuff).
+        self.assertIn(b"\r\nSubject: hello\r\n", data)
+        self.assertTrue(data.endswith(b"\r\nBody line one.\r\n..dotted line"), data[-40:])
+        self.assertIn(["other@dest.test"], [rcpts for rcpts, _ in factory.messages])
+        self.assertEqual((factory.connections, factory.rsets), (1, 0))
+
+    @inlineCallbacks
+    def test_pipelined_refused_sender_then_reset(self) -> Any:
+        """
+        A MAIL refused within a pipelined group bounces every recipient
+        with that reply; the connection is RSET and carries the next message.
+        """
+        factory, delivery = self._server()
+        factory.refused_senders = {"nobody@example.com"}
+        stack = Stack(self, delivery=delivery)
+        code, text = yield stack.submit("nobody@example.com", ["a@dest.test", "b@dest.test"], simple_message())
+        self.assertEqual(code, 250, text)
+        refused = yield stack.wait_status(queue_id(text), "bounced")
+        self.assertEqual(
+            [r["last_response"] for r in refused["recipients"]], ["550 5.7.1 sender refused", "550 5.7.1 sender refused"]
+        )
+        yield _send_one(stack, ["c@dest.test"])
+        self.assertIn(["c@dest.test"], [rcpts for rcpts, _ in factory.messages])
+        self.assertGreaterEqual(factory.rsets, 1)
+        self.assertEqual(factory.connections, 1)

@@ -174,9 +174,9 @@ class PriorityAtScaleTests(unittest.TestCase):
         queued_at: dict[str, int] = {}
         on_queued = stack.delivery.committer._on_queued
 
-        def noting(message: Any, seq: int) -> None:
+        def noting(message: Any, seq: int, content: bytes | None) -> None:
             queued_at[message.id] = len(started)
-            on_queued(message, seq)
+            on_queued(message, seq, content)
 
         stack.delivery.committer._on_queued = noting
         stack.start()

@@ -24,6 +24,9 @@ from smtpplus.delivery.spool import Spool
 log = Logger()
 
 FRESH_LIMIT = 10000
+# Bytes of fresh messages' content kept for their first attempt; past it
+# they are read back from the spool.
+FRESH_BYTES = 16 * 1024 * 1024
 
 
 class DeliveryAgent:
@@ -66,7 +69,8 @@ class DeliveryAgent:
         self.writer = queue.StateWriter(database)
         # Fresh messages as committed, so that their first attempt need not
         # read them back; bounded, the database is the fallback.
-        self._fresh: dict[str, dict[str, Any]] = {}
+        self._fresh: dict[str, tuple[dict[str, Any], bytes | None]] = {}
+        self._fresh_bytes = 0
         self._removals: Batcher[str] = Batcher(self._remove)
 
     def _in_thread(self, fn: Callable[..., Any], *args: Any) -> Deferred[Any]:
@@ -80,15 +84,25 @@ class DeliveryAgent:
         """Seconds before the next attempt after C{attempts} ones; the last interval repeats."""
         return self._retry_schedule[min(max(attempts, 1), len(self._retry_schedule)) - 1]
 
-    def remember(self, message: queue.NewMessage) -> None:
-        """Keep a just-committed message for its first attempt (up to L{FRESH_LIMIT} of them)."""
-        if len(self._fresh) < FRESH_LIMIT:
-            self._fresh[message.id] = queue.as_row(message)
+    def remember(self, message: queue.NewMessage, content: bytes | None = None) -> None:
+        """
+        Keep a just-committed message (and its C{content}, when known) for
+        its first attempt, up to L{FRESH_LIMIT} messages and L{FRESH_BYTES}.
+        """
+        if len(self._fresh) >= FRESH_LIMIT:
+            return
+        if content is not None and self._fresh_bytes + len(content) > FRESH_BYTES:
+            content = None
+        if content is not None:
+            self._fresh_bytes += len(content)
+        self._fresh[message.id] = (queue.as_row(message), content)
 
     @inlineCallbacks
     def deliver(self, message_id: str) -> Any:
         """One attempt; returns when to try again, or None when the message is finished."""
-        message = self._fresh.pop(message_id, None)
+        message, content = self._fresh.pop(message_id, (None, None))
+        if content is not None:
+            self._fresh_bytes -= len(content)
         if message is None:
             message = yield self._database.run(queue.load_message, message_id)
         if message is None or message["status"] not in queue.ACTIVE:
@@ -101,7 +115,8 @@ class DeliveryAgent:
         pending = [r for r in message["recipients"] if r["status"] not in queue.FINAL_RECIPIENT]
         addresses = list(dict.fromkeys(r["address"] for r in pending))
         try:
-            content = yield self._in_thread(self._spool.read_small, message_id)
+            if content is None:
+                content = yield self._in_thread(self._spool.read_small, message_id)
             outcomes = yield self._relay.send(message["mail_from"], addresses, self._spool.path(message_id), content)
         except Exception:
             log.failure("relaying {id} failed unexpectedly", id=message_id)

@@ -1,17 +1,19 @@
 """
 Outbound SMTP connections, kept open and reused for consecutive messages to
 the same server (as Postfix's connection cache does): one handshake (TCP,
-EHLO, STARTTLS, AUTH) serves up to L{MAX_MESSAGES} messages, with an RSET
-between them, and an idle connection is closed after L{IDLE_SECONDS}.
+EHLO, STARTTLS, AUTH) serves up to L{MAX_MESSAGES} messages, and an idle
+connection is closed after L{IDLE_SECONDS}.
 
 Built on Twisted's C{ESMTPClient}, which already loops over messages
 (C{getMailFrom} is asked again after each one); this module adds parking
 the connection between messages, per-recipient results and CRLF-preserving
-transfer.
+transfer.  An RSET is sent only after a transaction refused before its
+data; after the reply to the final dot the next MAIL follows directly.
 """
 
 from __future__ import annotations
 
+import functools
 import io
 from collections import deque
 from collections.abc import Sequence
@@ -22,7 +24,15 @@ from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.interfaces import IDelayedCall
 from twisted.internet.protocol import ClientFactory, connectionDone
 from twisted.logger import Logger
-from twisted.mail.smtp import ESMTPClient, LOGINAuthenticator, PLAINAuthenticator, SMTPClient, SMTPClientError
+from twisted.mail.smtp import (
+    SUCCESS,
+    ESMTPClient,
+    LOGINAuthenticator,
+    PLAINAuthenticator,
+    SMTPClient,
+    SMTPClientError,
+    quoteaddr,
+)
 from twisted.python.failure import Failure
 
 log = Logger()
@@ -76,6 +86,13 @@ class Transfer:
             self.done.callback(outcome)
 
 
+@functools.lru_cache(maxsize=4096)
+def _quoted(address: str) -> bytes:
+    # Twisted's quoteaddr runs the email package's address parser: a bulk
+    # stream repeats its senders and recipients.
+    return quoteaddr(address)
+
+
 def text_of(value: bytes | str | None) -> str:
     """A server reply as one line of text."""
     if isinstance(value, bytes):
@@ -114,6 +131,11 @@ class RelayClient(ESMTPClient):
         self.lost: Deferred[None] = Deferred()
         self._file: Any = None
         self._at_line_start = True
+        # The server offers PIPELINING (RFC 2920): MAIL, RCPT and DATA go out
+        # in one write and their replies are matched in order.
+        self.pipelining = False
+        self._mail_reply: tuple[int, bytes] | None = None
+        self._awaiting: deque[str] = deque()
 
     # -- the pool's side ---------------------------------------------------
 
@@ -123,7 +145,7 @@ class RelayClient(ESMTPClient):
         self.transfer = transfer
         transfer.reused = True
         self.setTimeout(self.timeout)
-        SMTPClient.smtpState_from(self, 250, b"")
+        self._send_envelope()
 
     def park(self) -> None:
         """Wait for the next transfer without a reply timeout."""
@@ -148,12 +170,73 @@ class RelayClient(ESMTPClient):
             return None
         return ESMTPClient.lineReceived(self, line)
 
+    def tryTLS(self, code: int, resp: bytes, items: dict[bytes, Any]) -> None:
+        # The EHLO capabilities, read again after STARTTLS.
+        self.pipelining = any(key.upper() == b"PIPELINING" for key in items)
+        ESMTPClient.tryTLS(self, code, resp, items)
+
     def smtpState_from(self, code: int, resp: bytes) -> None:
         if self.transfer is None:
             # RSET answered: the connection is free for the next message.
             self.pool.ready(self)
             return
-        SMTPClient.smtpState_from(self, code, resp)
+        self._send_envelope()
+
+    def _send_envelope(self) -> None:
+        transfer = self.transfer
+        if transfer is None or not self.pipelining:
+            SMTPClient.smtpState_from(self, 250, b"")
+            return
+        self._from = transfer.mail_from
+        self.toAddressesResult = []
+        self.successAddresses = []
+        self._mail_reply = None
+        self._awaiting = deque(transfer.recipients)
+        lines = [b"MAIL FROM:" + _quoted(transfer.mail_from)]
+        lines.extend(b"RCPT TO:" + _quoted(address) for address in transfer.recipients)
+        lines.append(b"DATA\r\n")
+        self._expected = range(0, 1000)
+        self._okresponse = self._failresponse = self._pipelined_reply
+        self.transport.write(b"\r\n".join(lines))
+
+    def _pipelined_reply(self, code: int, resp: bytes) -> None:
+        """
+        One reply to the pipelined group, in order: MAIL, each RCPT, DATA.
+        Once all are in, go on exactly as Twisted's one-command-at-a-time
+        states would have after the same replies.
+        """
+        if self._mail_reply is None:
+            self._mail_reply = (code, resp)
+            return
+        if self._awaiting:
+            address = self._awaiting.popleft()
+            self.toAddressesResult.append((address, code, resp))
+            if code in SUCCESS:
+                self.successAddresses.append(address)
+            return
+        self._failresponse = self.smtpTransferFailed
+        mail_code, mail_resp = self._mail_reply
+        if mail_code == 250 and self.successAddresses:
+            if code == 354:
+                self.smtpState_data(code, resp)
+            else:
+                self.smtpTransferFailed(code, resp)
+            return
+        if mail_code != 250:
+            # Twisted stops at a refused MAIL: every recipient gets its reply.
+            self.toAddressesResult = []
+            outcome = (mail_code, mail_resp)
+        else:
+            outcome = (self.toAddressesResult[-1][1], b"No recipients accepted")
+        if code == 354:
+            # The server had to refuse DATA (RFC 2920 3.1) but did not:
+            # hanging up is the only way out of its DATA mode.
+            self.usable = False
+            self.sentMail(*outcome, 0, self.toAddressesResult, self.log)
+            self.pool.unpark(self)
+            self.transport.loseConnection()
+            return
+        self.smtpState_msgSent(*outcome)
 
     def getMailFrom(self) -> str | None:
         return None if self.transfer is None else self.transfer.mail_from
@@ -170,6 +253,19 @@ class RelayClient(ESMTPClient):
         else:
             self._file = open(self.transfer.path, "rb")  # noqa: SIM115 - closed when the transfer ends
         return self._file
+
+    def smtpState_data(self, code: int, resp: bytes) -> None:
+        transfer = self.transfer
+        if transfer is None or transfer.content is None:
+            SMTPClient.smtpState_data(self, code, resp)
+            return
+        # A message read already goes out in one write with its final dot,
+        # without a file producer.
+        self._expected = SUCCESS
+        self._okresponse = self.smtpState_msgSent
+        self._at_line_start = True
+        self.transport.write(self.transformChunk(transfer.content))
+        self.finishedFileTransfer(b"")
 
     def transformChunk(self, chunk: bytes) -> bytes:
         # The spool holds CRLF lines already; only dot-stuff, also across
@@ -204,6 +300,16 @@ class RelayClient(ESMTPClient):
         transfer.finish(results)
 
     def smtpState_msgSent(self, code: int, resp: bytes) -> None:
+        transfer = self.transfer
+        if transfer is not None and transfer.dot_sent:
+            # The reply to the final dot ends the transaction (RFC 5321
+            # 4.1.1.4): the next MAIL may follow without an RSET round trip.
+            self.sentMail(code, resp, len(self.successAddresses), self.toAddressesResult, self.log)
+            self.toAddressesResult = []
+            self._from = None
+            self.pool.ready(self)
+            return
+        # A transaction refused before its data is reset before the next one.
         SMTPClient.smtpState_msgSent(self, code, resp)
         # Twisted would answer a refused RSET with another RSET, forever.
         self._failresponse = self._reset_refused

@@ -302,6 +302,8 @@ class Committer:
     Makes accepted messages durable in batches: every message that reaches
     the end of DATA while a batch is being synced joins the next batch, so
     concurrent sessions share one directory fsync and one transaction.
+    C{on_queued(message, seq, content)} is told of each committed message,
+    with its bytes when they were held in memory (else None).
 
     @ivar batches: how many batches were committed (observable in tests).
     """
@@ -311,7 +313,7 @@ class Committer:
         reactor: Any,
         database: Any,
         spool: Spool,
-        on_queued: Callable[[NewMessage, int], None],
+        on_queued: Callable[[NewMessage, int, bytes | None], None],
     ) -> None:
         self._reactor = reactor
         self._database = database
@@ -367,9 +369,9 @@ class Committer:
                 d.errback(local_failure(e))
             return
         self.batches += 1
-        for (_, message, d), seq in zip(synced, seqs, strict=True):
+        for (temp, message, d), seq in zip(synced, seqs, strict=True):
             d.callback(message.id)
             try:
-                self._on_queued(message, seq)
+                self._on_queued(message, seq, temp.content)
             except Exception:
                 log.failure("scheduling message {id} failed", id=message.id)

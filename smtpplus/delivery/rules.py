@@ -87,10 +87,19 @@ def header_from_addresses(values: Sequence[str]) -> list[str]:
         raise SMTPReply(550, "5.7.1", "Message has more than one From: header")
     if not values:
         return []
-    pairs = email.utils.getaddresses(values)
-    addresses = [address for _, address in pairs if address]
-    if not addresses or any("@" not in a for a in addresses):
+    addresses = _addresses_of(values[0])
+    if addresses is None:
         raise SMTPReply(550, "5.7.1", "From: header has no valid address")
+    return list(addresses)
+
+
+@functools.lru_cache(maxsize=4096)
+def _addresses_of(value: str) -> tuple[str, ...] | None:
+    # Bulk senders repeat one From: value, and the email package's address
+    # parser costs more than all the rest of reading the header section.
+    addresses = tuple(address for _, address in email.utils.getaddresses([value]) if address)
+    if not addresses or any("@" not in a for a in addresses):
+        return None
     return addresses
 
 

@@ -101,7 +101,7 @@ class Delivery:
         )
         return self.committer.commit(temp, message)
 
-    def _queued(self, message: NewMessage, seq: int) -> None:
+    def _queued(self, message: NewMessage, seq: int, content: bytes | None) -> None:
         if self.stats is not None and not message.internal:
             summary = {
                 "id": message.id,
@@ -115,7 +115,7 @@ class Delivery:
             }
             _call_logged(self.stats.accepted, summary)
         if message.status == "queued":
-            self.agent.remember(message)
+            self.agent.remember(message, content)
         self.scheduler.add(Job(message.id, message.priority, seq, message.user), message.schedule_at)
 
     def recover(self) -> None:

@@ -273,6 +273,11 @@ class SMTPSession(Protocol, TimeoutMixin):
         )
 
     def timeoutConnection(self) -> None:
+        if self._waiting:
+            # It is us who is slow (a command's check or the commit): the
+            # client gets its full idle time again once answered.
+            self.setTimeout(self.settings.idle_timeout)
+            return
         self.outcome = "idle timeout"
         self.reply(421, "4.4.2", f"{self.settings.hostname} Error: timeout exceeded")
         self._close()
@@ -316,6 +321,8 @@ class SMTPSession(Protocol, TimeoutMixin):
             return
         self.resetTimeout()
         self._buffer += data
+        if self._waiting:
+            self._pause()
         self._process()
 
     def _process(self) -> None:
@@ -365,11 +372,17 @@ class SMTPSession(Protocol, TimeoutMixin):
         """
         self._waiting = True
         d.addBoth(self._resume)
-        if self._waiting:
-            # Still pending: stop reading (input already read stays buffered)
-            # and do not time the client out while it is us who is slow.
+        if self._waiting and self._buffer:
+            # Still pending with pipelined input behind it: stop reading
+            # (input already read stays buffered).  Without input behind it
+            # (the usual wait for the commit at the end of DATA) reading
+            # goes on, and pauses if the client sends meanwhile: that saves
+            # two epoll_ctl calls per message.
+            self._pause()
+
+    def _pause(self) -> None:
+        if not self._paused:
             self._paused = True
-            self.setTimeout(None)
             self.transport.pauseProducing()
 
     def _resume(self, result: object) -> None:
@@ -378,11 +391,11 @@ class SMTPSession(Protocol, TimeoutMixin):
         self._waiting = False
         if self._lost:
             return
+        if self._closing:
+            return
+        self.resetTimeout()
         if self._paused:
             self._paused = False
-            if self._closing:
-                return
-            self.setTimeout(self.settings.idle_timeout)
             self.transport.resumeProducing()
         # Called synchronously from inside _process this returns at once and
         # the running loop goes on; called later, it handles what was buffered.
