@@ -61,7 +61,8 @@ def _load_pair(cert_path: str, key_path: str) -> tuple[list[x509.Certificate], b
     return chain, key_pem
 
 
-def _generate(hostname: str, cert_path: str, key_path: str) -> None:
+def generate_self_signed(hostname: str, cert_path: str, key_path: str) -> None:
+    """Write a new self-signed ECDSA certificate for C{hostname} and its key (mode 0600)."""
     key = ec.generate_private_key(ec.SECP256R1())
     try:
         dns_name = hostname.encode("idna").decode("ascii")
@@ -111,7 +112,7 @@ def server_context(tls: TLSConfig, hostname: str, state_dir: str) -> ssl.Certifi
         cert_path = os.path.join(tls_dir, "cert.pem")
         key_path = os.path.join(tls_dir, "key.pem")
         if not (os.path.exists(cert_path) and os.path.exists(key_path)):
-            _generate(hostname, cert_path, key_path)
+            generate_self_signed(hostname, cert_path, key_path)
             log.info("Generated a self-signed TLS certificate for {hostname} in {path}", hostname=hostname, path=cert_path)
     chain, key_pem = _load_pair(cert_path, key_path)
     fingerprint = chain[0].fingerprint(hashes.SHA256()).hex(":").upper()
