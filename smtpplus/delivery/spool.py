@@ -22,8 +22,10 @@ from __future__ import annotations
 import base64
 import errno
 import os
+import threading
 from collections import deque
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import BinaryIO
 
 from twisted.logger import Logger
@@ -39,6 +41,10 @@ MEMORY_LIMIT = 64 * 1024
 # Files kept in free/ for reuse: enough for the messages in flight of a busy
 # daemon; each holds at most MEMORY_LIMIT bytes of disk.
 FREE_LIMIT = 1024
+# Threads that fsync the files of one batch at the same time: fsyncs that
+# wait for the same journal commit share its cache flush, and on a virtual
+# disk the flushes are what costs.
+SYNC_THREADS = 16
 
 
 # Random bytes for ids, drawn from the OS a page at a time rather than with
@@ -88,7 +94,10 @@ class TempMessage:
         # first delivery attempt sends it without reading the file back.
         self.content: bytes | None = None
         self._chunks: list[bytes] = []
+        # A spilled message's buffered file, or else the descriptor the
+        # worker thread writes the held content through.
         self._file: BinaryIO | None = None
+        self._fd: int | None = None
 
     def write(self, data: bytes) -> None:
         """Append C{data}; a failure is kept and reported at the end of DATA."""
@@ -102,7 +111,7 @@ class TempMessage:
             data = b"".join(self._chunks)
             self._chunks = []
             try:
-                self._file = open(self.path, "wb", buffering=_WRITE_BUFFER)  # noqa: SIM115 - closed by sync/discard
+                self._file = open(self.path, "wb", buffering=_WRITE_BUFFER)  # noqa: SIM115 - closed by finish/discard
             except OSError as e:
                 self.error = e
                 return
@@ -111,33 +120,59 @@ class TempMessage:
         except OSError as e:
             self.error = e
 
-    def sync(self) -> None:
-        """Write out, fsync, close and rename into C{msg/} (worker thread)."""
+    def write_out(self) -> None:
+        """Hand the whole content to the file system, unsynced (worker thread)."""
         if self.error is not None:
             raise self.error
-        if self._file is None:
-            self._file = self._spool.reuse()
-            if self._file is None:
-                self._file = open(self.path, "wb")  # noqa: SIM115 - closed below or by discard
-            else:
-                self.path = self._file.name
-            self.content = b"".join(self._chunks)
-            self._chunks = []
-            self._file.write(self.content)
-            self._file.truncate()
-        self._file.flush()
-        os.fsync(self._file.fileno())
-        self._file.close()
+        if self._file is not None:
+            self._file.flush()
+            return
+        # Plain descriptors rather than a file object: six system calls a
+        # message instead of fourteen, and after each one this thread has
+        # to win the GIL back from the reactor.
+        reused = self._spool.reuse()
+        if reused is None:
+            self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o666)
+        else:
+            self._fd, self.path = reused
+        self.content = b"".join(self._chunks)
+        self._chunks = []
+        view = memoryview(self.content)
+        while view:
+            view = view[os.write(self._fd, view) :]
+        if reused is not None:
+            os.ftruncate(self._fd, len(self.content))
+
+    def _fileno(self) -> int:
+        if self._fd is not None:
+            return self._fd
+        assert self._file is not None
+        return self._file.fileno()
+
+    def sync_content(self) -> None:
+        """fsync what L{write_out} wrote (worker thread)."""
+        os.fsync(self._fileno())
+
+    def finish(self) -> None:
+        """Close and rename into C{msg/}, once synced (worker thread)."""
+        self._close()
         os.rename(self.path, self.final_path)
+
+    def _close(self) -> None:
+        fd, self._fd = self._fd, None
+        file, self._file = self._file, None
+        if fd is not None:
+            os.close(fd)
+        if file is not None:
+            file.close()
 
     def discard(self) -> None:
         """Close and delete, wherever the file is (worker thread)."""
         self._chunks = []
-        if self._file is not None:
-            try:
-                self._file.close()
-            except OSError:
-                pass
+        try:
+            self._close()
+        except OSError:
+            pass
         for path in (self.path, self.final_path):
             try:
                 os.unlink(path)
@@ -145,6 +180,14 @@ class TempMessage:
                 pass
             except OSError as e:
                 log.warn("cannot remove {path}: {error}", path=path, error=e)
+
+
+def _try(fn: Callable[[], None]) -> OSError | None:
+    try:
+        fn()
+    except OSError as e:
+        return e
+    return None
 
 
 class Spool:
@@ -160,16 +203,24 @@ class Spool:
         # Names in free/; worker threads share it (deque appends and pops
         # are atomic), so its length is a bound, not an exact count.
         self._free: deque[str] = deque()
+        # Made on first use, by a worker thread: no thread may exist before
+        # twistd forks.
+        self._syncers: ThreadPoolExecutor | None = None
+        self._syncers_lock = threading.Lock()
 
-    def reuse(self) -> BinaryIO | None:
-        """A file from C{free/} opened for overwriting, or None when there is none (worker thread)."""
+    def reuse(self) -> tuple[int, str] | None:
+        """
+        A file from C{free/} opened for overwriting, as a descriptor and its
+        path, or None when there is none (worker thread).
+        """
         while True:
             try:
                 name = self._free.pop()
             except IndexError:
                 return None
+            path = os.path.join(self.free_dir, name)
             try:
-                return open(os.path.join(self.free_dir, name), "r+b")  # noqa: SIM115 - the caller closes it
+                return os.open(path, os.O_WRONLY | os.O_CLOEXEC), path
             except OSError as e:
                 log.warn("cannot reuse spool file {name}: {error}", name=name, error=e)
 
@@ -187,14 +238,23 @@ class Spool:
         all of them (the group commit).  Returns one error or None per
         message, in order (worker thread).
         """
-        errors: list[OSError | None] = []
-        for temp in temps:
-            try:
-                temp.sync()
-                errors.append(None)
-            except OSError as e:
-                temp.discard()
-                errors.append(e)
+        # Phase by phase rather than message by message: the first fsync
+        # commits the file system journal with every file's new size in it,
+        # and no fsync has to commit the rename of the message before it
+        # (one message at a time, every fsync was a journal commit of its
+        # own).  The fsyncs run side by side; see SYNC_THREADS.
+        errors: list[OSError | None] = [None] * len(temps)
+        self._each(temps, errors, TempMessage.write_out)
+        written = [i for i, error in enumerate(errors) if error is None]
+        if len(written) > 1:
+            synced = list(self._sync_pool().map(_try, [temps[i].sync_content for i in written]))
+            for i, error in zip(written, synced, strict=True):
+                if error is not None:
+                    temps[i].discard()
+                    errors[i] = error
+        else:
+            self._each(temps, errors, TempMessage.sync_content)
+        self._each(temps, errors, TempMessage.finish)
         if any(e is None for e in errors):
             try:
                 self._sync_directory(self.msg_dir)
@@ -203,6 +263,22 @@ class Spool:
                     temp.discard()
                 return [e] * len(temps)
         return errors
+
+    def _each(self, temps: Sequence[TempMessage], errors: list[OSError | None], step: Callable[[TempMessage], None]) -> None:
+        """Apply C{step} to every message without an error yet; a failing one is discarded."""
+        for i, temp in enumerate(temps):
+            if errors[i] is None:
+                try:
+                    step(temp)
+                except OSError as e:
+                    temp.discard()
+                    errors[i] = e
+
+    def _sync_pool(self) -> ThreadPoolExecutor:
+        with self._syncers_lock:
+            if self._syncers is None:
+                self._syncers = ThreadPoolExecutor(SYNC_THREADS, thread_name_prefix="smtpplus-fsync")
+            return self._syncers
 
     def _sync_directory(self, path: str) -> None:
         fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
