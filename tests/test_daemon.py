@@ -200,6 +200,9 @@ class PrivilegeTests(unittest.TestCase):
             wait_ports=[privileged],
             twistd_args=["--uid", str(nobody.pw_uid), "--gid", str(nobody.pw_gid)],
         )
+        # The port accepts as soon as it is bound, a moment before twistd
+        # sheds root: wait for its log line before looking at the process.
+        self.assertTrue(daemon.wait_for_output("set uid/gid", 30), daemon.output())
         with open(f"/proc/{daemon.proc.pid}/status") as f:
             uid_line = next(line for line in f if line.startswith("Uid:"))
         self.assertEqual(set(uid_line.split()[1:]), {str(nobody.pw_uid)})
