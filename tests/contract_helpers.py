@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import atexit
 import base64
-import ctypes
 import email
 import email.message
 import email.policy
@@ -20,11 +19,9 @@ import os
 import random
 import re
 import shutil
-import signal
 import smtplib
 import socket
 import ssl
-import subprocess
 import tempfile
 import threading
 import time
@@ -35,7 +32,7 @@ from typing import Any
 
 from aiosmtpd.controller import Controller
 
-from tests.helpers import free_port_range, twistd_command, wait_for_ports
+from tests.helpers import free_port_range, spawn_twistd, wait_for_ports
 
 QUEUED_RE = re.compile(r"^2\.0\.0 Ok: queued as (\S+)$")
 
@@ -51,51 +48,6 @@ def poll(check: Callable[[], Any], timeout: float, interval: float = 0.1) -> Any
 
 
 # --- the daemon -------------------------------------------------------------------
-
-
-def _die_with_parent() -> None:
-    # A crashed or killed test runner must not leave daemons behind.
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except OSError:
-        pass
-
-
-class Process:
-    """One C{twistd --nodaemon --pidfile= smtpplus ...} child, its output in a file."""
-
-    def __init__(self, args: list[str], directory: str) -> None:
-        self.directory = directory
-        self.output_path = os.path.join(directory, "twistd.out")
-        with open(self.output_path, "wb") as out:
-            self.proc = subprocess.Popen(
-                [*twistd_command(), "--nodaemon", "--pidfile=", "smtpplus", *args],
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                cwd=directory,
-                env=dict(os.environ, PYTHONUNBUFFERED="1"),
-                preexec_fn=_die_with_parent,
-            )
-
-    def output(self) -> str:
-        with open(self.output_path, encoding="utf-8", errors="replace") as f:
-            return f.read()
-
-    def wait(self, timeout: float) -> int | None:
-        try:
-            return self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            return None
-
-    def terminate(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(10)
 
 
 def run_configs(
@@ -114,7 +66,7 @@ def run_configs(
             path = os.path.join(case_dir, "smtpplus.toml")
             with open(path, "w", encoding="utf-8") as f:
                 f.write(config_text)
-            processes[name] = Process(["--config", path, *args], case_dir)
+            processes[name] = spawn_twistd(["--config", path, *args], case_dir)
         deadline = time.monotonic() + timeout
         results = {}
         for name, process in processes.items():
@@ -155,7 +107,7 @@ class Daemon:
             f.write(config(self))
         prepare(self)
         self.args = args(self)
-        self.process = Process(["--config", self.config_path, *self.args], self.directory)
+        self.process = spawn_twistd(["--config", self.config_path, *self.args], self.directory)
         self._token: str | None = None
         if wait:
             self.wait_ready()

@@ -6,6 +6,7 @@ interfaces of L{smtpplus.smtp.interfaces}.
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import os
 import shutil
@@ -179,6 +180,14 @@ def daemon_config(state_dir: str, ports: Iterable[int], admin_port: int, extra: 
     )
 
 
+def _die_with_parent() -> None:
+    # A crashed or killed test runner must not leave daemons behind.
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
 def spawn_twistd(args: list[str], directory: str, twistd_args: Iterable[str] = ()) -> Daemon:
     """Start C{twistd --nodaemon --pidfile= [twistd_args] smtpplus [args]}."""
     output_path = os.path.join(directory, "twistd.out")
@@ -191,6 +200,7 @@ def spawn_twistd(args: list[str], directory: str, twistd_args: Iterable[str] = (
             stdin=subprocess.DEVNULL,
             cwd=directory,
             env=env,
+            preexec_fn=_die_with_parent,
         )
     return Daemon(proc, output_path, directory)
 

@@ -44,7 +44,7 @@ from tests.contract_helpers import (
     submit,
     tls_context,
 )
-from tests.helpers import free_port_range, occupy, port_is_free
+from tests.helpers import free_port_range, occupy, port_is_free, spawn_twistd
 
 USER_FIELDS = {
     "username",
@@ -1092,7 +1092,7 @@ class LifecycleContractTests(unittest.TestCase):
         token_before = d.token
         key_files = {name: open(os.path.join(root, name), "rb").read() for root, _, files in os.walk(d.state_dir) for name in files if name in keys}
         d.sink = Sink(d.sink_port)
-        d.process = type(d.process)(["--config", d.config_path, *d.args], d.directory)
+        d.process = spawn_twistd(["--config", d.config_path, *d.args], d.directory)
         d.wait_ready([d.plain_ports[0], d.admin_port])
         with open(os.path.join(d.state_dir, "admin-token")) as f:
             self.assertEqual(f.read().strip(), token_before)
