@@ -54,7 +54,7 @@ def admin_token(admin: AdminConfig, state_dir: str) -> str:
 
 def admin_site(api: AdminAPI) -> Site:
     """The HTTP site serving C{api}: no tracebacks, capped request bodies, no access log noise."""
-    site = Site(api.app.resource(), requestFactory=CappedRequest)
+    site = Site(api.resource(), requestFactory=CappedRequest)
     site.displayTracebacks = False
     site.noisy = False
     return site
