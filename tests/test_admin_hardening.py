@@ -5,13 +5,17 @@ The admin API refuses request bodies it cannot parse safely or store with a
 
 from __future__ import annotations
 
+import http.client
+import json
 from typing import Any
+from urllib.parse import urlsplit
 
 from twisted.internet.defer import inlineCallbacks
+from twisted.internet.threads import deferToThread
 from twisted.logger import LogLevel, globalLogPublisher
 
 from smtpplus.admin.api import MAX_DEPTH
-from tests.test_admin_api import APITestCase
+from tests.test_admin_api import TOKEN, APITestCase
 
 # JSON text escapes that decode to strings UTF-8 and SQLite cannot hold.
 LONE_SURROGATE = "\\ud800"
@@ -124,4 +128,25 @@ class UnstorableStringTests(QuietAPITestCase):
             for method in ("GET", "PATCH", "POST", "DELETE"):
                 self.assertError((yield self.call(method, path, body={})), 400, "UTF-8")
             self.assertError((yield self.call("GET", path, token=None)), 401)
+        self.assertNothingLogged()
+
+    @inlineCallbacks
+    def test_host_header_not_utf8(self) -> Any:
+        """A Host header that is not UTF-8 answers the JSON 400 and logs nothing."""
+        address = urlsplit(self.base)
+
+        def request() -> tuple[int, Any]:
+            connection = http.client.HTTPConnection(address.hostname, address.port, timeout=10)
+            try:
+                connection.putrequest("GET", "/api/v1/settings", skip_host=True)
+                connection.putheader("Host", b"\xff\xfe")
+                connection.putheader("Authorization", f"Bearer {TOKEN}")
+                connection.endheaders()
+                response = connection.getresponse()
+                return response.status, json.loads(response.read())
+            finally:
+                connection.close()
+
+        status, document = yield deferToThread(request)
+        self.assertEqual((status, document["error"]["code"]), (400, "bad_request"))
         self.assertNothingLogged()
