@@ -117,6 +117,7 @@ class AdminConfig:
     listen: str
     port: int
     token: str = attrs.field(repr=False)
+    tls: bool = False
 
 
 @attrs.frozen
@@ -279,6 +280,7 @@ _SCHEMA: dict[str, dict[str, tuple[type | tuple[type, ...], Any, Callable[[Any],
         "listen": (str, "127.0.0.1", _nonempty),
         "port": (int, 8025, _port),
         "token": (str, "", None),
+        "tls": (bool, False, None),
     },
     "notifications": {
         "recipients": (list, [], _string_list),

@@ -203,7 +203,7 @@ def build_service(config: Config, reactor: Any) -> MultiService:
         events=events,
         stats=stats,
     )
-    admin_service(reactor, config.admin, api).setServiceParent(top)
+    admin_service(reactor, config.admin, api, tls_options).setServiceParent(top)
     return top
 
 

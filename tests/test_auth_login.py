@@ -78,13 +78,16 @@ def _client_context() -> ssl.SSLContext:
     return context
 
 
-def smtp_dialogue(port: int, username: str | None, password: str, mechanism: str = "PLAIN") -> tuple[int, Any]:
+def smtp_dialogue(
+    port: int, username: str | None, password: str, mechanism: str = "PLAIN", source: str = "127.0.0.1"
+) -> tuple[int, Any]:
     """
-    Run in a thread: STARTTLS, EHLO, optionally AUTH, then MAIL FROM.
+    Run in a thread: STARTTLS, EHLO, optionally AUTH, then MAIL FROM, from
+    the loopback address C{source} (any of 127.0.0.0/8 on Linux).
     Returns the AUTH reply code (0 when no AUTH was tried) and the MAIL reply code
     (or None when AUTH failed).
     """
-    with smtplib.SMTP("127.0.0.1", port, timeout=10) as client:
+    with smtplib.SMTP("127.0.0.1", port, timeout=10, source_address=(source, 0)) as client:
         client.ehlo("client.test")
         client.starttls(context=_client_context())
         client.ehlo("client.test")
@@ -139,8 +142,10 @@ class AuthEndToEndTests(TestCase):
         self.password = generate_password()
         yield self.store.create(new_user_fields({"username": "alice"}), (yield self.hasher.hash(self.password)))
 
-    def dialogue(self, username: str | None, password: str = "", mechanism: str = "PLAIN") -> Deferred[Any]:
-        return deferToThread(smtp_dialogue, self.port, username, password, mechanism)
+    def dialogue(
+        self, username: str | None, password: str = "", mechanism: str = "PLAIN", source: str = "127.0.0.1"
+    ) -> Deferred[Any]:
+        return deferToThread(smtp_dialogue, self.port, username, password, mechanism, source)
 
     @inlineCallbacks
     def test_plain_and_login(self) -> Any:
@@ -196,4 +201,19 @@ class AuthEndToEndTests(TestCase):
         for _ in range(3):
             self.assertEqual((yield self.dialogue("alice", "wrong")), (535, None))
         self.assertEqual((yield self.dialogue("alice", self.password)), (454, None))
+        self.assertEqual([e[:2] for e in self.events.events], [("account_block", "alice")])
+
+    @inlineCallbacks
+    def test_lock_spares_known_address(self) -> Any:
+        """
+        Failures from another address lock alice for new addresses, but the
+        address she logged in from earlier still gets in.
+        """
+        known, attacker, new = "127.0.0.2", "127.0.0.3", "127.0.0.4"
+        self.assertEqual((yield self.dialogue("alice", self.password, source=known)), (235, 250))
+        for _ in range(3):
+            self.assertEqual((yield self.dialogue("alice", "wrong", source=attacker)), (535, None))
+        self.assertEqual((yield self.dialogue("alice", self.password, source=attacker)), (454, None))
+        self.assertEqual((yield self.dialogue("alice", self.password, source=new)), (454, None))
+        self.assertEqual((yield self.dialogue("alice", self.password, "LOGIN", source=known)), (235, 250))
         self.assertEqual([e[:2] for e in self.events.events], [("account_block", "alice")])

@@ -106,6 +106,19 @@ class ConfigTests(unittest.TestCase):
             config_from_text("", {"smtp": {"ports": "70000"}})
         self.assertEqual(str(caught.exception), "[smtp] ports: port 70000 is out of range 1-65535")
 
+    def test_admin_tls(self) -> None:
+        """[admin] tls is false by default, read as a boolean, and anything else is one line naming the key."""
+        self.assertFalse(config_from_text("").admin.tls)
+        self.assertTrue(config_from_text("[admin]\ntls = true\n").admin.tls)
+        for text, message in {
+            '[admin]\ntls = "yes"\n': "[admin] tls: must be true or false, not 'yes'",
+            "[admin]\ntls = 1\n": "[admin] tls: must be true or false, not 1",
+            "[admin]\ntsl = true\n": "[admin] tsl: unknown key",
+        }.items():
+            with self.assertRaises(ConfigError, msg=text) as caught:
+                config_from_text(text)
+            self.assertEqual(str(caught.exception), message)
+
     def test_errors_name_the_key(self) -> None:
         """Each wrong value raises one line naming the section, the key and the problem."""
         cases = {
@@ -179,3 +192,8 @@ class CommandLineTests(unittest.TestCase):
         """A certificate path that cannot be read stops start-up with one line naming [tls] certificate."""
         status, output = self.run_twistd('[tls]\ncertificate = "/nonexistent/c.pem"\nprivate_key = "/nonexistent/k.pem"\n')
         self.assert_one_clear_line(status, output, "[tls] certificate: cannot read /nonexistent/c.pem")
+
+    def test_bad_admin_tls_on_command_line(self) -> None:
+        """A non-boolean [admin] tls stops twistd with one line naming it."""
+        status, output = self.run_twistd('[admin]\ntls = "on"\n')
+        self.assert_one_clear_line(status, output, "[admin] tls: must be true or false, not 'on'")

@@ -11,17 +11,20 @@ from __future__ import annotations
 import functools
 import hmac
 import json
+import re
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 from klein import Klein
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from twisted.web.iweb import IRequest
+from twisted.web.resource import IResource, Resource
 from twisted.web.server import Request
 from werkzeug.exceptions import HTTPException, MethodNotAllowed, NotFound
 
 from smtpplus.admin.interfaces import IEventQuery, IMessageQuery, IStatsQuery
-from smtpplus.admin.openapi import MAX_LIMIT, MESSAGE_STATUSES, openapi_document
+from smtpplus.admin.openapi import MAX_DEPTH, MAX_LIMIT, MESSAGE_STATUSES, openapi_document
 from smtpplus.auth.hashing import PasswordHasher
 from smtpplus.auth.store import DuplicateUser, IUserStore
 from smtpplus.auth.users import (
@@ -100,7 +103,7 @@ def _text(value: bytes, name: str) -> str:
 
 class AdminAPI:
     """
-    The admin API.  Serve C{AdminAPI(...).app.resource()} from a L{Site}
+    The admin API.  Serve C{AdminAPI(...).resource()} from a L{Site}
     with C{requestFactory=CappedRequest}.
 
     @param settings: returns the C{/settings} document (the listening ports
@@ -131,6 +134,10 @@ class AdminAPI:
         self._messages = messages
         self._events = events
         self._stats = stats
+
+    def resource(self) -> IResource:
+        """The API as a web resource that answers every request with JSON."""
+        return _UTF8URLs(self, self.app.resource())
 
     # authentication and errors
 
@@ -189,10 +196,14 @@ class AdminAPI:
             raise HTTPError(
                 415, "unsupported_media_type", "the request body must be JSON (Content-Type: application/json)"
             )
+        if _nesting_depth(raw) > MAX_DEPTH:
+            raise HTTPError(400, "too_deep", f"the request body nests deeper than {MAX_DEPTH} levels")
         try:
-            return json.loads(raw.decode("utf-8"), parse_constant=_reject_constant)
+            document = json.loads(raw.decode("utf-8"), parse_constant=_reject_constant)
         except (UnicodeDecodeError, ValueError) as e:
             raise HTTPError(415, "invalid_json", f"the request body is not JSON: {e}") from None
+        _check_storable(document, "")
+        return document
 
     def _query(self, request: Any, name: str) -> str | None:
         values = request.args.get(name.encode("ascii"))
@@ -338,6 +349,33 @@ class AdminAPI:
         return user
 
 
+class _UTF8URLs(Resource):
+    """
+    Answers a URL that is not UTF-8 (after percent-decoding) with the
+    contract's JSON 400; Klein itself would log a traceback and answer plain
+    text.
+    """
+
+    isLeaf = True
+
+    def __init__(self, api: AdminAPI, routes: IResource) -> None:
+        super().__init__()
+        self._api = api
+        self._routes = routes
+
+    def render(self, request: IRequest) -> bytes | int:
+        try:
+            for part in (*request.postpath, request.getRequestHostname()):
+                part.decode("utf-8")
+        except UnicodeDecodeError:
+            try:
+                self._api._check_token(request)
+            except HTTPError as e:
+                return error_body(request, e.status, e.code, e.message)
+            return error_body(request, 400, "bad_request", "the URL is not UTF-8")
+        return self._routes.render(request)
+
+
 def _no_user(username: str) -> HTTPError:
     return HTTPError(404, "not_found", f"no user {username}")
 
@@ -351,3 +389,48 @@ def _validated(validate: Callable[[Any], dict[str, Any]], data: Any) -> dict[str
 
 def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
+
+
+# A JSON string (escapes and all) and the brackets outside strings.
+_JSON_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"', re.DOTALL)
+_BRACKETS = re.compile(rb"[][{}]")
+
+
+def _nesting_depth(raw: bytes) -> int:
+    """How deep the arrays and objects of the JSON text C{raw} nest, found without parsing it."""
+    depth = deepest = 0
+    for bracket in _BRACKETS.findall(_JSON_STRING.sub(b"", raw)):
+        if bracket in b"[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        else:
+            depth -= 1
+    return deepest
+
+
+def _check_storable(value: Any, where: str) -> None:
+    """
+    Refuse with 400 any string of the decoded body, object keys included,
+    that UTF-8 and SQLite cannot hold: JSON escapes can spell lone
+    surrogates (C{"\\ud800"}) and NUL, which would otherwise fail deep in the
+    store as a 500.  Depth was bounded before decoding.
+    """
+    if isinstance(value, str):
+        if "\0" in value or not _encodable(value):
+            name = where or "the request body"
+            raise HTTPError(400, "validation_error", f"{name}: holds a NUL or a lone surrogate, which cannot be stored")
+    elif isinstance(value, list):
+        for item in value:
+            _check_storable(item, where)
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            _check_storable(key, where or "a field name")
+            _check_storable(item, key)
+
+
+def _encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True

@@ -14,6 +14,9 @@ from smtpplus.config import EVENT_TYPES
 MESSAGE_STATUSES = ("queued", "scheduled", "sending", "deferred", "sent", "bounced", "partial")
 USERNAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._@+-]{0,63}$"
 MAX_LIMIT = 1000
+# A user object nests two levels; anything far deeper is an attack on the
+# parser (the stdlib decoder recurses and would end in RecursionError).
+MAX_DEPTH = 32
 
 _STRING_LIST_INPUT = {
     "oneOf": [
@@ -41,6 +44,10 @@ _ERRORS = {
 }
 _BODY_ERRORS = {
     **_ERRORS,
+    "400": _error(
+        f"Validation error; the message names the field. Also a body nested deeper than {MAX_DEPTH} levels,"
+        " or a string holding NUL or a lone surrogate (neither can be stored)."
+    ),
     "413": _error("Request body too large."),
     "415": _error("Body is not JSON (or Content-Type is not application/json)."),
 }

@@ -4,11 +4,13 @@ The admin API's listening service and its bearer token.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import secrets
 from typing import Any
 
 from twisted.application.service import Service
+from twisted.internet import ssl
 from twisted.internet.defer import Deferred
 from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IListeningPort
@@ -54,32 +56,60 @@ def admin_token(admin: AdminConfig, state_dir: str) -> str:
 
 def admin_site(api: AdminAPI) -> Site:
     """The HTTP site serving C{api}: no tracebacks, capped request bodies, no access log noise."""
-    site = Site(api.app.resource(), requestFactory=CappedRequest)
+    site = Site(api.resource(), requestFactory=CappedRequest)
     site.displayTracebacks = False
     site.noisy = False
     return site
 
 
+def is_loopback(address: str) -> bool:
+    """Whether the listening address C{address} accepts connections from this host only."""
+    if address == "localhost":
+        return True
+    try:
+        ip = ipaddress.ip_address(address.split("%", 1)[0])
+    except ValueError:
+        return False  # a host name: it may well resolve to a public address
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return ip.is_loopback
+
+
 class AdminListener(Service):
     """
-    Listens on C{[admin] listen:port}, bound before privileges are dropped.
-    A port that cannot be bound is named in one warning line and the daemon
-    goes on relaying mail without its admin API.
+    Listens on C{[admin] listen:port}, bound before privileges are dropped;
+    with C{[admin] tls = true} over TLS with C{tls_options} (the server
+    context the SMTP side uses).  A port that cannot be bound is named in one
+    warning line and the daemon goes on relaying mail without its admin API;
+    so is a plain-HTTP API that other hosts can reach, since its bearer token
+    would cross the network in clear text.
 
     @ivar port: the listening port, or None.
     """
 
     name = "admin"
 
-    def __init__(self, reactor: Any, admin: AdminConfig, site: Site) -> None:
+    def __init__(
+        self, reactor: Any, admin: AdminConfig, site: Site, tls_options: ssl.CertificateOptions | None = None
+    ) -> None:
+        if admin.tls and tls_options is None:
+            raise ValueError("[admin] tls = true needs the server TLS options")
         self._reactor = reactor
         self._admin = admin
         self._site = site
+        self._tls_options = tls_options
         self.port: IListeningPort | None = None
 
+    def _listen(self) -> IListeningPort:
+        admin = self._admin
+        if admin.tls:
+            return self._reactor.listenSSL(admin.port, self._site, self._tls_options, interface=admin.listen)
+        return self._reactor.listenTCP(admin.port, self._site, interface=admin.listen)
+
     def privilegedStartService(self) -> None:
+        scheme = "HTTPS" if self._admin.tls else "HTTP"
         try:
-            self.port = self._reactor.listenTCP(self._admin.port, self._site, interface=self._admin.listen)
+            self.port = self._listen()
         except CannotListenError as e:
             reason = getattr(e.socketError, "strerror", None) or str(e.socketError)
             log.warn(
@@ -89,7 +119,19 @@ class AdminListener(Service):
                 reason=reason,
             )
         else:
-            log.info("Admin API listening on {address} port {port}", address=self._admin.listen, port=self._admin.port)
+            log.info(
+                "Admin API listening on {address} port {port} ({scheme})",
+                address=self._admin.listen,
+                port=self._admin.port,
+                scheme=scheme,
+            )
+            if not self._admin.tls and not is_loopback(self._admin.listen):
+                log.warn(
+                    "Admin API on {address} port {port} is reachable from other hosts without TLS: "
+                    "the bearer token crosses the network in clear text; set [admin] tls = true",
+                    address=self._admin.listen,
+                    port=self._admin.port,
+                )
         Service.privilegedStartService(self)
 
     def stopService(self) -> Deferred[None] | None:
@@ -98,6 +140,8 @@ class AdminListener(Service):
         return None if port is None else port.stopListening()
 
 
-def admin_service(reactor: Any, admin: AdminConfig, api: AdminAPI) -> AdminListener:
-    """The admin API's listening service."""
-    return AdminListener(reactor, admin, admin_site(api))
+def admin_service(
+    reactor: Any, admin: AdminConfig, api: AdminAPI, tls_options: ssl.CertificateOptions | None = None
+) -> AdminListener:
+    """The admin API's listening service; C{tls_options} serve it when C{[admin] tls = true}."""
+    return AdminListener(reactor, admin, admin_site(api), tls_options)

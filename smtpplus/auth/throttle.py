@@ -6,11 +6,18 @@ of ten minutes.  Each failure answers a little later than the one before
 (up to L{MAX_DELAY}); reaching the configured count locks the IP or the
 username for C{auth_lock_seconds}, during which every attempt is refused
 without checking the password.  Locks expire by themselves.
+
+Anyone who knows a username could otherwise lock its owner out, so the
+username lock does not apply to the addresses from which that user logged
+in successfully within the last 24 hours (L{KnownAddresses}); those keep the
+per-IP limit only.  The record lives in this process's memory: a restart
+forgets it, and until the user logs in again the username lock applies to
+every address.
 """
 
 from __future__ import annotations
 
-from collections import deque
+from collections import OrderedDict, deque
 from typing import Any
 
 from twisted.internet.interfaces import IReactorTime
@@ -26,6 +33,12 @@ MAX_DELAY = 2.0
 # Keys (IPs, usernames) tracked before stale ones are swept, so that a
 # spray of random usernames cannot grow memory without bound.
 SWEEP_AT = 10000
+KNOWN_SECONDS = 24 * 3600.0
+# Bounds on the known-address record: only successful logins add to it, so
+# it grows with real use, not with an attack; the per-user cap keeps one
+# account that logs in from everywhere from pushing out everyone else's.
+MAX_KNOWN = 100_000
+MAX_KNOWN_PER_USER = 256
 
 
 class _Tracker:
@@ -79,6 +92,67 @@ class _Tracker:
             self.locked(key, now)
 
 
+class KnownAddresses:
+    """
+    The client addresses each username logged in from successfully within
+    C{max_age} seconds, at most C{max_entries} in all and C{max_per_user}
+    per username; beyond either cap the least recent entry goes.
+    """
+
+    def __init__(
+        self,
+        clock: IReactorTime,
+        max_age: float = KNOWN_SECONDS,
+        max_entries: int = MAX_KNOWN,
+        max_per_user: int = MAX_KNOWN_PER_USER,
+    ) -> None:
+        self._clock = clock
+        self._max_age = max_age
+        self._max_entries = max_entries
+        self._max_per_user = max_per_user
+        # (username, ip) -> last success, least recent first; and per
+        # username its addresses in the same order, to evict per user.
+        self._seen: OrderedDict[tuple[str, str], float] = OrderedDict()
+        self._by_user: dict[str, OrderedDict[str, None]] = {}
+
+    def __len__(self) -> int:
+        return len(self._seen)
+
+    def add(self, username: str, ip: str) -> None:
+        """Record a successful login of C{username} (already case-folded) from C{ip} now."""
+        now = self._clock.seconds()
+        self._expire(now)
+        key = (username, ip)
+        addresses = self._by_user.setdefault(username, OrderedDict())
+        self._seen[key] = now
+        self._seen.move_to_end(key)
+        addresses[ip] = None
+        addresses.move_to_end(ip)
+        if len(addresses) > self._max_per_user:
+            self._forget(username, next(iter(addresses)))
+        if len(self._seen) > self._max_entries:
+            self._forget(*next(iter(self._seen)))
+
+    def __contains__(self, key: tuple[str, str]) -> bool:
+        """Whether C{(username, ip)} logged in successfully within the last C{max_age} seconds."""
+        when = self._seen.get(key)
+        return when is not None and when > self._clock.seconds() - self._max_age
+
+    def _expire(self, now: float) -> None:
+        while self._seen:
+            key, when = next(iter(self._seen.items()))
+            if when > now - self._max_age:
+                return
+            self._forget(*key)
+
+    def _forget(self, username: str, ip: str) -> None:
+        del self._seen[username, ip]
+        addresses = self._by_user[username]
+        del addresses[ip]
+        if not addresses:
+            del self._by_user[username]
+
+
 class LoginThrottle:
     """
     Tracks failed logins per IP and per username on an injected clock.
@@ -104,26 +178,39 @@ class LoginThrottle:
         self._ips = _Tracker(security.auth_failures_per_ip, security.auth_lock_seconds)
         self._users = _Tracker(security.auth_failures_per_user, security.auth_lock_seconds)
         self._lock_seconds = security.auth_lock_seconds
+        self.known = KnownAddresses(clock)
+
+    def _trusted(self, username: str, ip: str) -> bool:
+        return (username.casefold(), ip) in self.known
 
     def refused(self, username: str, ip: str) -> bool:
         """Whether an attempt for C{username} from C{ip} must be refused now."""
         now = self._clock.seconds()
-        return self._ips.locked(ip, now) or self._users.locked(username.casefold(), now)
+        if self._ips.locked(ip, now):
+            return True
+        return self._users.locked(username.casefold(), now) and not self._trusted(username, ip)
 
     def failure_delay(self, username: str, ip: str) -> float:
         """Seconds to wait before answering a failure, growing with recent failures."""
         now = self._clock.seconds()
-        count = max(self._ips.recent(ip, now), self._users.recent(username.casefold(), now))
+        count = self._ips.recent(ip, now)
+        if not self._trusted(username, ip):
+            count = max(count, self._users.recent(username.casefold(), now))
         return min(self._max_delay, self._first_delay * 2**count)
 
     def failed(self, username: str, ip: str, known_user: bool) -> None:
         """
         Count one failed attempt.  Unknown usernames are locked like known
-        ones (so locking reveals nothing) but record no event.
+        ones (so locking reveals nothing) but record no event.  A failure
+        from an address the user logged in from recently counts for the IP
+        only: the username lock does not apply there, and the user's own
+        mistyped client should not lock the username everywhere else.
         """
         now = self._clock.seconds()
         if self._ips.fail(ip, now):
             log.warn("AUTH from {ip} locked for {seconds} s after repeated failures", ip=ip, seconds=self._lock_seconds)
+        if self._trusted(username, ip):
+            return
         if self._users.fail(username.casefold(), now):
             log.warn(
                 "AUTH for username {username!r} locked for {seconds} s after repeated failures",
@@ -140,5 +227,10 @@ class LoginThrottle:
                     d.addErrback(lambda f: log.failure("recording account_block failed", f))
 
     def succeeded(self, username: str, ip: str) -> None:
-        """A correct login forgives the username's earlier typos (not the IP's)."""
-        self._users.clear(username.casefold())
+        """
+        A correct login forgives the username's earlier typos (not the
+        IP's) and makes C{ip} a known address of the user for 24 hours.
+        """
+        folded = username.casefold()
+        self._users.clear(folded)
+        self.known.add(folded, ip)
