@@ -117,7 +117,7 @@ class AuthEndToEndTests(TestCase):
         self.throttle = LoginThrottle(reactor, security, self.events, first_delay=0.001, max_delay=0.01)
         self.avatars: list[FakeSubmitter] = []
 
-        def avatar_factory(user: dict[str, Any]) -> FakeSubmitter:
+        def avatar_factory(user: dict[str, Any], standing: Any) -> FakeSubmitter:
             avatar = FakeSubmitter(user)
             self.avatars.append(avatar)
             return avatar

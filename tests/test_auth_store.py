@@ -125,6 +125,49 @@ class UserStoreContract:
         self.assertFalse((yield self.store.delete("alice")))
         self.assertEqual(self.changes, ["alice", "Alice"])
 
+    @inlineCallbacks
+    def test_standing_ends_when_disabled(self) -> Any:
+        """
+        A standing taken before a disable reports "disabled" as soon as the
+        update has fired, and stays void after re-enabling; one taken after
+        re-enabling is good.
+        """
+        yield self.store.create(user_fields("alice"), b"h")
+        standing = self.store.standing("alice")
+        self.assertIsNone(standing.revoked())
+        yield self.store.update("ALICE", {"enabled": False})
+        self.assertEqual(standing.revoked(), "disabled")
+        yield self.store.update("alice", {"enabled": True})
+        self.assertEqual(standing.revoked(), "disabled")
+        self.assertIsNone(self.store.standing("Alice").revoked())
+
+    @inlineCallbacks
+    def test_standing_ends_when_deleted(self) -> Any:
+        """A standing reports "deleted" after the user is deleted, and a re-created user's old sessions stay void."""
+        yield self.store.create(user_fields("alice"), b"h")
+        standing = self.store.standing("alice")
+        yield self.store.delete("alice")
+        self.assertEqual(standing.revoked(), "deleted")
+        yield self.store.create(user_fields("alice"), b"h")
+        self.assertEqual(standing.revoked(), "deleted")
+        self.assertIsNone(self.store.standing("alice").revoked())
+
+    @inlineCallbacks
+    def test_standing_survives_other_changes(self) -> Any:
+        """
+        Other changes keep a standing good: other fields, a new password,
+        another user disabled, and writes that found no user.
+        """
+        yield self.store.create(user_fields("alice"), b"h")
+        yield self.store.create(user_fields("bob"), b"h")
+        standing = self.store.standing("alice")
+        yield self.store.update("alice", {"priority": 1, "enabled": True})
+        yield self.store.set_password_hash("alice", b"new")
+        yield self.store.update("bob", {"enabled": False})
+        yield self.store.delete("carol")
+        yield self.store.update("carol", {"enabled": False})
+        self.assertIsNone(standing.revoked())
+
 
 class SQLiteUserStoreTests(UserStoreContract, TestCase):
     def make_store(self) -> SQLiteUserStore:

@@ -114,6 +114,25 @@ class SenderRulesTests(unittest.TestCase):
         yield self._assert_empty(stack)
 
     @inlineCallbacks
+    def test_malformed_from_addresses_refused(self) -> Any:
+        """
+        A From: address with a doubled or empty local part or domain is
+        refused with 550 5.7.1 and a sender_domain record, never read as
+        some other address (C{evil@evil.test@example.com} is not
+        C{@example.com}).
+        """
+        stack = Stack(self, start=False)
+        bad = ["evil@evil.test@example.com", "a@b@example.com", "@example.com", "a@", "Me <a@b@example.com>", "x@example..com"]
+        for value in bad:
+            data = f"From: {value}\r\nSubject: x\r\n\r\nbody\r\n".encode()
+            code, text = yield stack.submit("me@example.com", ["r@dest.test"], data)
+            self.assertEqual((code, text[:5]), (550, "5.7.1"), value)
+        self.assertEqual(len(stack.recorder.of("sender_domain")), len(bad))
+        rejected = [args[2] for name, args in stack.recorder.calls if name == "rejected"]
+        self.assertEqual(rejected, bad)
+        yield self._assert_empty(stack)
+
+    @inlineCallbacks
     def test_missing_from_is_completed(self) -> Any:
         """A message without From: is accepted and gets From: <envelope sender>, Date and Message-ID."""
         stack = Stack(self)
@@ -148,6 +167,148 @@ class SenderRulesTests(unittest.TestCase):
         self.assertEqual(os.listdir(spool.msg_dir), [])
         messages = yield stack.query.list_messages(None, None, 10)
         self.assertEqual(messages, [])
+
+
+def padding(size: int) -> bytes:
+    """Header fields of about C{size} bytes, in ordinary 80-byte lines."""
+    lines = [b"X-Pad-%05d: %s\r\n" % (i, b"p" * 66) for i in range(size // 80 + 1)]
+    return b"".join(lines)
+
+
+class HeaderSectionTests(unittest.TestCase):
+    """The whole header section is checked, however large (contract section 9)."""
+
+    @inlineCallbacks
+    def _refused(self, data: bytes, code: int, status: str) -> Any:
+        stack = Stack(self)
+        got, text = yield stack.submit("me@example.com", ["r@dest.test"], data)
+        self.assertEqual((got, text[:5]), (code, status), text)
+        yield SenderRulesTests._assert_empty(self, stack)  # type: ignore[arg-type]
+        self.assertEqual(stack.smarthost.received(), [])
+        return stack, text
+
+    @inlineCallbacks
+    def test_from_after_padding_with_legitimate_from(self) -> Any:
+        """A second From: after 300 KiB of header fields is seen: several From: headers, 550 5.7.1."""
+        data = b"From: me@example.com\r\n" + padding(300 * 1024) + b"From: ceo@bank.test\r\nSubject: x\r\n\r\nbody\r\n"
+        stack, text = yield self._refused(data, 550, "5.7.1")
+        self.assertIn("more than one From:", text)
+        self.assertEqual(len(stack.recorder.of("sender_domain")), 1)
+
+    @inlineCallbacks
+    def test_from_after_padding_alone(self) -> Any:
+        """The only From: placed after 300 KiB of header fields is checked and refused, not replaced by an added one."""
+        data = b"Subject: x\r\n" + padding(300 * 1024) + b"From: ceo@bank.test\r\n\r\nbody\r\n"
+        stack, text = yield self._refused(data, 550, "5.7.1")
+        self.assertIn("ceo@bank.test", text)
+        self.assertEqual(len(stack.recorder.of("sender_domain")), 1)
+
+    @inlineCallbacks
+    def test_invalid_smtpapi_after_padding(self) -> Any:
+        """An X-SMTPAPI after 300 KiB of header fields is parsed: invalid JSON gets 550 5.6.0."""
+        data = simple_message(extra=padding(300 * 1024).decode() + "X-SMTPAPI: {not json\r\n")
+        yield self._refused(data, 550, "5.6.0")
+
+    @inlineCallbacks
+    def test_valid_smtpapi_after_padding(self) -> Any:
+        """A valid X-SMTPAPI after 300 KiB of header fields is obeyed and removed before relaying."""
+        stack = Stack(self)
+        data = simple_message(extra=padding(300 * 1024).decode() + 'X-SMTPAPI: {"CampaignCode": "late", "Priority": 1}\r\n')
+        code, text = yield stack.submit("me@example.com", ["r@dest.test"], data)
+        self.assertEqual(code, 250, text)
+        message = yield stack.message(queue_id(text))
+        self.assertEqual((message["campaign_code"], message["priority"]), ("late", 1))
+        yield _wait(lambda: stack.smarthost.received())
+        relayed = stack.smarthost.received()[0]["data"]
+        self.assertNotIn(b"X-SMTPAPI", relayed)
+        self.assertIn(b"\r\nX-Priority: 1\r\n", relayed)
+
+    @inlineCallbacks
+    def test_header_section_over_limit(self) -> Any:
+        """A 1.1 MiB header section gets 552 5.3.4 at the end of DATA; nothing is queued or left in the spool."""
+        data = simple_message(extra=padding(1126 * 1024).decode())
+        _, text = yield self._refused(data, 552, "5.3.4")
+        self.assertIn("header section too large", text)
+
+    @inlineCallbacks
+    def test_large_header_section_relayed_intact(self) -> Any:
+        """An ordinary message with a 600 KiB header section is accepted and relayed with every header and its body intact."""
+        stack = Stack(self)
+        pad = padding(600 * 1024)
+        data = b"From: Me <me@example.com>\r\nTo: you@dest.test\r\n" + pad + b"Subject: big\r\n\r\nBody line.\r\n"
+        code, text = yield stack.submit("me@example.com", ["r@dest.test"], data)
+        self.assertEqual(code, 250, text)
+        message = yield stack.message(queue_id(text))
+        self.assertEqual((message["header_from"], message["subject"]), ("Me <me@example.com>", "big"))
+        yield _wait(lambda: stack.smarthost.received())
+        relayed = stack.smarthost.received()[0]["data"]
+        self.assertIn(b"\r\nFrom: Me <me@example.com>\r\nTo: you@dest.test\r\n" + pad + b"Subject: big\r\n", relayed)
+        self.assertTrue(relayed.endswith(b"\r\n\r\nBody line.\r\n"), relayed[-60:])
+
+    @inlineCallbacks
+    def test_headers_without_body(self) -> Any:
+        """A message that is all header fields (no blank line, no body) is accepted and relayed."""
+        stack = Stack(self)
+        code, text = yield stack.submit("me@example.com", ["r@dest.test"], b"From: me@example.com\r\nSubject: only\r\n")
+        self.assertEqual(code, 250, text)
+        yield _wait(lambda: stack.smarthost.received())
+        self.assertIn(b"Subject: only", stack.smarthost.received()[0]["data"])
+
+    @inlineCallbacks
+    def test_header_split_across_writes(self) -> Any:
+        """
+        Fed to the message writer one byte at a time, a message is stored
+        exactly as when written in one piece (the blank line and the
+        fields are found across chunk boundaries).
+        """
+        from smtpplus.smtp.interfaces import Envelope, SessionInfo
+        from tests.delivery_helpers import USER
+
+        stack = Stack(self, start=False)
+        submitter = stack.avatar_factory(USER)
+        data = simple_message(
+            extra='X-SMTPAPI: {"CampaignCode": "c"}\r\nX-Priority: 2\r\n'
+            "Date: Mon, 1 Jan 2024 00:00:00 +0000\r\nMessage-ID: <split@example.com>\r\n"
+        )
+        envelope = Envelope(SessionInfo("127.0.0.1", 25, "client.test", False), "me@example.com", ("r@dest.test",), None, "7BIT", b"Received: x\r\n")
+        stored = []
+        for pieces in ([data], [data[i : i + 1] for i in range(len(data))]):
+            writer = submitter.openMessage(envelope)
+            for piece in pieces:
+                writer.write(piece)
+            message_id = yield writer.eomReceived()
+            with open(stack.delivery.spool.path(message_id), "rb") as f:
+                stored.append(f.read())
+        self.assertEqual(stored[0], stored[1])
+        self.assertNotIn(b"X-SMTPAPI", stored[0])
+        self.assertIn(b"X-Priority: 2\r\n", stored[0])
+
+
+class MailLoopTests(unittest.TestCase):
+    """More than 50 Received: fields: 554 5.4.6 (contract section 9)."""
+
+    @staticmethod
+    def _message(hops: int) -> bytes:
+        received = "".join(f"Received: from hop{i}.test by hop{i + 1}.test; Mon, 1 Jan 2024 00:00:{i % 60:02d} +0000\r\n" for i in range(hops))
+        return (received + "From: me@example.com\r\nSubject: loop\r\n\r\nbody\r\n").encode()
+
+    @inlineCallbacks
+    def test_fifty_hops_accepted(self) -> Any:
+        """A message with 50 Received: fields is accepted (our own Received: is not counted) and relayed with 51."""
+        stack = Stack(self)
+        code, text = yield stack.submit("me@example.com", ["r@dest.test"], self._message(50))
+        self.assertEqual(code, 250, text)
+        yield _wait(lambda: stack.smarthost.received())
+        self.assertEqual(stack.smarthost.received()[0]["data"].count(b"Received: "), 51)
+
+    @inlineCallbacks
+    def test_fifty_one_hops_refused(self) -> Any:
+        """A message with 51 Received: fields is refused with 554 5.4.6 at the end of DATA; nothing is queued."""
+        stack = Stack(self, start=False)
+        code, text = yield stack.submit("me@example.com", ["r@dest.test"], self._message(51))
+        self.assertEqual((code, text[:5]), (554, "5.4.6"), text)
+        self.assertIn("hops", text)
+        yield SenderRulesTests._assert_empty(self, stack)  # type: ignore[arg-type]
 
 
 class PriorityTests(unittest.TestCase):

@@ -64,6 +64,60 @@ class LoginRecord:
     generation: int
 
 
+class Revocations:
+    """
+    Which accounts were disabled or deleted while sessions may still hold
+    them, for the check an open SMTP session makes before every MAIL, RCPT
+    and end of DATA.  Asked synchronously and in memory: the daemon accepts
+    about 1,000 messages a second, and a database query per message (let
+    alone one on the reactor thread) would cost more than the check is
+    worth.
+
+    Logins read the database, so only revocations need keeping: a
+    L{Standing} notes the revocation count when its session logs in, and is
+    void once its account is revoked after that.  A later re-enabling does
+    not revive it; a new login does.  One entry per account ever revoked in
+    this process's lifetime.
+
+    The seam for several processes: here the store's own writes call
+    L{revoke}; a process that learns of a change made elsewhere (an AMP
+    broadcast from the process that wrote it, or a poll of the users
+    table's C{generation} column) calls L{revoke} in just the same way.
+    """
+
+    def __init__(self) -> None:
+        self._count = 0
+        # casefolded username -> (revocation number, reason)
+        self._revoked: dict[str, tuple[int, str]] = {}
+
+    def revoke(self, username: str, reason: str) -> None:
+        """End every standing of C{username} issued so far; C{reason} is "disabled" or "deleted"."""
+        self._count += 1
+        self._revoked[username.casefold()] = (self._count, reason)
+
+    def standing(self, username: str) -> Standing:
+        """A standing for a session of C{username} logging in now."""
+        return Standing(self, username.casefold(), self._count)
+
+    def revoked_since(self, key: str, mark: int) -> str | None:
+        """Why C{key}'s account was revoked after revocation number C{mark}, or None."""
+        entry = self._revoked.get(key)
+        return entry[1] if entry is not None and entry[0] > mark else None
+
+
+@attrs.frozen
+class Standing:
+    """One session's hold on its account (see L{Revocations})."""
+
+    _revocations: Revocations
+    _key: str
+    _mark: int
+
+    def revoked(self) -> str | None:
+        """None while the account may send; else why not ("disabled" or "deleted")."""
+        return self._revocations.revoked_since(self._key, self._mark)
+
+
 class IUserStore(Interface):
     """
     Users and their password hashes.  Every method returns a Deferred;
@@ -97,6 +151,14 @@ class IUserStore(Interface):
     def subscribe(listener: Callable[[str], None]) -> None:
         """Call C{listener(username)} after every change of a user made through this store."""
 
+    def standing(username: str) -> Standing:
+        """
+        Synchronously, without I/O: a L{Standing} that reports once
+        C{username} has been disabled or deleted after this call.  Take it
+        before reading the user, so that a change racing the read is seen
+        either way.  A password change does not revoke it.
+        """
+
 
 def iso_utc(seconds: float) -> str:
     """C{seconds} since the epoch as ISO 8601 UTC, e.g. C{2024-05-01T12:00:00Z}."""
@@ -129,10 +191,11 @@ def _column_value(name: str, value: Any) -> Any:
 class SQLiteUserStore:
     """L{IUserStore} in the daemon's SQLite database (migration component C{"users"})."""
 
-    def __init__(self, database: Database, clock: IReactorTime) -> None:
+    def __init__(self, database: Database, clock: IReactorTime, revocations: Revocations | None = None) -> None:
         self._db = database
         self._clock = clock
         self._listeners: list[Callable[[str], None]] = []
+        self.revocations = revocations if revocations is not None else Revocations()
 
     def migrate(self) -> None:
         """Create or upgrade the tables; synchronous, at start-up."""
@@ -140,6 +203,16 @@ class SQLiteUserStore:
 
     def subscribe(self, listener: Callable[[str], None]) -> None:
         self._listeners.append(listener)
+
+    def standing(self, username: str) -> Standing:
+        return self.revocations.standing(username)
+
+    def _revoke(self, result: Any, username: str, reason: str) -> Any:
+        # Before the caller (the admin API) hears of the change: once it
+        # has answered, no open session of the user sends again.
+        if result:
+            self.revocations.revoke(username, reason)
+        return result
 
     def _changed(self, result: Any, username: str) -> Any:
         if result:
@@ -193,13 +266,17 @@ class SQLiteUserStore:
                 return None
             return _user(conn.execute("SELECT * FROM users WHERE username = ?", (username,)).fetchone())
 
-        return self._db.transaction(change).addCallback(self._changed, username)
+        d = self._db.transaction(change)
+        if fields.get("enabled") is False:
+            d.addCallback(self._revoke, username, "disabled")
+        return d.addCallback(self._changed, username)
 
     def delete(self, username: str) -> Deferred[bool]:
         def remove(conn: sqlite3.Connection) -> bool:
             return conn.execute("DELETE FROM users WHERE username = ?", (username,)).rowcount > 0
 
-        return self._db.transaction(remove).addCallback(self._changed, username)
+        d = self._db.transaction(remove).addCallback(self._revoke, username, "deleted")
+        return d.addCallback(self._changed, username)
 
     def set_password_hash(self, username: str, password_hash: bytes) -> Deferred[bool]:
         now = self._now()

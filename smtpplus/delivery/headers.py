@@ -2,7 +2,8 @@
 The header section of a submitted message: splitting it from the body,
 reading the fields smtpplus acts on, and rewriting it for relaying.
 
-Only the header section is ever held in memory; the body streams to disk.
+Only the header section is ever held in memory, and at most
+L{MAX_HEADER_SECTION} of it; the body streams to disk.
 """
 
 from __future__ import annotations
@@ -20,9 +21,16 @@ import attrs
 
 from smtpplus.smtp.interfaces import SMTPReply
 
-# A header section larger than this is cut at a line boundary: the rest is
-# treated as body, so a client cannot make us buffer the whole message.
-HEADER_LIMIT = 256 * 1024
+# Every field of the header section must be seen by the sender rules, so it
+# is held whole; one larger than this is refused (552 5.3.4) rather than
+# buffered.  Real header sections are a few KiB; a long DKIM/ARC chain stays
+# well under 100 KiB.
+MAX_HEADER_SECTION = 1024 * 1024
+
+# A message that already carries more Received: fields than this (ours not
+# counted) is taken to be looping (RFC 5321 section 6.3); Postfix's
+# hopcount_limit is 50 too.
+MAX_HOPS = 50
 
 # Fields removed before relaying: X-SMTPAPI is instructions for us, and
 # X-Priority is replaced by the effective priority.
@@ -44,14 +52,16 @@ class HeaderField:
         return re.sub(r"\r?\n[ \t]", " ", text).strip()
 
 
-def find_header_end(buffer: bytes) -> int | None:
+def find_header_end(buffer: bytes | bytearray, start: int = 0) -> int | None:
     """
     Return the offset where the body starts (the blank line included), or
-    None when the header section has not ended in C{buffer} yet.
+    None when the header section has not ended in C{buffer} yet.  The
+    search begins at C{start}, so that a caller appending to C{buffer}
+    scans each byte about once.
     """
     if buffer.startswith(b"\r\n"):
         return 0
-    end = buffer.find(b"\r\n\r\n")
+    end = buffer.find(b"\r\n\r\n", start)
     return None if end < 0 else end + 2
 
 

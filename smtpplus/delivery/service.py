@@ -13,6 +13,7 @@ from twisted.application.service import Service
 from twisted.internet.defer import Deferred, fail, maybeDeferred
 from twisted.logger import Logger
 
+from smtpplus.auth.store import Standing
 from smtpplus.config import Config
 from smtpplus.delivery import queue
 from smtpplus.delivery.agent import DeliveryAgent
@@ -60,9 +61,9 @@ class Delivery:
         self.scheduler = Scheduler(reactor, self.agent.deliver, d.max_concurrency, d.rate_limit)
         self.query = MessageQuery(database)
 
-    def avatar(self, user: dict[str, Any]) -> ISubmitter:
-        """The L{ISubmitter} for an authenticated user (its user dict)."""
-        return Submitter(user, self.intake)
+    def avatar(self, user: dict[str, Any], standing: Standing | None = None) -> ISubmitter:
+        """The L{ISubmitter} for an authenticated user (its user dict and the session's L{Standing})."""
+        return Submitter(user, self.intake, standing)
 
     def submit_internal(
         self,

@@ -14,8 +14,10 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from smtpplus.auth.store import Standing
 from smtpplus.delivery.headers import (
-    HEADER_LIMIT,
+    MAX_HEADER_SECTION,
+    MAX_HOPS,
     SMTPAPI,
     HeaderField,
     decode_text,
@@ -67,15 +69,35 @@ def user_priority(user: dict[str, Any]) -> int:
 
 @implementer(ISubmitter)
 class Submitter:
-    """The avatar of one authenticated user, built from its user dict."""
+    """
+    The avatar of one authenticated user, built from its user dict.
 
-    def __init__(self, user: dict[str, Any], intake: Intake) -> None:
+    @param standing: tells whether the account was disabled or deleted
+        since the login; asked (in memory, no I/O) at every MAIL, RCPT,
+        DATA and end of DATA.  None: the account cannot change (tests).
+    """
+
+    def __init__(self, user: dict[str, Any], intake: Intake, standing: Standing | None = None) -> None:
         self.username: str = user["username"]
         self.priority = user_priority(user)
         self.rules = SenderRules.from_user(user)
         self.intake = intake
+        self.standing = standing
+
+    def check_account(self) -> None:
+        """
+        Refuse with C{550 5.7.13} (RFC 7372, "user account disabled") once
+        the account has been disabled or deleted: a permanent refusal a
+        client must not answer by asking for the password again.
+        """
+        if self.standing is None:
+            return
+        reason = self.standing.revoked()
+        if reason is not None:
+            raise SMTPReply(550, "5.7.13", f"User account {self.username} has been {reason}")
 
     def validateFrom(self, session: SessionInfo, mail_from: str, mt_priority: int | None) -> None:
+        self.check_account()
         if not self.rules.authorizes(mail_from):
             sender = mail_from or "<>"
             self.intake.refusals.record(
@@ -86,9 +108,10 @@ class Submitter:
     def validateTo(self, session: SessionInfo, mail_from: str, recipient: str) -> None:
         # An authenticated user may relay to anyone; the protocol already
         # refuses everything before AUTH.
-        return None
+        self.check_account()
 
     def openMessage(self, envelope: Envelope) -> IMessageWriter:
+        self.check_account()
         try:
             return MessageWriter(self, envelope)
         except OSError as e:
@@ -99,8 +122,9 @@ class Submitter:
 @implementer(IMessageWriter)
 class MessageWriter:
     """
-    Receives one message: buffers only the header section, streams the body
-    into the spool, and commits at the final dot.
+    Receives one message: buffers the header section (at most
+    L{MAX_HEADER_SECTION}), streams the body into the spool, and commits at
+    the final dot.
     """
 
     def __init__(self, submitter: Submitter, envelope: Envelope) -> None:
@@ -109,8 +133,9 @@ class MessageWriter:
         self._envelope = envelope
         self._id = new_queue_id(self._intake.clock.seconds())
         self._temp: TempMessage | None = self._intake.spool.create(self._id)
-        self._head = b""
-        self._head_done = False
+        # The header section received so far; None once it has been read
+        # (or refused as too large).
+        self._head: bytearray | None = bytearray()
         self._refusal: SMTPReply | None = None
         self._header_from = ""
         self._subject = ""
@@ -122,22 +147,29 @@ class MessageWriter:
     def write(self, data: bytes) -> None:
         if self._temp is None:
             return
-        if self._head_done:
+        head = self._head
+        if head is None:
             if self._refusal is None:
                 self._temp.write(data)
             return
-        self._head += data
-        end = find_header_end(self._head)
-        if end is None and len(self._head) > HEADER_LIMIT:
-            cut = self._head.rfind(b"\r\n", 0, HEADER_LIMIT)
-            end = cut + 2 if cut >= 0 else len(self._head)
-        if end is not None:
+        # The blank line may straddle the previous chunk and this one.
+        start = max(len(head) - 3, 0)
+        head += data
+        end = find_header_end(head, start)
+        if end is not None and end <= MAX_HEADER_SECTION:
             self._finish_head(end)
+        elif len(head) > MAX_HEADER_SECTION:
+            # Whatever follows is read and dropped: a From: in it could not
+            # be checked, so the message is refused at the final dot.
+            self._head = None
+            self._refusal = SMTPReply(
+                552, "5.3.4", f"Message header section too large (limit {MAX_HEADER_SECTION // 1024} KiB)"
+            )
 
     def _finish_head(self, end: int) -> None:
-        head, rest = self._head[:end], self._head[end:]
-        self._head = b""
-        self._head_done = True
+        assert self._head is not None
+        head, rest = bytes(self._head[:end]), bytes(self._head[end:])
+        self._head = None
         fields = parse_fields(head)
         by_name: dict[str, list[HeaderField]] = {}
         for field in fields:
@@ -146,6 +178,10 @@ class MessageWriter:
         def values(name: str) -> list[str]:
             return [f.value for f in by_name.get(name, [])]
 
+        hops = len(by_name.get("received", ()))
+        if hops > MAX_HOPS:
+            self._refusal = SMTPReply(554, "5.4.6", f"Too many hops ({hops} Received: headers): mail loop?")
+            return
         from_values = values("from")
         self._header_from = from_values[0] if from_values else ""
         self._subject = decode_text(values("subject")[0]) if "subject" in by_name else ""
@@ -185,9 +221,14 @@ class MessageWriter:
         temp = self._temp
         if temp is None:
             return fail(SMTPReply(451, "4.3.0", "Local error in processing, try again later"))
-        self._temp = None
-        if not self._head_done:
+        if self._head is not None:
             self._finish_head(len(self._head))
+        self._temp = None
+        try:
+            self._submitter.check_account()
+        except SMTPReply as e:
+            self._intake.discard(temp)
+            return fail(e)
         refusal = self._refusal or self._sender_refusal()
         if refusal is None and temp.error is not None:
             log.error("cannot write message {id}: {error}", id=self._id, error=temp.error)
