@@ -120,7 +120,8 @@ class UnstoredResultTests(unittest.TestCase):
         A delivery whose result cannot be stored (disk full) is made once:
         the result is written again with a growing delay until the store
         recovers, the scheduler does not offer the message meanwhile, the
-        outage is logged once, and the stored result is the real one.
+        outage is logged once (a result still unstored at shutdown is named),
+        and the stored result is the real one.
         """
         clock = _ClockReactor()
         state = os.path.abspath(self.mktemp())
@@ -148,6 +149,9 @@ class UnstoredResultTests(unittest.TestCase):
         self.assertIn("a@dest.test sent", agent.unrecorded[message.id])
         self.assertGreater(store.failed_writes, 5)
         self.assertEqual(len([e for e in errors.events if "cannot store delivery results" in e["log_format"]]), 1)
+        # Were the daemon stopped now, the log would name the result it loses.
+        agent.report_unrecorded()
+        self.assertEqual([e["id"] for e in errors.events if "was never stored" in e["log_format"]], [message.id])
 
         store.failing = False
         clock.advance(60)

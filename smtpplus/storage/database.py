@@ -200,7 +200,7 @@ class Database:
         )
         self._reopen()
 
-    def _reopen(self) -> None:
+    def _reopen(self, attempt: int = 1) -> None:
         def reopened(_: object) -> None:
             self.lost = False
             log.warn("database {path} reopened; rebuilding the queue from the spool", path=self.path)
@@ -208,8 +208,14 @@ class Database:
                 listener()
 
         def failed(failure: Any) -> None:
-            log.error("cannot reopen database {path}: {error}; retrying", path=self.path, error=failure.value)
-            self._reactor.callLater(REOPEN_RETRY, self._reopen)
+            if attempt == 1:
+                log.error(
+                    "cannot reopen database {path}: {error}; retrying every {seconds} s",
+                    path=self.path,
+                    error=failure.value,
+                    seconds=REOPEN_RETRY,
+                )
+            self._reactor.callLater(REOPEN_RETRY, self._reopen, attempt + 1)
 
         deferToThreadPool(self._reactor, self._pool, self._swap).addCallbacks(reopened, failed)
 
