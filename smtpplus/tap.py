@@ -130,7 +130,10 @@ def build_service(config: Config, reactor: Any) -> MultiService:
     statistics flush, and the database closes last.
     """
     state_dir = config.server.state_dir
-    os.makedirs(state_dir, mode=0o750, exist_ok=True)
+    # The queue and the users are the daemon user's alone, whatever mode
+    # an existing state_dir had.
+    os.makedirs(state_dir, mode=0o700, exist_ok=True)
+    os.chmod(state_dir, 0o700)
     smtp = config.smtp
     raise_open_files_limit(len(smtp.ports) + len(smtp.tls_ports) + smtp.max_connections + 256)
     tls_options = server_context(config.tls, config.server.hostname, state_dir)

@@ -80,13 +80,13 @@ class FakeSmarthost:
     replies used in turn (the last one repeats); default 250.
     """
 
-    def __init__(self, delay: float = 0.0, **controller_args: Any) -> None:
+    def __init__(self, delay: float = 0.0, port: int | None = None, **controller_args: Any) -> None:
         self.lock = threading.Lock()
         self.replies: dict[str, list[str]] = {}
         self.messages: list[dict[str, Any]] = []
         self.rcpt_log: list[tuple[str, str]] = []
         self.delay = delay
-        self.port = free_port()
+        self.port = port or free_port()
         self.controller = Controller(_Handler(self), hostname="127.0.0.1", port=self.port, **controller_args)
         self.controller.start()
 

@@ -11,6 +11,7 @@ import signal
 import smtplib
 import socket
 import ssl
+import stat
 import subprocess
 import time
 
@@ -179,7 +180,8 @@ class PrivilegeTests(unittest.TestCase):
     def test_privileged_port_then_drop(self) -> None:
         """
         With --uid/--gid, a privileged port is bound as root before the
-        daemon drops to the given user.
+        daemon drops to the given user, and state_dir, the database and the
+        spool belong to that user with modes 0700/0600.
         """
         if os.geteuid() != 0:
             raise unittest.SkipTest("needs root")
@@ -206,6 +208,10 @@ class PrivilegeTests(unittest.TestCase):
         with open(f"/proc/{daemon.proc.pid}/status") as f:
             uid_line = next(line for line in f if line.startswith("Uid:"))
         self.assertEqual(set(uid_line.split()[1:]), {str(nobody.pw_uid)})
+        # What it writes is handed to that user, and to it alone.
+        for name, mode in (("", 0o700), ("smtpplus.db", 0o600), ("smtpplus.db-wal", 0o600), ("spool", 0o700), ("spool/msg", 0o700)):
+            st = os.stat(os.path.join(state_dir, name))
+            self.assertEqual((st.st_uid, oct(stat.S_IMODE(st.st_mode))), (nobody.pw_uid, oct(mode)), name)
         with smtplib.SMTP("127.0.0.1", privileged, timeout=10) as smtp:
             self.assertEqual(smtp.ehlo("client.test")[0], 250)
         self.assertTrue(wait_for_ports([privileged], 1))

@@ -2,6 +2,12 @@
 One delivery attempt of one queued message: offer it to the next hop(s),
 store every recipient's result, decide the retry, bounce what failed for
 good, and record the events the administrators hear about.
+
+A result that cannot be stored (disk full, database gone) is kept in
+memory and written again with a growing delay; the attempt ends only once
+it is stored, so the scheduler does not offer the message again meanwhile.
+The memory this holds is bounded by the delivery slots it occupies: when
+the store stays down, deliveries pause once every slot waits.
 """
 
 from __future__ import annotations
@@ -11,6 +17,7 @@ from typing import Any
 
 from twisted.internet.defer import Deferred, inlineCallbacks, maybeDeferred
 from twisted.internet.interfaces import IReactorTime
+from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 
@@ -27,6 +34,9 @@ FRESH_LIMIT = 10000
 # Bytes of fresh messages' content kept for their first attempt; past it
 # they are read back from the spool.
 FRESH_BYTES = 16 * 1024 * 1024
+# Delays between writes of a result that could not be stored.
+RESULT_RETRY_FIRST = 1.0
+RESULT_RETRY_MAX = 60.0
 
 
 class DeliveryAgent:
@@ -72,6 +82,9 @@ class DeliveryAgent:
         self._fresh: dict[str, tuple[dict[str, Any], bytes | None]] = {}
         self._fresh_bytes = 0
         self._removals: Batcher[str] = Batcher(self._remove)
+        # Message id -> what its unstored result says, while it waits.
+        self.unrecorded: dict[str, str] = {}
+        self._store_error: str | None = None
 
     def _in_thread(self, fn: Callable[..., Any], *args: Any) -> Deferred[Any]:
         return deferToThreadPool(self._reactor, self._reactor.getThreadPool(), fn, *args)
@@ -79,6 +92,11 @@ class DeliveryAgent:
     def _remove(self, message_ids: list[str]) -> Deferred[list[None]]:
         d = self._in_thread(self._spool.remove, message_ids)
         return d.addCallback(lambda _: [None] * len(message_ids))
+
+    def _original_headers(self, message_id: str) -> bytes:
+        """The header section of a spooled message, never its envelope record (worker thread)."""
+        _, length = self._spool.read_small(message_id)
+        return read_headers(self._spool.path(message_id), length)
 
     def retry_interval(self, attempts: int) -> int:
         """Seconds before the next attempt after C{attempts} ones; the last interval repeats."""
@@ -110,14 +128,16 @@ class DeliveryAgent:
         # Not waited for: only the admin API sees "sending"; after a crash
         # the message is active either way and is tried again.
         self.writer.write(queue.mark_sending, message_id, self._clock.seconds()).addErrback(
-            lambda f: log.failure("marking {id} sending failed", f, id=message_id)
+            lambda f: self._store_failed(f.value)
         )
         pending = [r for r in message["recipients"] if r["status"] not in queue.FINAL_RECIPIENT]
         addresses = list(dict.fromkeys(r["address"] for r in pending))
+        length = None
         try:
             if content is None:
-                content = yield self._in_thread(self._spool.read_small, message_id)
-            outcomes = yield self._relay.send(message["mail_from"], addresses, self._spool.path(message_id), content)
+                content, length = yield self._in_thread(self._spool.read_small, message_id)
+            path = self._spool.path(message_id)
+            outcomes = yield self._relay.send(message["mail_from"], addresses, path, content, length)
         except Exception:
             log.failure("relaying {id} failed unexpectedly", id=message_id)
             outcomes = []
@@ -183,7 +203,7 @@ class DeliveryAgent:
         )
         if bounced and message["mail_from"]:
             yield self._bounce(message, bounced, now)
-        yield self.writer.write(queue.finish_attempt, message["id"], status, next_attempt, updates, notify_delay, now)
+        yield self._store(message, status, next_attempt, updates, notify_delay, now)
         if not message["internal"]:
             summary = _stats_message(message)
             previous = {r["idx"]: r["status"] for r in pending}
@@ -207,9 +227,61 @@ class DeliveryAgent:
         return next_attempt
 
     @inlineCallbacks
+    def _store(
+        self,
+        message: dict[str, Any],
+        status: str,
+        next_attempt: float | None,
+        updates: list[queue.RecipientUpdate],
+        notify_delay: bool,
+        now: float,
+    ) -> Any:
+        """Store an attempt's result, again and again until it is stored: never deliver again instead."""
+        delay = RESULT_RETRY_FIRST
+        while True:
+            try:
+                yield self.writer.write(queue.finish_attempt, message, status, next_attempt, updates, notify_delay, now)
+            except Exception as e:
+                self._store_failed(e)
+                self.unrecorded[message["id"]] = ", ".join(
+                    f"{r['address']} {u.status}" for r, u in zip(_by_idx(message, updates), updates, strict=True)
+                )
+                yield deferLater(self._clock, delay, lambda: None)
+                delay = min(delay * 2, RESULT_RETRY_MAX)
+            else:
+                break
+        if self.unrecorded.pop(message["id"], None) is not None or self._store_error is not None:
+            self._store_recovered()
+
+    def _store_failed(self, error: BaseException) -> None:
+        """Log a store outage once, however many results wait for it."""
+        if self._store_error is None:
+            self._store_error = str(error) or error.__class__.__name__
+            log.error(
+                "cannot store delivery results ({error}): they are kept and written again until stored; "
+                "the messages are not sent again meanwhile",
+                error=self._store_error,
+            )
+
+    def _store_recovered(self) -> None:
+        if self._store_error is not None and not self.unrecorded:
+            log.info("delivery results are stored again (the failure was: {error})", error=self._store_error)
+            self._store_error = None
+
+    def report_unrecorded(self) -> None:
+        """At shutdown: name each result still waiting to be stored, which is lost with the process."""
+        for message_id, result in sorted(self.unrecorded.items()):
+            log.error(
+                "result of the delivery of {id} was never stored ({result}): after the restart the message "
+                "is tried again, and its recipients that got it may get it twice",
+                id=message_id,
+                result=result,
+            )
+
+    @inlineCallbacks
     def _bounce(self, message: dict[str, Any], failed: list[tuple[str, int, str]], now: float) -> Any:
         try:
-            headers = yield self._in_thread(read_headers, self._spool.path(message["id"]))
+            headers = yield self._in_thread(self._original_headers, message["id"])
             dsn = build_dsn(self._hostname, message["id"], message["mail_from"], failed, headers, message["created_at"], now)
             dsn_id = yield self._submit_internal("", [message["mail_from"]], dsn, message["priority"], message["user"])
             log.info("bounce {dsn} queued for {id}", dsn=dsn_id, id=message["id"])
@@ -230,6 +302,12 @@ class DeliveryAgent:
         maybeDeferred(self._stats.recipient_result, summary, status, previous).addErrback(
             lambda f: log.failure("counting a recipient result failed", f)
         )
+
+
+def _by_idx(message: dict[str, Any], updates: Sequence[queue.RecipientUpdate]) -> list[dict[str, Any]]:
+    """The recipient of each update, in order."""
+    recipients = {r["idx"]: r for r in message["recipients"]}
+    return [recipients[u.idx] for u in updates]
 
 
 def _message_status(statuses: Sequence[str]) -> str:

@@ -67,16 +67,21 @@ class Transfer:
 
     @ivar content: the message itself when it was read already (small
         ones are, off the reactor), else None: it is read from C{path}.
+    @ivar length: how many bytes of C{path} are the message (the spool
+        file's envelope record follows them), None for the whole file.
     @ivar reused: the connection had carried a message before this one.
     @ivar dot_sent: the end of the data was sent, so the server may have
         accepted the message even if no reply came.
     """
 
-    def __init__(self, mail_from: str, recipients: Sequence[str], path: str, content: bytes | None = None) -> None:
+    def __init__(
+        self, mail_from: str, recipients: Sequence[str], path: str, content: bytes | None = None, length: int | None = None
+    ) -> None:
         self.mail_from = mail_from
         self.recipients = list(recipients)
         self.path = path
         self.content = content
+        self.length = length
         self.reused = False
         self.dot_sent = False
         self.done: Deferred[Results | str] = Deferred()
@@ -251,7 +256,8 @@ class RelayClient(ESMTPClient):
         if self.transfer.content is not None:
             self._file = io.BytesIO(self.transfer.content)
         else:
-            self._file = open(self.transfer.path, "rb")  # noqa: SIM115 - closed when the transfer ends
+            file = open(self.transfer.path, "rb")  # noqa: SIM115 - closed when the transfer ends
+            self._file = file if self.transfer.length is None else _Prefix(file, self.transfer.length)
         return self._file
 
     def smtpState_data(self, code: int, resp: bytes) -> None:
@@ -345,6 +351,22 @@ class RelayClient(ESMTPClient):
         if self._file is not None:
             self._file.close()
             self._file = None
+
+
+class _Prefix:
+    """The first C{length} bytes of a file, read as Twisted's C{FileSender} reads files."""
+
+    def __init__(self, file: Any, length: int) -> None:
+        self._file = file
+        self._left = length
+
+    def read(self, size: int) -> bytes:
+        data = self._file.read(min(size, self._left))
+        self._left -= len(data)
+        return data
+
+    def close(self) -> None:
+        self._file.close()
 
 
 class _ClientFactory(ClientFactory):

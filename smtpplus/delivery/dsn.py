@@ -24,10 +24,10 @@ def status_of(code: int, response: str) -> str:
     return f"{str(code)[0]}.0.0" if code >= 400 else "5.0.0"
 
 
-def read_headers(path: str) -> bytes:
-    """The header section of a spooled message (worker thread)."""
+def read_headers(path: str, length: int | None = None) -> bytes:
+    """The header section of a spooled message of C{length} bytes (worker thread)."""
     with open(path, "rb") as f:
-        head = f.read(HEADERS_QUOTED)
+        head = f.read(HEADERS_QUOTED if length is None else min(length, HEADERS_QUOTED))
     end = head.find(b"\r\n\r\n")
     return head[: end + 2] if end >= 0 else head
 

@@ -18,7 +18,7 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 
 from smtpplus.delivery.batching import Batcher
-from smtpplus.delivery.spool import Spool, TempMessage, local_failure
+from smtpplus.delivery.spool import Envelope, Spool, TempMessage, local_failure
 
 log = Logger()
 
@@ -84,6 +84,11 @@ class NewMessage:
     @property
     def status(self) -> str:
         return "scheduled" if self.schedule_at is not None and self.schedule_at > self.created_at else "queued"
+
+    @classmethod
+    def from_envelope(cls, message_id: str, envelope: Envelope) -> NewMessage:
+        """The message as it was committed, rebuilt from its spool file."""
+        return cls(id=message_id, **attrs.asdict(envelope, recurse=False))
 
 
 def insert_messages(conn: sqlite3.Connection, messages: Sequence[NewMessage]) -> list[int]:
@@ -157,10 +162,33 @@ def recover(conn: sqlite3.Connection, now: float) -> list[dict[str, Any]]:
     return [dict(row) for row in rows]
 
 
-def all_ids(conn: sqlite3.Connection) -> set[str]:
-    """Ids of active messages (those that still own a spool file)."""
-    rows = conn.execute("SELECT id FROM queue_messages WHERE status IN (?, ?, ?, ?)", ACTIVE).fetchall()
-    return {row[0] for row in rows}
+def statuses(conn: sqlite3.Connection, message_ids: Sequence[str]) -> dict[str, str]:
+    """The status of each of C{message_ids} that has a queue row."""
+    found: dict[str, str] = {}
+    for start in range(0, len(message_ids), 500):
+        chunk = message_ids[start : start + 500]
+        marks = ",".join("?" * len(chunk))
+        rows = conn.execute(f"SELECT id, status FROM queue_messages WHERE id IN ({marks})", chunk).fetchall()
+        found.update((row[0], row[1]) for row in rows)
+    return found
+
+
+def requeue(conn: sqlite3.Connection, messages: Sequence[NewMessage]) -> list[dict[str, Any]]:
+    """
+    Queue again messages rebuilt from their spool files (all recipients
+    pending, no attempt made); returns their scheduling data.
+    """
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        seqs = insert_messages(conn, messages)
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    conn.execute("COMMIT")
+    return [
+        {"id": m.id, "seq": seq, "user": m.user, "priority": m.priority, "next_attempt": m.schedule_at}
+        for m, seq in zip(messages, seqs, strict=True)
+    ]
 
 
 def _recipients(conn: sqlite3.Connection, message_id: str) -> list[dict[str, Any]]:
@@ -226,23 +254,59 @@ class RecipientUpdate:
 
 def finish_attempt(
     conn: sqlite3.Connection,
-    message_id: str,
+    message: dict[str, Any],
     status: str,
     next_attempt: float | None,
     updates: Sequence[RecipientUpdate],
     delay_notified: bool,
     now: float,
 ) -> None:
-    """Store the outcome of one delivery attempt."""
-    conn.execute(
+    """
+    Store the outcome of one delivery attempt.  A message whose row is gone
+    (the database was lost during the attempt) gets it back, from what the
+    attempt knew: its spool file is not queued twice.
+    """
+    message_id = message["id"]
+    cursor = conn.execute(
         "UPDATE queue_messages SET status = ?, next_attempt = ?, delay_notified = MAX(delay_notified, ?), "
         "updated_at = ? WHERE id = ?",
         (status, next_attempt, int(delay_notified), now, message_id),
     )
+    if cursor.rowcount == 0:
+        _reinsert(conn, message, status, next_attempt, delay_notified, now)
     conn.executemany(
         "UPDATE queue_recipients SET status = ?, attempts = ?, last_response = ?, next_attempt = ? "
         "WHERE message_id = ? AND idx = ?",
         [(u.status, u.attempts, u.last_response, u.next_attempt, message_id, u.idx) for u in updates],
+    )
+
+
+def _reinsert(
+    conn: sqlite3.Connection, message: dict[str, Any], status: str, next_attempt: float | None, delay_notified: bool, now: float
+) -> None:
+    log.warn(
+        "message {id} had no queue entry: rebuilt from its delivery attempt (status {status})",
+        id=message["id"],
+        status=status,
+    )
+    conn.execute(
+        "INSERT INTO queue_messages (id, user, mail_from, header_from, subject, priority, status, "
+        "campaign_name, campaign_code, schedule_at, next_attempt, size, internal, delay_notified, created_at, updated_at) "
+        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        (
+            message["id"], message["user"], message["mail_from"], message["header_from"], message["subject"],
+            message["priority"], status, message["campaign_name"], message["campaign_code"], message["schedule_at"],
+            next_attempt, message["size"], int(message["internal"]), int(delay_notified or message["delay_notified"]),
+            message["created_at"], now,
+        ),
+    )
+    conn.executemany(
+        "INSERT INTO queue_recipients (message_id, idx, address, status, attempts, last_response, next_attempt) "
+        "VALUES (?, ?, ?, ?, ?, ?, ?)",
+        [
+            (message["id"], r["idx"], r["address"], r["status"], r["attempts"], r["last_response"], r["next_attempt"])
+            for r in message["recipients"]
+        ],
     )
 
 
@@ -290,7 +354,7 @@ class StateWriter:
 
     def _apply(self, changes: list[tuple[Callable[..., None], tuple[Any, ...]]]) -> Deferred[list[Exception | None]]:
         self.batches += 1
-        return self._database.run(apply_changes, changes)
+        return self._database.write(apply_changes, changes)
 
     def write(self, fn: Callable[..., None], *args: Any) -> Deferred[None]:
         """Queue C{fn(conn, *args)}; fires once it is committed."""
@@ -326,6 +390,7 @@ class Committer:
     def commit(self, temp: TempMessage, message: NewMessage) -> Deferred[str]:
         """Fires with the queue id once file and record are durable."""
         d: Deferred[str] = Deferred()
+        temp.envelope = message
         self._waiting.append((temp, message, d))
         if not self._busy:
             self._flush()

@@ -14,7 +14,8 @@ from collections.abc import Sequence
 from typing import Any
 
 import attrs
-from twisted.internet.defer import Deferred, DeferredList, inlineCallbacks
+import idna
+from twisted.internet.defer import Deferred, DeferredList, inlineCallbacks, succeed
 from twisted.internet.ssl import CertificateOptions
 from twisted.logger import Logger
 from twisted.names import client, dns
@@ -54,6 +55,25 @@ def _server_address(text: str, default_port: int) -> tuple[str, int]:
     return text, default_port
 
 
+def wire_address(address: str) -> str:
+    """
+    C{address} as it is written towards the next hop: ASCII, its domain in
+    IDNA A-labels (messages queued before intake converted them have
+    Unicode ones).  Raises ValueError when it cannot be written so: a
+    non-ASCII local part (the relay does not speak SMTPUTF8) or a domain
+    that is not a valid IDNA name.
+    """
+    if address.isascii():
+        return address
+    local, at, domain = address.rpartition("@")
+    if not at or not local.isascii():
+        raise ValueError(f"the local part of {address} is not ASCII")
+    try:
+        return f"{local}@{idna.encode(domain, uts46=True).decode('ascii')}"
+    except UnicodeError as e:
+        raise ValueError(f"the domain of {address} is not a valid internationalized name: {e}") from None
+
+
 class _PermanentRoute(Exception):
     """The domain cannot receive mail at all: its recipients bounce."""
 
@@ -91,10 +111,44 @@ class Relay:
         self.pool = Pool(reactor, hostname, config.smarthost_username, config.smarthost_password, context)
 
     def send(
-        self, mail_from: str, recipients: Sequence[str], path: str, content: bytes | None = None
+        self, mail_from: str, recipients: Sequence[str], path: str, content: bytes | None = None, length: int | None = None
     ) -> Deferred[list[HopOutcome]]:
-        """Offer the message at C{path} (or C{content}, when read already) to its next hop(s)."""
-        message = (path, content)
+        """
+        Offer the message at C{path} (its first C{length} bytes, or
+        C{content} when read already) to its next hop(s).  A recipient whose
+        address cannot be written for the next hop fails for good, with the
+        reason; the others go on.
+        """
+        message = (path, content, length)
+        if mail_from.isascii() and all(address.isascii() for address in recipients):
+            return self._send(mail_from, recipients, message)
+        try:
+            wire_from = wire_address(mail_from)
+        except ValueError as e:
+            return succeed([HopOutcome("", {a: (553, f"5.6.7 Sender address refused: {e}") for a in recipients})])
+        unwritable: dict[str, tuple[int, str]] = {}
+        originals: dict[str, list[str]] = {}
+        for address in recipients:
+            try:
+                originals.setdefault(wire_address(address), []).append(address)
+            except ValueError as e:
+                unwritable[address] = (553, f"5.6.7 Recipient address refused: {e}")
+        d = self._send(wire_from, list(originals), message) if originals else succeed([])
+
+        def as_given(outcomes: list[HopOutcome]) -> list[HopOutcome]:
+            result = [
+                attrs.evolve(o, results={a: r for w, r in o.results.items() for a in originals.get(w, [w])})
+                for o in outcomes
+            ]
+            if unwritable:
+                result.append(HopOutcome("", unwritable))
+            return result
+
+        return d.addCallback(as_given)
+
+    def _send(
+        self, mail_from: str, recipients: Sequence[str], message: tuple[str, bytes | None, int | None]
+    ) -> Deferred[list[HopOutcome]]:
         if self.config.mode == "smarthost":
             host, port = _server_address(self.config.smarthost, 25)
             tls = self.config.smarthost_tls
@@ -107,7 +161,7 @@ class Relay:
         return DeferredList(attempts, consumeErrors=True).addCallback(_unwrap)
 
     @inlineCallbacks
-    def _send_domain(self, domain: str, mail_from: str, recipients: list[str], message: tuple[str, bytes | None]) -> Any:
+    def _send_domain(self, domain: str, mail_from: str, recipients: list[str], message: tuple[str, bytes | None, int | None]) -> Any:
         try:
             servers = yield self._route(domain)
         except _PermanentRoute as e:
@@ -165,7 +219,7 @@ class Relay:
         servers: Sequence[tuple[str, int]],
         mail_from: str,
         recipients: Sequence[str],
-        message: tuple[str, bytes | None],
+        message: tuple[str, bytes | None, int | None],
         tls: str,
     ) -> Any:
         """Try each server in turn until one gives per-recipient results."""

@@ -22,7 +22,7 @@ from smtpplus.delivery.queue import Committer, NewMessage
 from smtpplus.delivery.relay import Relay
 from smtpplus.delivery.rules import Refusals
 from smtpplus.delivery.scheduler import Job, Scheduler
-from smtpplus.delivery.spool import Spool, local_failure, new_queue_id
+from smtpplus.delivery.spool import EnvelopeError, Spool, local_failure, new_queue_id
 from smtpplus.delivery.submitter import Intake, Submitter
 from smtpplus.smtp.interfaces import ISubmitter
 
@@ -60,6 +60,7 @@ class Delivery:
         )
         self.scheduler = Scheduler(reactor, self.agent.deliver, d.max_concurrency, d.rate_limit)
         self.query = MessageQuery(database)
+        database.on_reopen(self._rebuild)
 
     def avatar(self, user: dict[str, Any], standing: Standing | None = None) -> ISubmitter:
         """The L{ISubmitter} for an authenticated user (its user dict and the session's L{Standing})."""
@@ -122,18 +123,82 @@ class Delivery:
     def recover(self) -> None:
         """
         At start-up, before the reactor runs: put interrupted attempts back
-        in the queue, clean the spool and load the ready set.
+        in the queue, clean the spool, queue again every accepted file that
+        has no queue row (the database was lost), and load the ready set.
         """
+        self.spool.secure()
         rows = self.database.run_sync(queue.recover, self.reactor.seconds())
-        partial, orphans = self.spool.recover({row["id"] for row in rows})
-        for row in rows:
+        partial, names = self.spool.recover()
+        active = {row["id"] for row in rows}
+        rebuilt = self.database.run_sync(self._requeue, [name for name in names if name not in active], set())
+        for row in rows + rebuilt:
             self.scheduler.add(Job(row["id"], row["priority"], row["seq"], row["user"]), row["next_attempt"])
         log.info(
-            "queue recovered: {n} messages waiting, {partial} partial and {orphans} unrecorded spool files removed",
-            n=len(rows),
+            "queue recovered: {n} messages waiting ({requeued} of them queued again from the spool), "
+            "{partial} partial spool files removed",
+            n=len(rows) + len(rebuilt),
+            requeued=len(rebuilt),
             partial=partial,
-            orphans=orphans,
         )
+
+    def _rebuild(self) -> None:
+        """After the database file was replaced by a new one: queue again what only the spool still knows."""
+        # Attempts in flight store their result into the new file
+        # themselves (see queue.finish_attempt): not queued twice.
+        busy = set(self.scheduler.in_flight)
+
+        def requeue(conn: Any) -> list[dict[str, Any]]:
+            return self._requeue(conn, os.listdir(self.spool.msg_dir), busy)
+
+        def schedule(rows: list[dict[str, Any]]) -> None:
+            for row in rows:
+                self.scheduler.add(Job(row["id"], row["priority"], row["seq"], row["user"]), row["next_attempt"])
+            log.info("queue rebuilt from the spool: {n} messages queued again", n=len(rows))
+
+        self.database.write(requeue).addCallbacks(
+            schedule, lambda f: log.failure("rebuilding the queue from the spool failed", f)
+        )
+
+    def _requeue(self, conn: Any, names: list[str], busy: set[str]) -> list[dict[str, Any]]:
+        """
+        Of the accepted files C{names}: remove those whose message is
+        finished (their removal was cut short), queue again those without a
+        queue row from their envelope record, set aside those whose record
+        cannot be read.  Returns the scheduling data of those queued again
+        (database thread, or start-up).
+        """
+        known = queue.statuses(conn, names)
+        finished = [name for name, status in known.items() if status not in queue.ACTIVE]
+        self.spool.remove(finished)
+        messages = []
+        for name in names:
+            if name in known or name in busy:
+                continue
+            try:
+                envelope = self.spool.read_envelope(self.spool.path(name))
+            except FileNotFoundError:
+                continue
+            except (OSError, EnvelopeError) as e:
+                try:
+                    where = self.spool.set_aside(name)
+                except OSError as moving:
+                    log.error("spool file {id} has no readable envelope ({error}) and cannot be moved aside: {moving}",
+                              id=name, error=e, moving=moving)
+                else:
+                    log.error("spool file {id} has no readable envelope ({error}): moved to {where}", id=name, error=e, where=where)
+                continue
+            message = queue.NewMessage.from_envelope(name, envelope)
+            log.warn(
+                "message {id} had no queue entry: queued again from its spool file (user {user}, from <{sender}>, "
+                "{n} recipients, priority {priority})",
+                id=name,
+                user=message.user,
+                sender=message.mail_from,
+                n=len(message.recipients),
+                priority=message.priority,
+            )
+            messages.append(message)
+        return queue.requeue(conn, messages) if messages else []
 
 
 def _call_logged(fn: Callable[..., Any], *args: Any) -> None:
@@ -156,12 +221,13 @@ class DeliveryService(Service):
         Service.stopService(self)
         clock = self.delivery.reactor
         finished: Deferred[None] = Deferred()
-        timer = clock.callLater(STOP_GRACE, lambda: finished.called or finished.callback(None))
+        timer = clock.callLater(STOP_GRACE, lambda: done(None))
 
         def done(_: object) -> None:
             if timer.active():
                 timer.cancel()
             if not finished.called:
+                self.delivery.agent.report_unrecorded()
                 finished.callback(None)
 
         def close_connections(_: object) -> Deferred[None] | None:

@@ -1,8 +1,17 @@
 """
 The message spool under C{state_dir/spool}: C{tmp/} holds messages being
 received (written out at the end of DATA, or earlier when large), C{msg/}
-holds accepted ones, one file per queue id, and C{free/} holds the files of
-finished messages, kept for reuse.
+holds accepted ones, one file per queue id, C{free/} holds the files of
+finished messages, kept for reuse, and C{corrupt/} holds accepted files
+whose envelope cannot be read, set aside for the administrator.
+
+Each accepted file is self-describing: the message is followed by its
+envelope record (user, sender, recipients, priority...; see L{Envelope})
+and a fixed-size tail that gives the record's length.  The database can be
+rebuilt from the spool: at start-up a file without a queue row is queued
+again from its record.  The record goes at the end because a large
+message is streamed to disk before its header fields (priority, schedule)
+are known; the relay sends only the bytes before it.
 
 A file reaches C{msg/} only by rename after an fsync of its content, and the
 rename is made durable by an fsync of the directory.  Every method that
@@ -21,13 +30,15 @@ from __future__ import annotations
 
 import base64
 import errno
+import json
 import os
 import threading
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
+import attrs
 from twisted.logger import Logger
 
 from smtpplus.smtp.interfaces import SMTPReply
@@ -45,6 +56,15 @@ FREE_LIMIT = 1024
 # wait for the same journal commit share its cache flush, and on a virtual
 # disk the flushes are what costs.
 SYNC_THREADS = 16
+# Files and directories the daemon writes are its user's alone.
+FILE_MODE = 0o600
+DIR_MODE = 0o700
+
+# The tail after an envelope record: newline, the record's length in ten
+# digits, a space and this marker.  A message ends in CRLF, so the marker
+# (ending in a bare LF) cannot be mistaken for the end of a message.
+_MARKER = b"smtpplus-envelope-1\n"
+_TAIL = 12 + len(_MARKER)
 
 
 # Random bytes for ids, drawn from the OS a page at a time rather than with
@@ -74,6 +94,62 @@ def local_failure(error: BaseException) -> SMTPReply:
     return SMTPReply(451, "4.3.0", "Local error in processing, try again later")
 
 
+@attrs.frozen
+class Envelope:
+    """What the queue needs to know of an accepted message besides its bytes."""
+
+    user: str | None
+    mail_from: str
+    header_from: str
+    subject: str
+    priority: int
+    recipients: tuple[str, ...]
+    campaign_name: str | None
+    campaign_code: str | None
+    schedule_at: float | None
+    size: int
+    internal: bool
+    created_at: float
+
+
+class EnvelopeError(ValueError):
+    """A spool file whose envelope record is missing or unreadable."""
+
+
+_FIELDS = tuple(field.name for field in attrs.fields(Envelope))
+_encoder = json.JSONEncoder(check_circular=False)
+
+
+def envelope_record(envelope: object) -> bytes:
+    """
+    The bytes that follow a message in its spool file: the record of
+    C{envelope} (an L{Envelope}, or anything with its fields: the queue's
+    C{NewMessage}, without a copy per message) and its tail.
+    """
+    record = _encoder.encode({name: getattr(envelope, name) for name in _FIELDS}).encode("ascii")
+    return b"%s\n%010d %s" % (record, len(record), _MARKER)
+
+
+def _parse_tail(tail: bytes) -> int | None:
+    """The record length from the last L{_TAIL} bytes of a file, or None without a record."""
+    if len(tail) < _TAIL or not tail.endswith(_MARKER) or tail[-_TAIL : -_TAIL + 1] != b"\n":
+        return None
+    digits = tail[-_TAIL + 1 : -_TAIL + 11]
+    return int(digits) if digits.isdigit() else None
+
+
+def _decode_record(record: bytes) -> Envelope:
+    try:
+        fields: dict[str, Any] = json.loads(record)
+        fields["recipients"] = tuple(fields["recipients"])
+        envelope = Envelope(**fields)
+    except (ValueError, TypeError, KeyError) as e:
+        raise EnvelopeError(f"unreadable envelope record: {e}") from None
+    if not envelope.recipients or not all(isinstance(r, str) for r in envelope.recipients):
+        raise EnvelopeError("envelope record without recipients")
+    return envelope
+
+
 class TempMessage:
     """
     One message being received.  Up to L{MEMORY_LIMIT} bytes it stays in
@@ -98,6 +174,9 @@ class TempMessage:
         # worker thread writes the held content through.
         self._file: BinaryIO | None = None
         self._fd: int | None = None
+        # Set by the committer before L{write_out}, written after the
+        # message: see L{envelope_record}.
+        self.envelope: object | None = None
 
     def write(self, data: bytes) -> None:
         """Append C{data}; a failure is kept and reported at the end of DATA."""
@@ -111,7 +190,8 @@ class TempMessage:
             data = b"".join(self._chunks)
             self._chunks = []
             try:
-                self._file = open(self.path, "wb", buffering=_WRITE_BUFFER)  # noqa: SIM115 - closed by finish/discard
+                fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, FILE_MODE)
+                self._file = open(fd, "wb", buffering=_WRITE_BUFFER)  # noqa: SIM115 - closed by finish/discard
             except OSError as e:
                 self.error = e
                 return
@@ -121,10 +201,13 @@ class TempMessage:
             self.error = e
 
     def write_out(self) -> None:
-        """Hand the whole content to the file system, unsynced (worker thread)."""
+        """Hand the whole content and its envelope record to the file system, unsynced (worker thread)."""
         if self.error is not None:
             raise self.error
+        assert self.envelope is not None, "the committer sets the envelope"
+        record = envelope_record(self.envelope)
         if self._file is not None:
+            self._file.write(record)
             self._file.flush()
             return
         # Plain descriptors rather than a file object: six system calls a
@@ -132,16 +215,19 @@ class TempMessage:
         # to win the GIL back from the reactor.
         reused = self._spool.reuse()
         if reused is None:
-            self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o666)
+            self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, FILE_MODE)
         else:
             self._fd, self.path = reused
         self.content = b"".join(self._chunks)
         self._chunks = []
-        view = memoryview(self.content)
-        while view:
-            view = view[os.write(self._fd, view) :]
+        total = len(self.content) + len(record)
+        written = os.writev(self._fd, [self.content, record])
+        if written < total:
+            view = memoryview(self.content + record)[written:]
+            while view:
+                view = view[os.write(self._fd, view) :]
         if reused is not None:
-            os.ftruncate(self._fd, len(self.content))
+            os.ftruncate(self._fd, total)
 
     def _fileno(self) -> int:
         if self._fd is not None:
@@ -198,8 +284,10 @@ class Spool:
         self.tmp_dir = os.path.join(root, "tmp")
         self.msg_dir = os.path.join(root, "msg")
         self.free_dir = os.path.join(root, "free")
-        for path in (root, self.tmp_dir, self.msg_dir, self.free_dir):
-            os.makedirs(path, mode=0o750, exist_ok=True)
+        self.corrupt_dir = os.path.join(root, "corrupt")
+        for path in (root, self.tmp_dir, self.msg_dir, self.free_dir, self.corrupt_dir):
+            os.makedirs(path, mode=DIR_MODE, exist_ok=True)
+            os.chmod(path, DIR_MODE)
         # Names in free/; worker threads share it (deque appends and pops
         # are atomic), so its length is a bound, not an exact count.
         self._free: deque[str] = deque()
@@ -287,11 +375,31 @@ class Spool:
         finally:
             os.close(fd)
 
-    def read_small(self, message_id: str) -> bytes | None:
-        """The whole message if it is up to L{MEMORY_LIMIT} bytes, else None (worker thread)."""
+    def read_small(self, message_id: str) -> tuple[bytes | None, int]:
+        """
+        The message's bytes if it is up to L{MEMORY_LIMIT} bytes (else None)
+        and its length, without the envelope record (worker thread).
+        """
         with open(self.path(message_id), "rb") as f:
-            data = f.read(MEMORY_LIMIT + 1)
-        return data if len(data) <= MEMORY_LIMIT else None
+            data = f.read(2 * MEMORY_LIMIT)
+            if len(data) < 2 * MEMORY_LIMIT:
+                length = _message_length(data, len(data))
+            else:
+                size = os.fstat(f.fileno()).st_size
+                f.seek(max(0, size - _TAIL))
+                length = _message_length(f.read(_TAIL), size)
+        return (data[:length] if length <= MEMORY_LIMIT else None), length
+
+    def read_envelope(self, path: str) -> Envelope:
+        """The envelope record of the spool file at C{path} (worker thread)."""
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            f.seek(max(0, size - _TAIL))
+            length = _parse_tail(f.read(_TAIL))
+            if length is None or length > size - _TAIL:
+                raise EnvelopeError("no envelope record")
+            f.seek(size - _TAIL - length)
+            return _decode_record(f.read(length))
 
     def remove(self, message_ids: Iterable[str]) -> None:
         """Retire accepted messages that are finished: into C{free/} when small, else deleted (worker thread)."""
@@ -308,25 +416,45 @@ class Spool:
             except OSError as e:
                 log.warn("cannot remove spooled message {id}: {error}", id=message_id, error=e)
 
-    def recover(self, known_ids: set[str]) -> tuple[int, int]:
+    def recover(self) -> tuple[int, list[str]]:
         """
-        At start-up: delete partial files in C{tmp/} and files in C{msg/}
-        that have no queue record (their commit never finished, so nobody
-        was told 250).  Returns both counts.
+        At start-up: delete partial files in C{tmp/} (no client was told
+        250 for them) and reload C{free/}.  Returns the partial count and
+        the ids in C{msg/}, for the caller to match with the queue.
         """
         partial = 0
         for name in os.listdir(self.tmp_dir):
             os.unlink(os.path.join(self.tmp_dir, name))
             partial += 1
-        orphans = 0
-        for name in os.listdir(self.msg_dir):
-            if name not in known_ids:
-                os.unlink(os.path.join(self.msg_dir, name))
-                orphans += 1
         self._free.clear()
         for name in os.listdir(self.free_dir):
             if len(self._free) < FREE_LIMIT:
                 self._free.append(name)
             else:
                 os.unlink(os.path.join(self.free_dir, name))
-        return partial, orphans
+        return partial, os.listdir(self.msg_dir)
+
+    def set_aside(self, message_id: str) -> str:
+        """Move an accepted file whose envelope cannot be read into C{corrupt/}; returns its new path."""
+        target = os.path.join(self.corrupt_dir, message_id)
+        os.rename(self.path(message_id), target)
+        return target
+
+    def secure(self) -> None:
+        """Give the spool's directories and files mode 0700/0600, whatever they had (start-up)."""
+        for directory in (self.root, self.tmp_dir, self.msg_dir, self.free_dir, self.corrupt_dir):
+            os.chmod(directory, DIR_MODE)
+            if directory != self.root:
+                for name in os.listdir(directory):
+                    os.chmod(os.path.join(directory, name), FILE_MODE)
+
+
+def _message_length(tail: bytes, size: int) -> int:
+    """
+    How many of a spool file's C{size} bytes are the message, given its
+    last bytes: all of them in a file written before envelope records.
+    """
+    length = _parse_tail(tail[-_TAIL:])
+    if length is None or length > size - _TAIL:
+        return size
+    return size - _TAIL - length

@@ -1,0 +1,405 @@
+"""
+Storage that misbehaves: results that cannot be stored, a database lost or
+replaced, spool files that outlive their queue rows, addresses that cannot
+be written for the next hop, and file modes.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import stat
+from typing import Any
+
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred, fail, inlineCallbacks, maybeDeferred, succeed
+from twisted.internet.task import Clock
+from twisted.logger import globalLogPublisher
+from twisted.python.failure import Failure
+from twisted.trial import unittest
+
+from smtpplus.delivery import queue
+from smtpplus.delivery import spool as spool_module
+from smtpplus.delivery.agent import DeliveryAgent
+from smtpplus.delivery.relay import HopOutcome, wire_address
+from smtpplus.delivery.scheduler import Job, Scheduler
+from smtpplus.delivery.spool import EnvelopeError, Spool, envelope_record
+from smtpplus.storage.database import Database, DatabaseLost, apply_migrations, connect
+from tests.delivery_helpers import Stack, queue_id, simple_message, wait_until
+
+
+def _message(message_id: str = "M1", recipients: tuple[str, ...] = ("a@dest.test", "b@dest.test")) -> queue.NewMessage:
+    return queue.NewMessage(
+        id=message_id,
+        user="alice",
+        mail_from="me@example.com",
+        header_from="Me <me@example.com>",
+        subject="Grüße",
+        priority=2,
+        recipients=recipients,
+        campaign_name="spring",
+        campaign_code="C7",
+        schedule_at=None,
+        size=100,
+        internal=False,
+        created_at=1000.0,
+    )
+
+
+class _Logged:
+    """Collects log events of one level for the length of a test."""
+
+    def __init__(self, testcase: unittest.TestCase, level: str) -> None:
+        self.events: list[dict[str, Any]] = []
+
+        def observe(event: dict[str, Any]) -> None:
+            if event.get("log_level") is not None and event["log_level"].name == level:
+                self.events.append(event)
+
+        globalLogPublisher.addObserver(observe)
+        testcase.addCleanup(globalLogPublisher.removeObserver, observe)
+
+
+class _SyncPool:
+    """A thread pool that runs its work at once, on the calling thread."""
+
+    def callInThreadWithCallback(self, on_result: Any, fn: Any, *args: Any, **kwargs: Any) -> None:
+        try:
+            result = fn(*args, **kwargs)
+        except Exception:
+            on_result(False, Failure())
+        else:
+            on_result(True, result)
+
+
+class _ClockReactor(Clock):
+    """A Clock whose "threads" run synchronously: the agent's spool work in a unit test."""
+
+    def getThreadPool(self) -> _SyncPool:
+        return _SyncPool()
+
+    def callFromThread(self, fn: Any, *args: Any, **kwargs: Any) -> None:
+        fn(*args, **kwargs)
+
+
+class _FlakyStore:
+    """
+    A database on a real SQLite connection, run synchronously, whose writes
+    fail with SQLITE_FULL while C{failing} is set.
+    """
+
+    def __init__(self, path: str) -> None:
+        self.conn = connect(path)
+        self.failing = False
+        self.failed_writes = 0
+
+    def run(self, fn: Any, *args: Any) -> Deferred[Any]:
+        return maybeDeferred(fn, self.conn, *args)
+
+    def write(self, fn: Any, *args: Any) -> Deferred[Any]:
+        if self.failing:
+            self.failed_writes += 1
+            return fail(sqlite3.OperationalError("database or disk is full"))
+        return self.run(fn, *args)
+
+
+class _CountingRelay:
+    """Accepts every recipient and counts the messages offered."""
+
+    def __init__(self) -> None:
+        self.sent: list[tuple[str, list[str]]] = []
+
+    def send(self, mail_from: str, recipients: list[str], path: str, content: Any = None, length: Any = None) -> Deferred[Any]:
+        self.sent.append((mail_from, list(recipients)))
+        return succeed([HopOutcome("smarthost", {r: (250, "2.0.0 OK") for r in recipients})])
+
+
+class UnstoredResultTests(unittest.TestCase):
+    def test_result_kept_until_stored_and_never_sent_again(self) -> None:
+        """
+        A delivery whose result cannot be stored (disk full) is made once:
+        the result is written again with a growing delay until the store
+        recovers, the scheduler does not offer the message meanwhile, the
+        outage is logged once (a result still unstored at shutdown is named),
+        and the stored result is the real one.
+        """
+        clock = _ClockReactor()
+        state = os.path.abspath(self.mktemp())
+        os.makedirs(state)
+        store = _FlakyStore(os.path.join(state, "q.db"))
+        self.addCleanup(store.conn.close)
+        apply_migrations(store.conn, queue.COMPONENT, queue.MIGRATIONS)
+        message = _message()
+        with store.conn:
+            queue.insert_messages(store.conn, [message])
+        relay = _CountingRelay()
+        spool = Spool(os.path.join(state, "spool"))
+        agent = DeliveryAgent(clock, store, spool, relay, None, None, [60], 86400, 3600, "relay.test", lambda *a: fail(Exception()))
+        scheduler = Scheduler(clock, agent.deliver, 5)
+        errors = _Logged(self, "error")
+
+        store.failing = True
+        agent.remember(message, b"Subject: x\r\n\r\nbody\r\n")
+        scheduler.add(Job(message.id, message.priority, 1, message.user))
+        scheduler.start()
+        for _ in range(20):
+            clock.advance(30)
+        self.assertEqual(len(relay.sent), 1)
+        self.assertIn(message.id, scheduler.in_flight)
+        self.assertIn("a@dest.test sent", agent.unrecorded[message.id])
+        self.assertGreater(store.failed_writes, 5)
+        self.assertEqual(len([e for e in errors.events if "cannot store delivery results" in e["log_format"]]), 1)
+        # Were the daemon stopped now, the log would name the result it loses.
+        agent.report_unrecorded()
+        self.assertEqual([e["id"] for e in errors.events if "was never stored" in e["log_format"]], [message.id])
+
+        store.failing = False
+        clock.advance(60)
+        self.assertEqual(scheduler.in_flight, {})
+        self.assertEqual(agent.unrecorded, {})
+        stored = queue.load_message(store.conn, message.id)
+        assert stored is not None
+        self.assertEqual(stored["status"], "sent")
+        self.assertEqual([(r["status"], r["attempts"]) for r in stored["recipients"]], [("sent", 1), ("sent", 1)])
+        for _ in range(10):
+            clock.advance(60)
+        self.assertEqual(len(relay.sent), 1)
+
+    def test_result_recreates_a_lost_row(self) -> None:
+        """An attempt that ends after its queue row vanished (database lost) stores its result as a new row."""
+        conn = connect(os.path.join(os.path.abspath(self.mktemp())))
+        self.addCleanup(conn.close)
+        apply_migrations(conn, queue.COMPONENT, queue.MIGRATIONS)
+        message = queue.as_row(_message())
+        update = [queue.RecipientUpdate(0, "sent", 1, "250 ok", None), queue.RecipientUpdate(1, "deferred", 1, "451 later", 2000.0)]
+        with conn:
+            queue.finish_attempt(conn, message, "deferred", 2000.0, update, False, 1500.0)
+        stored = queue.load_message(conn, "M1")
+        assert stored is not None
+        self.assertEqual((stored["status"], stored["user"], stored["priority"]), ("deferred", "alice", 2))
+        self.assertEqual([r["status"] for r in stored["recipients"]], ["sent", "deferred"])
+
+
+class EnvelopeRecordTests(unittest.TestCase):
+    def setUp(self) -> None:
+        self.spool = Spool(os.path.abspath(self.mktemp()))
+
+    def _commit(self, message: queue.NewMessage, data: bytes) -> str:
+        temp = self.spool.create(message.id)
+        temp.write(data)
+        temp.envelope = message
+        self.assertEqual(self.spool.make_durable([temp]), [None])
+        return self.spool.path(message.id)
+
+    def test_small_message_round_trip(self) -> None:
+        """A spool file holds the message then its envelope; the relay reads only the message."""
+        data = b"Subject: hi\r\n\r\nbody\r\n"
+        path = self._commit(_message(), data)
+        self.assertEqual(self.spool.read_small("M1"), (data, len(data)))
+        self.assertEqual(queue.NewMessage.from_envelope("M1", self.spool.read_envelope(path)), _message())
+
+    def test_large_message_length(self) -> None:
+        """A message over the memory limit is read from the file up to its own length."""
+        data = b"Subject: big\r\n\r\n" + (b"x" * 70 + b"\r\n") * 2000
+        self.assertGreater(len(data), spool_module.MEMORY_LIMIT)
+        path = self._commit(_message(), data)
+        content, length = self.spool.read_small("M1")
+        self.assertIsNone(content)
+        self.assertEqual(length, len(data))
+        with open(path, "rb") as f:
+            self.assertEqual(f.read(length), data)
+        self.assertEqual(self.spool.read_envelope(path).recipients, ("a@dest.test", "b@dest.test"))
+
+    def test_reused_file_is_cut_to_size(self) -> None:
+        """A file from free/ written over with a shorter message ends with that message's envelope."""
+        self._commit(_message("M1", tuple(f"r{n}@dest.test" for n in range(200))), b"Subject: a\r\n\r\n" + b"y" * 5000 + b"\r\n")
+        self.spool.remove(["M1"])
+        path = self._commit(_message("M2"), b"Subject: b\r\n\r\nshort\r\n")
+        self.assertEqual(self.spool.read_small("M2")[0], b"Subject: b\r\n\r\nshort\r\n")
+        self.assertEqual(self.spool.read_envelope(path).recipients, ("a@dest.test", "b@dest.test"))
+
+    def test_file_without_record(self) -> None:
+        """A file of an earlier release is all message, and has no envelope to read."""
+        path = self.spool.path("OLD")
+        with open(path, "wb") as f:
+            f.write(b"Subject: old\r\n\r\nbody\r\n")
+        self.assertEqual(self.spool.read_small("OLD"), (b"Subject: old\r\n\r\nbody\r\n", 22))
+        self.assertRaises(EnvelopeError, self.spool.read_envelope, path)
+
+    def test_damaged_record(self) -> None:
+        """A record that is not the JSON it should be is an EnvelopeError, not a crash."""
+        record = envelope_record(_message())
+        path = self.spool.path("BAD")
+        with open(path, "wb") as f:
+            f.write(b"Subject: x\r\n\r\n" + record.replace(b'"recipients"', b'"recipientz"'))
+        self.assertRaises(EnvelopeError, self.spool.read_envelope, path)
+
+
+class RecoveryTests(unittest.TestCase):
+    @inlineCallbacks
+    def test_spool_rebuilds_a_lost_database(self) -> Any:
+        """
+        At start-up, an accepted file without a queue row (the database was
+        lost) is queued again from its envelope and delivered; a partial
+        file in tmp/ is deleted; a file whose envelope cannot be read is
+        moved to spool/corrupt/, never deleted.
+        """
+        first = Stack(self, start=False)
+        data = simple_message(subject="survivor", extra='X-SMTPAPI: {"Priority": 1, "CampaignCode": "K9"}\r\n')
+        code, text = yield first.submit("me@example.com", ["r1@dest.test", "r2@dest.test"], data)
+        self.assertEqual(code, 250, text)
+        message_id = queue_id(text)
+        yield first.service.stopService()
+        first.database.stop()
+        state = first.state_dir
+        for suffix in ("", "-wal", "-shm"):
+            if os.path.exists(os.path.join(state, "smtpplus.db" + suffix)):
+                os.unlink(os.path.join(state, "smtpplus.db" + suffix))
+        with open(os.path.join(state, "spool", "tmp", "PARTIAL"), "wb") as f:
+            f.write(b"Subject: never finished\r\n")
+        with open(os.path.join(state, "spool", "msg", "NOENVELOPE"), "wb") as f:
+            f.write(b"Subject: no record\r\n\r\nbody\r\n")
+        warnings = _Logged(self, "warn")
+
+        second = Stack(self, state_dir=state, smarthost=first.smarthost)
+        message = yield second.wait_status(message_id, "sent")
+        self.assertEqual((message["user"], message["priority"], message["campaign_code"]), ("alice", 1, "K9"))
+        self.assertEqual(message["subject"], "survivor")
+        self.assertEqual([r["attempts"] for r in message["recipients"]], [1, 1])
+        [got] = first.smarthost.received()
+        self.assertEqual(sorted(got["rcpt_tos"]), ["r1@dest.test", "r2@dest.test"])
+        self.assertTrue(got["data"].endswith(b".dotted line\r\n"), got["data"][-200:])
+        self.assertNotIn(b"smtpplus-envelope", got["data"])
+        self.assertEqual(os.listdir(os.path.join(state, "spool", "tmp")), [])
+        self.assertEqual(os.listdir(os.path.join(state, "spool", "corrupt")), ["NOENVELOPE"])
+        requeued = [e for e in warnings.events if e.get("id") == message_id and "queued again" in e["log_format"]]
+        self.assertEqual(len(requeued), 1)
+
+    @inlineCallbacks
+    def test_finished_file_is_not_queued_again(self) -> Any:
+        """A file left behind by a finished message (its removal was cut short) is removed, not delivered again."""
+        first = Stack(self)
+        code, text = yield first.submit("me@example.com", ["r@dest.test"], simple_message())
+        message_id = queue_id(text)
+        yield first.wait_status(message_id, "sent")
+        yield wait_until(lambda: not os.path.exists(first.delivery.spool.path(message_id)))
+        yield first.service.stopService()
+        first.database.stop()
+        # Put the finished file back, as if the daemon died before removing it.
+        free = os.path.join(first.state_dir, "spool", "free", message_id)
+        os.rename(free, first.delivery.spool.path(message_id))
+        second = Stack(self, state_dir=first.state_dir, smarthost=first.smarthost)
+        yield wait_until(lambda: not os.path.exists(second.delivery.spool.path(message_id)))
+        self.assertEqual(len(first.smarthost.received()), 1)
+
+
+class LostDatabaseTests(unittest.TestCase):
+    @inlineCallbacks
+    def test_removed_file_refuses_then_recovers(self) -> Any:
+        """
+        A database file removed under the running daemon: the next message
+        gets 451 4.3.0, the daemon opens a new file by itself, queues again
+        what the spool holds, and delivers it once; new mail is accepted
+        again.
+        """
+        stack = Stack(self, delivery="retry_schedule = [1]\n", start=False)
+        code, text = yield stack.submit("me@example.com", ["held@dest.test"], simple_message(subject="held"))
+        self.assertEqual(code, 250, text)
+        held = queue_id(text)
+        reopened: list[bool] = []
+        stack.database.on_reopen(lambda: reopened.append(True))
+        os.unlink(stack.database.path)
+
+        code, text = yield stack.submit("me@example.com", ["refused@dest.test"], simple_message(subject="refused"))
+        self.assertEqual((code, text.split()[0]), (451, "4.3.0"))
+        yield wait_until(lambda: reopened)
+        self.assertTrue(os.path.exists(stack.database.path))
+        message = yield wait_until(lambda: stack.message(held))
+        self.assertEqual(message["recipients"][0]["address"], "held@dest.test")
+
+        stack.start()
+        code, text = yield stack.submit("me@example.com", ["after@dest.test"], simple_message(subject="after"))
+        self.assertEqual(code, 250, text)
+        yield stack.wait_status(held, "sent")
+        yield stack.wait_status(queue_id(text), "sent")
+        subjects = sorted(m["data"].split(b"Subject: ")[1].split(b"\r\n")[0] for m in stack.smarthost.received())
+        self.assertEqual(subjects, [b"after", b"held"])
+
+    def test_write_checks_the_file(self) -> Any:
+        """A write batch on a database whose file was replaced fails with DatabaseLost."""
+        path = os.path.abspath(self.mktemp())
+        database = Database(reactor, path)
+        self.addCleanup(database.stop)
+        database.migrate(queue.COMPONENT, queue.MIGRATIONS)
+        os.rename(path, path + ".old")
+        with open(path, "wb"):
+            pass
+        d = database.write(lambda conn: conn.execute("SELECT 1"))
+        return self.assertFailure(d, DatabaseLost)
+
+
+class AddressTests(unittest.TestCase):
+    def test_wire_address(self) -> None:
+        """Unicode domains go out as A-labels; a non-ASCII local part or a bad name cannot be written."""
+        self.assertEqual(wire_address("user@bücher.example"), "user@xn--bcher-kva.example")
+        self.assertEqual(wire_address("plain@dest.test"), "plain@dest.test")
+        self.assertEqual(wire_address(""), "")
+        self.assertRaises(ValueError, wire_address, "jörg@dest.test")
+        self.assertRaises(ValueError, wire_address, "x@" + "ü" * 64 + ".test")
+
+    @inlineCallbacks
+    def test_unicode_addresses_queued_earlier(self) -> Any:
+        """
+        A message queued with a Unicode domain is relayed to its A-label; a
+        recipient that cannot be written fails for good with the reason
+        while the others are delivered.
+        """
+        stack = Stack(self)
+        message_id = yield stack.submit_internal(
+            "", ["user@bücher.example", "jörg@dest.test", "ok@dest.test"], b"Subject: idn\r\n\r\nbody\r\n"
+        )
+        message = yield stack.wait_status(message_id, "partial")
+        statuses = {r["address"]: (r["status"], r["last_response"].split()[:2]) for r in message["recipients"]}
+        self.assertEqual(
+            statuses,
+            {
+                "user@bücher.example": ("sent", ["250", "2.0.0"]),
+                "jörg@dest.test": ("bounced", ["553", "5.6.7"]),
+                "ok@dest.test": ("sent", ["250", "2.0.0"]),
+            },
+        )
+        [got] = stack.smarthost.received()
+        self.assertEqual(sorted(got["rcpt_tos"]), ["ok@dest.test", "user@xn--bcher-kva.example"])
+
+
+def _mode(path: str) -> int:
+    return stat.S_IMODE(os.stat(path).st_mode)
+
+
+class ModeTests(unittest.TestCase):
+    @inlineCallbacks
+    def test_private_files(self) -> Any:
+        """
+        Whatever mode the state directory's contents had, the database, its
+        WAL files and the spool are 0600 files in 0700 directories.
+        """
+        state = os.path.abspath(self.mktemp())
+        os.makedirs(os.path.join(state, "spool", "msg"), mode=0o755)
+        os.chmod(state, 0o755)
+        with open(os.path.join(state, "smtpplus.db"), "wb"):
+            pass
+        os.chmod(os.path.join(state, "smtpplus.db"), 0o644)
+        with open(os.path.join(state, "spool", "msg", "OLDFILE"), "wb") as f:
+            f.write(b"Subject: old\r\n\r\nbody\r\n")
+        os.chmod(os.path.join(state, "spool", "msg", "OLDFILE"), 0o644)
+        stack = Stack(self, state_dir=state, start=False)
+        code, text = yield stack.submit("me@example.com", ["r@dest.test"], simple_message())
+        self.assertEqual(code, 250, text)
+        for name in ("smtpplus.db", "smtpplus.db-wal", "smtpplus.db-shm"):
+            self.assertEqual(oct(_mode(os.path.join(state, name))), oct(0o600), name)
+        for name in ("spool", "spool/msg", "spool/tmp", "spool/free", "spool/corrupt"):
+            self.assertEqual(oct(_mode(os.path.join(state, name))), oct(0o700), name)
+        for name in os.listdir(os.path.join(state, "spool", "corrupt")) + os.listdir(os.path.join(state, "spool", "msg")):
+            where = "msg" if os.path.exists(os.path.join(state, "spool", "msg", name)) else "corrupt"
+            self.assertEqual(oct(_mode(os.path.join(state, "spool", where, name))), oct(0o600), name)
+        self.assertIn(queue_id(text), os.listdir(os.path.join(state, "spool", "msg")))
