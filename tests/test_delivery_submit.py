@@ -277,8 +277,8 @@ class HeaderSectionTests(unittest.TestCase):
             for piece in pieces:
                 writer.write(piece)
             message_id = yield writer.eomReceived()
-            with open(stack.delivery.spool.path(message_id), "rb") as f:
-                stored.append(f.read())
+            content, _ = stack.delivery.spool.read_small(message_id)
+            stored.append(content)
         self.assertEqual(stored[0], stored[1])
         self.assertNotIn(b"X-SMTPAPI", stored[0])
         self.assertIn(b"X-Priority: 2\r\n", stored[0])
