@@ -1,6 +1,8 @@
 """
 SMTPSession dialogues over StringTransport, with fake logic behind the
-interfaces: replies, TLS gating, pipelining, DATA handling and limits.
+interfaces: replies, TLS gating, pipelining, DATA handling, limits, flow
+control towards clients that do not read, per-line deadlines and IDNA
+envelope addresses.
 """
 
 from __future__ import annotations
