@@ -1,6 +1,8 @@
 """
 SMTPSession dialogues over StringTransport, with fake logic behind the
-interfaces: replies, TLS gating, pipelining, DATA handling and limits.
+interfaces: replies, TLS gating, pipelining, DATA handling, limits, flow
+control towards clients that do not read, per-line deadlines and IDNA
+envelope addresses.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from smtpplus.smtp.interfaces import SMTPReply
 from smtpplus.smtp.protocol import (
     AUTH_LINE_MAX,
     MAX_BAD_COMMANDS,
+    MAX_JUNK_COMMANDS,
     SessionRegistry,
     SessionSettings,
     SMTPServerFactory,
@@ -53,10 +56,43 @@ class TLSStringTransport(StringTransport):
         self.tls_started = True
 
 
+class BufferedTransport(TLSStringTransport):
+    """
+    Pauses its streaming producer once more than C{limit} bytes wait unsent,
+    as a TCP transport does; L{drain} plays the client reading them.
+    """
+
+    limit = 1000
+    full = False
+    largest = 0
+
+    def write(self, data: bytes) -> None:
+        super().write(data)
+        self.largest = max(self.largest, len(self.value()))
+        if self.producer is not None and self.streaming and not self.full and len(self.value()) > self.limit:
+            self.full = True
+            self.producer.pauseProducing()
+
+    def drain(self) -> list[str]:
+        lines = [line for line in self.value().decode().split("\r\n") if line]
+        self.clear()
+        if self.full:
+            self.full = False
+            self.producer.resumeProducing()
+        return lines
+
+
 class Dialogue:
     """One session on a fake transport; C{send} returns the new reply lines."""
 
-    def __init__(self, testcase: unittest.TestCase, implicit_tls: bool = False, peer: object = None, **overrides: object):
+    def __init__(
+        self,
+        testcase: unittest.TestCase,
+        implicit_tls: bool = False,
+        peer: object = None,
+        transport_class: type[StringTransport] = TLSStringTransport,
+        **overrides: object,
+    ):
         self.clock = Clock()
         self.login = FakeLogin()
         self.submitter = self.login.submitter
@@ -64,7 +100,7 @@ class Dialogue:
         factory = SMTPServerFactory(self.registry, self.login, None if implicit_tls else object(), implicit_tls)
         peer = peer or IPv4Address("TCP", "192.0.2.7", 40000)
         self.session = factory.buildProtocol(peer)
-        self.transport = TLSStringTransport(hostAddress=IPv4Address("TCP", "127.0.0.1", 587), peerAddress=peer)
+        self.transport = transport_class(hostAddress=IPv4Address("TCP", "127.0.0.1", 587), peerAddress=peer)
         self.session.makeConnection(self.transport)
         self.banner = self.take()
 
@@ -572,6 +608,289 @@ class LimitTests(unittest.TestCase):
         self.assertEqual(d.take(), ["250 2.1.0 Sender ok"])
         d.clock.advance(61)
         self.assertTrue(d.transport.disconnecting)
+
+
+class FlowControlTests(unittest.TestCase):
+    """The session stops working and reading while its replies are not going out."""
+
+    def test_registered_as_producer(self) -> None:
+        """The session is its transport's streaming producer until it closes."""
+        d = Dialogue(self)
+        self.assertIs(d.transport.producer, d.session)
+        self.assertTrue(d.transport.streaming)
+        d.send("QUIT\r\n")
+        # loseConnection would otherwise wait for the producer forever.
+        self.assertIsNone(d.transport.producer)
+        self.assertTrue(d.transport.disconnecting)
+
+    def test_pipelined_input_held_while_replies_unsent(self) -> None:
+        """
+        A pipelined batch is answered only as fast as the client takes the
+        replies: the transport's buffer never holds more than its limit
+        plus one reply, and reading pauses meanwhile.
+        """
+        d = Dialogue(self, transport_class=BufferedTransport)
+        d.transport.clear()
+        d.session.dataReceived(b"EHLO c\r\n" * 40)
+
+        def answered(lines: list[str]) -> int:
+            return sum(1 for line in lines if line.startswith("250 "))
+
+        replies = 0
+        for _ in range(40):
+            if replies + answered(d.transport.value().decode().split("\r\n")) == 40:
+                break
+            # Some EHLOs still wait, behind replies the client has not read.
+            self.assertTrue(d.transport.full)
+            self.assertEqual(d.transport.producerState, "paused")
+            replies += answered(d.transport.drain())
+        self.assertGreater(replies, 20)
+        replies += answered(d.transport.drain())
+        self.assertEqual(replies, 40)
+        self.assertEqual(d.transport.producerState, "producing")
+        one_reply = len(b"\r\n".join(line.encode() for line in d.send("EHLO c\r\n"))) + 2
+        self.assertLessEqual(d.transport.largest, BufferedTransport.limit + one_reply)
+
+    def test_blocked_without_input_keeps_reading(self) -> None:
+        """
+        With its replies unsent but no input waiting (as while the TLS
+        handshake holds the banner) the session reads on; input that comes
+        waits, with reading paused, until the replies go out.
+        """
+        d = Dialogue(self)
+        d.session.pauseProducing()
+        self.assertEqual(d.transport.producerState, "producing")
+        self.assertEqual(d.send("NOOP\r\n"), [])
+        self.assertEqual(d.transport.producerState, "paused")
+        d.session.resumeProducing()
+        self.assertEqual(d.take(), ["250 2.0.0 Ok"])
+        self.assertEqual(d.transport.producerState, "producing")
+
+    def test_pending_check_and_unsent_replies(self) -> None:
+        """Reading resumes only when neither a pending check nor unsent replies hold the input."""
+        d = Dialogue(self)
+        d.tls_login()
+        d.submitter.asynchronous = True
+        d.send("MAIL FROM:<alice@example.test>\r\nNOOP\r\n")
+        self.assertEqual(d.transport.producerState, "paused")
+        d.session.pauseProducing()
+        d.submitter.pending[0].callback(None)
+        self.assertEqual(d.take(), ["250 2.1.0 Sender ok"])
+        self.assertEqual(d.transport.producerState, "paused")
+        d.session.resumeProducing()
+        self.assertEqual(d.take(), ["250 2.0.0 Ok"])
+        self.assertEqual(d.transport.producerState, "producing")
+        # The other way round: the replies drain while the check is pending.
+        d.send("RCPT TO:<a@example.org>\r\nNOOP\r\n")
+        d.session.pauseProducing()
+        d.session.resumeProducing()
+        self.assertEqual(d.transport.producerState, "paused")
+        d.submitter.pending[1].callback(None)
+        self.assertEqual(d.take(), ["250 2.1.5 Recipient ok", "250 2.0.0 Ok"])
+        self.assertEqual(d.transport.producerState, "producing")
+
+    def record_aborts(self, d: Dialogue) -> list[bool]:
+        aborted: list[bool] = []
+        d.transport.abortConnection = lambda: aborted.append(True)  # type: ignore[method-assign]
+        return aborted
+
+    def test_idle_timeout_aborts_with_unsent_output(self) -> None:
+        """When the idle timeout fires while replies are unsent, the connection is aborted at once."""
+        d = Dialogue(self, idle_timeout=60)
+        aborted = self.record_aborts(d)
+        d.send("EHLO c\r\n")
+        d.session.pauseProducing()
+        d.clock.advance(60)
+        self.assertEqual(aborted, [True])
+        self.assertEqual(d.take(), ["421 4.4.2 mx.example.test Error: timeout exceeded"])
+        self.assertIsNone(d.transport.producer)
+
+    def test_close_bounded(self) -> None:
+        """
+        A session closing normally lets its last replies go out, but aborts
+        when the client has not taken them within idle_timeout.
+        """
+        d = Dialogue(self, idle_timeout=60)
+        aborted = self.record_aborts(d)
+        d.clock.advance(60)
+        self.assertEqual(d.take(), ["421 4.4.2 mx.example.test Error: timeout exceeded"])
+        self.assertTrue(d.transport.disconnecting)
+        self.assertEqual(aborted, [])
+        d.clock.advance(59)
+        self.assertEqual(aborted, [])
+        d.clock.advance(1)
+        self.assertEqual(aborted, [True])
+
+    def test_no_abort_after_close(self) -> None:
+        """A session whose connection closed in time leaves no timer behind."""
+        d = Dialogue(self, idle_timeout=60)
+        aborted = self.record_aborts(d)
+        d.send("QUIT\r\n")
+        d.session.connectionLost(None)
+        d.clock.advance(120)
+        self.assertEqual(aborted, [])
+        self.assertEqual(d.clock.getDelayedCalls(), [])
+
+
+class LineDeadlineTests(unittest.TestCase):
+    """idle_timeout bounds each line, not the gap between two bytes."""
+
+    def trickle(self, d: Dialogue, data: bytes, step: float) -> None:
+        for byte in data:
+            d.clock.advance(step)
+            d.send(bytes([byte]))
+
+    def test_trickled_command_line(self) -> None:
+        """A command line sent a byte every 10 s ends the session with 421 4.4.2 at idle_timeout."""
+        d = Dialogue(self, idle_timeout=60)
+        d.send("EHLO c\r\n")
+        self.trickle(d, b"NOOP xxx", 7)
+        self.assertEqual(d.clock.seconds(), 56)
+        self.assertEqual(d.take(), [])
+        d.clock.advance(3)
+        self.assertFalse(d.transport.disconnecting)
+        d.clock.advance(1)
+        self.assertEqual(d.take(), ["421 4.4.2 mx.example.test Error: timeout exceeded"])
+        self.assertTrue(d.transport.disconnecting)
+
+    def test_trickled_data_line(self) -> None:
+        """A DATA line trickled in ends the session with 421 4.4.2; the message is abandoned."""
+        d = Dialogue(self, idle_timeout=60)
+        d.envelope()
+        d.send("DATA\r\nSubject: slow\r\n")
+        self.trickle(d, b"abcdef", 9)
+        self.assertFalse(d.transport.disconnecting)
+        d.clock.advance(6)
+        self.assertEqual(d.take(), ["421 4.4.2 mx.example.test Error: timeout exceeded"])
+        self.assertTrue(d.transport.disconnecting)
+        d.session.connectionLost(None)
+        self.assertTrue(d.submitter.writers[0].lost)
+
+    def test_complete_lines_extend(self) -> None:
+        """Each complete line, command or DATA, gives the client idle_timeout again."""
+        d = Dialogue(self, idle_timeout=60)
+        d.envelope()
+        for line in ("DATA\r\n", "Subject: s\r\n", "\r\n", "body\r\n", ".\r\n", "NOOP\r\n"):
+            d.clock.advance(50)
+            d.send(line)
+        self.assertEqual(d.clock.seconds(), 300)
+        self.assertFalse(d.transport.disconnecting)
+        self.assertEqual(d.submitter.writers[0].data, b"Subject: s\r\n\r\nbody\r\n")
+
+    def test_line_completed_across_reads(self) -> None:
+        """The end of a line that began in an earlier read resets the deadline."""
+        d = Dialogue(self, idle_timeout=60)
+        d.send("NO")
+        d.clock.advance(50)
+        self.assertEqual(d.send("OP\r\n"), ["250 2.0.0 Ok"])
+        d.clock.advance(50)
+        self.assertFalse(d.transport.disconnecting)
+
+
+class JunkCommandTests(unittest.TestCase):
+    """More than MAX_JUNK_COMMANDS commands that move no transaction forward end the session."""
+
+    TOO_MUCH = "421 4.7.0 Too many commands without a mail transaction, closing connection"
+
+    def test_noop_flood(self) -> None:
+        """100 NOOPs are answered; the 101st gets 421 4.7.0 and the connection closes."""
+        self.assertEqual(MAX_JUNK_COMMANDS, 100)
+        d = Dialogue(self)
+        lines = d.send("NOOP\r\n" * 100)
+        self.assertEqual(lines, ["250 2.0.0 Ok"] * 100)
+        self.assertFalse(d.transport.disconnecting)
+        self.assertEqual(d.send("NOOP\r\nNOOP\r\n"), [self.TOO_MUCH])
+        self.assertTrue(d.transport.disconnecting)
+        self.assertEqual(d.session.outcome, "too many junk commands")
+
+    def test_every_kind_counts(self) -> None:
+        """RSET, VRFY, EXPN, HELP, NOOP and refused commands all count towards the same limit."""
+        d = Dialogue(self)
+        d.tls_login()
+        d.send("MAIL FROM:<alice@example.test>\r\n")
+        d.submitter.refuse_to["no@example.org"] = SMTPReply(550, "5.7.1", "Relay denied")
+        lines = []
+        for verb in ("RSET", "VRFY x", "EXPN x", "HELP", "NOOP"):
+            lines += d.send(f"{verb}\r\n" * 19)
+        self.assertEqual(len(lines), 95)
+        d.send("MAIL FROM:<alice@example.test>\r\n")
+        self.assertEqual(d.send("RCPT TO:<no@example.org>\r\n" * 5), ["550 5.7.1 Relay denied"] * 5)
+        self.assertFalse(d.transport.disconnecting)
+        self.assertEqual(d.send("HELP\r\n"), [self.TOO_MUCH])
+        self.assertTrue(d.transport.disconnecting)
+
+    def test_refusal_over_the_limit(self) -> None:
+        """A refused command beyond the limit gets its refusal, then 421 4.7.0."""
+        d = Dialogue(self)
+        d.send("NOOP\r\n" * 100)
+        self.assertEqual(d.send("RCPT TO:<a@example.org>\r\n"), ["503 5.5.1 Need MAIL command", self.TOO_MUCH])
+        self.assertTrue(d.transport.disconnecting)
+
+    def test_transaction_does_not_count(self) -> None:
+        """MAIL, RCPT, DATA and the message in between junk commands do not count."""
+        d = Dialogue(self)
+        d.tls_login()
+        self.assertEqual(d.send("NOOP\r\n" * 60), ["250 2.0.0 Ok"] * 60)
+        lines = d.send("MAIL FROM:<alice@example.test>\r\nRCPT TO:<a@example.org>\r\nDATA\r\nx\r\n.\r\n")
+        self.assertEqual(lines[-1], "250 2.0.0 Ok: queued as Q1")
+        self.assertEqual(d.send("NOOP\r\n" * 40), ["250 2.0.0 Ok"] * 40)
+        self.assertEqual(d.send("RSET\r\n"), [self.TOO_MUCH])
+
+
+class EnvelopeAddressTests(unittest.TestCase):
+    """Unicode domains become IDNA A-labels; a non-ASCII local part needs SMTPUTF8."""
+
+    def setUp(self) -> None:
+        self.d = Dialogue(self)
+        self.d.tls_login()
+
+    def test_unicode_domains_become_a_labels(self) -> None:
+        """MAIL FROM and RCPT TO in Unicode reach the checks and the message as A-labels."""
+        d = self.d
+        self.assertEqual(d.send("MAIL FROM:<info@Bücher.example>\r\n"), ["250 2.1.0 Sender ok"])
+        self.assertEqual(d.send("RCPT TO:<x@bücher.example>\r\n"), ["250 2.1.5 Recipient ok"])
+        self.assertEqual(d.send("RCPT TO:<@relay.example:y@faß.example>\r\n"), ["250 2.1.5 Recipient ok"])
+        self.assertEqual(d.send("RCPT TO:<Plain@Example.ORG>\r\n"), ["250 2.1.5 Recipient ok"])
+        d.send("DATA\r\n.\r\n")
+        self.assertEqual(d.submitter.from_calls[0][1], "info@xn--bcher-kva.example")
+        self.assertEqual(d.submitter.to_calls, ["x@xn--bcher-kva.example", "y@xn--fa-hia.example", "Plain@Example.ORG"])
+        envelope = d.submitter.writers[0].envelope
+        self.assertEqual(envelope.mail_from, "info@xn--bcher-kva.example")
+        self.assertEqual(envelope.recipients, ("x@xn--bcher-kva.example", "y@xn--fa-hia.example", "Plain@Example.ORG"))
+
+    def test_non_ascii_local_part(self) -> None:
+        """A non-ASCII local part, quoted or not, gets 553 5.6.7 at MAIL and RCPT."""
+        d = self.d
+        self.assertEqual(d.send("MAIL FROM:<jösé@example.test>\r\n")[0][:9], "553 5.6.7")
+        d.send("MAIL FROM:<alice@example.test>\r\n")
+        self.assertEqual(d.send("RCPT TO:<jösé@bücher.example>\r\n")[0][:9], "553 5.6.7")
+        self.assertEqual(d.send('RCPT TO:<"jö sé"@example.org>\r\n')[0][:9], "553 5.6.7")
+        self.assertEqual(d.submitter.to_calls, [])
+
+    def test_invalid_idna_domain(self) -> None:
+        """A Unicode domain that is not valid IDNA gets 553 5.1.7 (sender) or 553 5.1.3 (recipient)."""
+        d = self.d
+        self.assertEqual(
+            d.send("MAIL FROM:<a@☃.example>\r\n"),
+            ["553 5.1.7 Bad sender domain: not a valid internationalized domain name"],
+        )
+        d.send("MAIL FROM:<alice@example.test>\r\n")
+        for domain in ("☃.example", "bü..example", "-bü.example", "ü" * 70 + ".example"):
+            self.assertEqual(
+                d.send(f"RCPT TO:<x@{domain}>\r\n"),
+                ["553 5.1.3 Bad recipient domain: not a valid internationalized domain name"],
+                domain,
+            )
+        self.assertEqual(d.submitter.to_calls, [])
+
+    def test_a_label_too_long(self) -> None:
+        """An address whose A-label form is over 254 octets gets 501 5.1.3."""
+        d = self.d
+        d.send("MAIL FROM:<alice@example.test>\r\n")
+        domain = ".".join(["bücher"] * 17) + ".example"
+        self.assertEqual(len("x" * 10 + "@" + domain.encode("idna").decode()), 256)
+        self.assertEqual(d.send(f"RCPT TO:<{'x' * 10}@{domain}>\r\n"), ["501 5.1.3 Bad recipient address syntax"])
+        self.assertEqual(d.send(f"RCPT TO:<{'x' * 8}@{domain}>\r\n"), ["250 2.1.5 Recipient ok"])
 
 
 class ParseMailboxTests(unittest.TestCase):

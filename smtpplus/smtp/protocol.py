@@ -20,13 +20,15 @@ from collections.abc import Callable
 from typing import Any
 
 import attrs
+import idna
 from twisted.cred.error import UnauthorizedLogin
 from twisted.internet.defer import Deferred, maybeDeferred
-from twisted.internet.interfaces import IReactorTime, ITLSTransport
+from twisted.internet.interfaces import IPushProducer, IReactorTime, ITLSTransport
 from twisted.internet.protocol import Protocol, ServerFactory
 from twisted.logger import Logger
 from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from smtpplus.smtp.interfaces import (
     Envelope,
@@ -48,6 +50,11 @@ MAX_BAD_COMMANDS = 20
 # Replies that count towards MAX_BAD_COMMANDS: syntax and sequence errors,
 # and refused or failed authentication (a cheap brake on password guessing).
 _BAD_COMMAND_CODES = frozenset((500, 501, 502, 503, 504, 530, 535, 555))
+# Commands that move no mail transaction forward; with refused commands they
+# count towards MAX_JUNK_COMMANDS, so that a session cannot go on forever
+# without sending mail.
+MAX_JUNK_COMMANDS = 100
+_JUNK_VERBS = frozenset(("NOOP", "RSET", "VRFY", "EXPN", "HELP"))
 # Without a CRLF in this much DATA input the line is passed on in pieces so
 # that no single line can make the session buffer grow without bound.
 DATA_FLUSH_SIZE = 65536
@@ -61,13 +68,18 @@ _CONTROL_RE = re.compile(r"[\x00-\x09\x0b-\x1f\x7f]")
 _DOMAIN_RE = re.compile(r"^(?:\[[^\]\s]+\]|[A-Za-z0-9](?:[A-Za-z0-9-]{0,62})?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,62})?)*\.?)$")
 
 
+def _drop_source_route(text: str) -> str:
+    if ":" in text and text.startswith("@"):
+        return text.split(":", 1)[1]
+    return text
+
+
 def parse_mailbox(text: str) -> str | None:
     """
     Return C{local@domain} when C{text} is a valid RFC 5321 mailbox (a source
     route is dropped), else None.
     """
-    if ":" in text and text.startswith("@"):
-        text = text.split(":", 1)[1]
+    text = _drop_source_route(text)
     local, at, domain = text.rpartition("@")
     if not at or not local or len(text) > 254 or len(local) > 64:
         return None
@@ -80,6 +92,37 @@ def parse_mailbox(text: str) -> str | None:
     if not _DOMAIN_RE.match(ascii_domain):
         return None
     return f"{local}@{domain}"
+
+
+# RFC 3463 enhanced status for a bad envelope address, by role.
+_ADDRESS_STATUS = {"sender": "5.1.7", "recipient": "5.1.3"}
+
+
+def _envelope_mailbox(text: str, role: str) -> str:
+    """
+    Return the envelope mailbox C{text} in the form it is kept, shown and
+    relayed in: a domain in Unicode becomes its IDNA A-label form (UTS #46),
+    since the next hop need not speak SMTPUTF8 and nor do we.
+
+    @param role: C{"sender"} or C{"recipient"}, for the reply.
+    @raise SMTPReply: C{553 5.6.7} for a non-ASCII local part, C{553 5.1.7}
+        (sender) or C{553 5.1.3} (recipient) for a domain that is not valid
+        IDNA, C{501} with the same status for bad syntax.
+    """
+    status = _ADDRESS_STATUS[role]
+    local, at, domain = _drop_source_route(text).rpartition("@")
+    if at and not local.isascii():
+        raise SMTPReply(553, "5.6.7", "Non-ASCII local part needs SMTPUTF8, which is not offered")
+    if at and not domain.isascii():
+        try:
+            domain = idna.encode(domain, uts46=True).decode("ascii")
+        except idna.IDNAError:
+            raise SMTPReply(553, status, f"Bad {role} domain: not a valid internationalized domain name") from None
+        text = f"{local}@{domain}"
+    address = parse_mailbox(text)
+    if address is None:
+        raise SMTPReply(501, status, f"Bad {role} address syntax")
+    return address
 
 
 def _address_literal(ip: str) -> str:
@@ -206,10 +249,19 @@ class _Refuse(Protocol):
 
 
 _COMMAND, _AUTH, _DATA = "COMMAND", "AUTH", "DATA"
+_TOO_MUCH_JUNK = "Too many commands without a mail transaction, closing connection"
 
 
+@implementer(IPushProducer)
 class SMTPSession(Protocol, TimeoutMixin):
-    """One ESMTP session; see the module docstring."""
+    """
+    One ESMTP session; see the module docstring.
+
+    The session is the streaming producer of its own transport: while the
+    client does not take its replies (the transport's write buffer is full)
+    it stops working through pipelined input and stops reading, so that a
+    client cannot make the daemon buffer replies without bound.
+    """
 
     registry: SessionRegistry
 
@@ -222,11 +274,15 @@ class SMTPSession(Protocol, TimeoutMixin):
         self._state = _COMMAND
         self._waiting = False
         self._paused = False
+        self._write_blocked = False
+        self._registered = False
         self._discarding = False
         self._processing = False
         self._closing = False
         self._lost = False
         self._bad_commands = 0
+        self._junk_commands = 0
+        self._command = ""
         self._helo: str | None = None
         self._esmtp = False
         self.avatar: ISubmitter | None = None
@@ -248,6 +304,8 @@ class SMTPSession(Protocol, TimeoutMixin):
         self.local_port = getattr(self.transport.getHost(), "port", 0)
         self.started = self.registry.clock.seconds()
         self.registry.add(self, self.peer_ip)
+        self.transport.registerProducer(self, True)
+        self._registered = True
         self.setTimeout(self.settings.idle_timeout)
         self.reply(220, "", f"{self.settings.hostname} ESMTP smtpplus")
 
@@ -273,6 +331,10 @@ class SMTPSession(Protocol, TimeoutMixin):
         )
 
     def timeoutConnection(self) -> None:
+        if self._closing:
+            # The client has not taken our last replies within the idle time.
+            self.transport.abortConnection()
+            return
         if self._waiting:
             # It is us who is slow (a command's check or the commit): the
             # client gets its full idle time again once answered.
@@ -280,7 +342,8 @@ class SMTPSession(Protocol, TimeoutMixin):
             return
         self.outcome = "idle timeout"
         self.reply(421, "4.4.2", f"{self.settings.hostname} Error: timeout exceeded")
-        self._close()
+        # A client that does not read would never let loseConnection finish.
+        self._close(abort=self._write_blocked)
 
     def shutdown(self) -> None:
         """The daemon is stopping: hang up now unless a message is in progress."""
@@ -290,10 +353,61 @@ class SMTPSession(Protocol, TimeoutMixin):
         self.reply(421, "4.3.2", "Service shutting down")
         self._close()
 
-    def _close(self) -> None:
+    def _close(self, abort: bool = False) -> None:
         self._closing = True
         self._buffer = b""
+        if self._registered:
+            # loseConnection waits for a registered producer to go away.
+            self._registered = False
+            self.transport.unregisterProducer()
+        if abort:
+            self.transport.abortConnection()
+            return
         self.transport.loseConnection()
+        # loseConnection first sends what is buffered; the idle time bounds that too.
+        self.setTimeout(self.settings.idle_timeout)
+
+    def _hang_up(self, outcome: str, text: str) -> None:
+        """Say C{421 4.7.0 text} and close: the client is misbehaving."""
+        if self._closing:
+            return
+        self.outcome = outcome
+        self.reply(421, "4.7.0", text)
+        self._close()
+
+    # flow control: IPushProducer, called by the transport
+
+    def pauseProducing(self) -> None:
+        """The transport's write buffer is full: hold input until it drains."""
+        self._write_blocked = True
+        self._sync_reading()
+
+    def resumeProducing(self) -> None:
+        """The transport's write buffer has drained: go on with the input."""
+        self._write_blocked = False
+        self._process()
+
+    def stopProducing(self) -> None:
+        """The connection is gone; connectionLost follows."""
+        self._closing = True
+        self._buffer = b""
+
+    def _sync_reading(self) -> None:
+        """
+        Read while all input read so far has been handled; stop while some
+        waits behind a pending command or behind replies the client has not
+        taken (and only then: during a TLS handshake the banner waits with
+        no input, and the handshake needs reading).
+        """
+        if self._closing or self._lost:
+            return
+        paused = bool(self._buffer) and (self._waiting or self._write_blocked)
+        if paused != self._paused:
+            self._paused = paused
+            if paused:
+                self.transport.pauseProducing()
+            else:
+                self.transport.resumeProducing()
 
     # output
 
@@ -306,10 +420,12 @@ class SMTPSession(Protocol, TimeoutMixin):
         self.transport.write(b"\r\n".join(out) + b"\r\n")
         if code in _BAD_COMMAND_CODES:
             self._bad_commands += 1
-            if self._bad_commands >= MAX_BAD_COMMANDS and not self._closing:
-                self.outcome = "too many errors"
-                self.transport.write(b"421 4.7.0 Too many errors, closing connection\r\n")
-                self._close()
+            if self._bad_commands >= MAX_BAD_COMMANDS:
+                self._hang_up("too many errors", "Too many errors, closing connection")
+        if code != 421 and (code >= 400 or self._command in _JUNK_VERBS):
+            self._junk_commands += 1
+            if self._junk_commands > MAX_JUNK_COMMANDS:
+                self._hang_up("too many junk commands", _TOO_MUCH_JUNK)
 
     def _reply_error(self, error: SMTPReply) -> None:
         self.reply(error.code, error.status, error.text)
@@ -319,10 +435,11 @@ class SMTPSession(Protocol, TimeoutMixin):
     def dataReceived(self, data: bytes) -> None:
         if self._closing:
             return
-        self.resetTimeout()
+        if b"\n" in data:
+            # idle_timeout bounds each line: only a line's end resets it,
+            # not bytes trickling in.
+            self.resetTimeout()
         self._buffer += data
-        if self._waiting:
-            self._pause()
         self._process()
 
     def _process(self) -> None:
@@ -330,7 +447,7 @@ class SMTPSession(Protocol, TimeoutMixin):
             return
         self._processing = True
         try:
-            while self._buffer and not self._waiting and not self._closing:
+            while self._buffer and not (self._waiting or self._write_blocked or self._closing):
                 if self._state == _DATA:
                     if not self._data_step():
                         break
@@ -362,6 +479,7 @@ class SMTPSession(Protocol, TimeoutMixin):
             if self.registry.draining and not (self._waiting or self._closing or self._state == _DATA):
                 # A message finished while the daemon stops: say goodbye now.
                 self.shutdown()
+            self._sync_reading()
         finally:
             self._processing = False
 
@@ -370,33 +488,21 @@ class SMTPSession(Protocol, TimeoutMixin):
         Hold later pipelined commands until C{d}, the current one, has
         answered, so that replies go out once each and in order (RFC 2920).
         """
+        # While it is pending, input behind it stays buffered and reading
+        # stops (see _sync_reading).  Without input behind it (the usual wait
+        # for the commit at the end of DATA) reading goes on, and pauses if
+        # the client sends meanwhile: that saves two epoll_ctl calls per
+        # message.
         self._waiting = True
         d.addBoth(self._resume)
-        if self._waiting and self._buffer:
-            # Still pending with pipelined input behind it: stop reading
-            # (input already read stays buffered).  Without input behind it
-            # (the usual wait for the commit at the end of DATA) reading
-            # goes on, and pauses if the client sends meanwhile: that saves
-            # two epoll_ctl calls per message.
-            self._pause()
-
-    def _pause(self) -> None:
-        if not self._paused:
-            self._paused = True
-            self.transport.pauseProducing()
 
     def _resume(self, result: object) -> None:
         if isinstance(result, Failure):
             log.failure("a command's reply failed", result)
         self._waiting = False
-        if self._lost:
-            return
-        if self._closing:
+        if self._lost or self._closing:
             return
         self.resetTimeout()
-        if self._paused:
-            self._paused = False
-            self.transport.resumeProducing()
         # Called synchronously from inside _process this returns at once and
         # the running loop goes on; called later, it handles what was buffered.
         self._process()
@@ -407,6 +513,10 @@ class SMTPSession(Protocol, TimeoutMixin):
             return self._auth_continue(line)
         verb, _, rest = line.strip().partition(b" ")
         command = verb.upper().decode("ascii", "replace")
+        self._command = command
+        if command in _JUNK_VERBS and self._junk_commands >= MAX_JUNK_COMMANDS:
+            self._hang_up("too many junk commands", _TOO_MUCH_JUNK)
+            return None
         if command not in ("AUTH",) and len(line) + 2 > COMMAND_LINE_MAX:
             self.reply(500, "5.5.2", "Line too long")
             return None
@@ -473,6 +583,9 @@ class SMTPSession(Protocol, TimeoutMixin):
         # execute plaintext that was pipelined behind STARTTLS.
         self._buffer = b""
         self.transport.startTLS(self.tls_options)
+        # startTLS registers this producer again with the TLS layer, which
+        # starts out unpaused.
+        self._write_blocked = False
         self.tls = True
         self._helo = None
         self._esmtp = False
@@ -633,11 +746,11 @@ class SMTPSession(Protocol, TimeoutMixin):
         if not rest[:5].upper() == b"FROM:":
             self.reply(501, "5.5.4", "Syntax: MAIL FROM:<address>")
             return None
-        parsed = self._parse_path(rest[5:], allow_null=True)
-        if parsed is None:
-            self.reply(501, "5.1.7", "Bad sender address syntax")
+        try:
+            address, params = self._parse_path(rest[5:], "sender")
+        except SMTPReply as e:
+            self._reply_error(e)
             return None
-        address, params = parsed
         mt_priority = None
         body = "7BIT"
         for name, value in params.items():
@@ -682,11 +795,11 @@ class SMTPSession(Protocol, TimeoutMixin):
         if not rest[:3].upper() == b"TO:":
             self.reply(501, "5.5.4", "Syntax: RCPT TO:<address>")
             return None
-        parsed = self._parse_path(rest[3:], allow_null=False)
-        if parsed is None:
-            self.reply(501, "5.1.3", "Bad recipient address syntax")
+        try:
+            address, params = self._parse_path(rest[3:], "recipient")
+        except SMTPReply as e:
+            self._reply_error(e)
             return None
-        address, params = parsed
         if params:
             self.reply(555, "5.5.4", f"Unsupported parameter {next(iter(params))}")
             return None
@@ -709,25 +822,32 @@ class SMTPSession(Protocol, TimeoutMixin):
             log.failure("command check failed unexpectedly", failure)
             self.reply(451, "4.3.0", "Local error in processing, try again later")
 
-    def _parse_path(self, text: bytes, allow_null: bool) -> tuple[str, dict[str, str]] | None:
+    def _parse_path(self, text: bytes, role: str) -> tuple[str, dict[str, str]]:
+        """
+        The address (as by L{_envelope_mailbox}; a sender may be null) and the
+        parameters of a MAIL FROM or RCPT TO argument; raise L{SMTPReply}
+        when the address is unusable.
+        """
+        syntax_error = SMTPReply(501, _ADDRESS_STATUS[role], f"Bad {role} address syntax")
         match = _PATH_RE.match(text)
         if match is None:
-            return None
+            raise syntax_error
         raw = match.group("bracketed")
         if raw is None:
             raw = match.group("bare")
         try:
             path = raw.decode("utf-8")
         except UnicodeDecodeError:
-            return None
+            raise syntax_error from None
         params: dict[str, str] = {}
         for item in (match.group("params") or b"").split():
             name, _, value = item.decode("ascii", "replace").partition("=")
             params[name.upper()] = value
         if path == "":
-            return ("", params) if allow_null else None
-        address = parse_mailbox(path)
-        return None if address is None else (address, params)
+            if role == "sender":
+                return "", params
+            raise syntax_error
+        return _envelope_mailbox(path, role), params
 
     def smtp_DATA(self, rest: bytes) -> None:
         if self._mail_from is None:
