@@ -827,14 +827,25 @@ class JunkCommandTests(unittest.TestCase):
         self.assertTrue(d.transport.disconnecting)
 
     def test_transaction_does_not_count(self) -> None:
-        """MAIL, RCPT, DATA and the message in between junk commands do not count."""
+        """MAIL and RCPT between junk commands do not count."""
         d = Dialogue(self)
         d.tls_login()
         self.assertEqual(d.send("NOOP\r\n" * 60), ["250 2.0.0 Ok"] * 60)
-        lines = d.send("MAIL FROM:<alice@example.test>\r\nRCPT TO:<a@example.org>\r\nDATA\r\nx\r\n.\r\n")
-        self.assertEqual(lines[-1], "250 2.0.0 Ok: queued as Q1")
+        lines = d.send("MAIL FROM:<alice@example.test>\r\nRCPT TO:<a@example.org>\r\n")
+        self.assertEqual(lines, ["250 2.1.0 Sender ok", "250 2.1.5 Recipient ok"])
         self.assertEqual(d.send("NOOP\r\n" * 40), ["250 2.0.0 Ok"] * 40)
         self.assertEqual(d.send("RSET\r\n"), [self.TOO_MUCH])
+
+    def test_accepted_message_restarts_the_count(self) -> None:
+        """A client sending RSET between messages on one long connection is not cut off."""
+        d = Dialogue(self)
+        d.tls_login()
+        for _ in range(3):
+            self.assertEqual(d.send("NOOP\r\n" * 90), ["250 2.0.0 Ok"] * 90)
+            lines = d.send("MAIL FROM:<alice@example.test>\r\nRCPT TO:<a@example.org>\r\nDATA\r\nx\r\n.\r\nRSET\r\n")
+            self.assertTrue(lines[-2].startswith("250 2.0.0 Ok: queued as "), lines)
+        self.assertEqual(d.send("NOOP\r\n" * 99), ["250 2.0.0 Ok"] * 99)
+        self.assertEqual(d.send("NOOP\r\n"), [self.TOO_MUCH])
 
 
 class EnvelopeAddressTests(unittest.TestCase):

@@ -52,7 +52,9 @@ MAX_BAD_COMMANDS = 20
 _BAD_COMMAND_CODES = frozenset((500, 501, 502, 503, 504, 530, 535, 555))
 # Commands that move no mail transaction forward; with refused commands they
 # count towards MAX_JUNK_COMMANDS, so that a session cannot go on forever
-# without sending mail.
+# without sending mail.  As in Postfix (smtpd_junk_command_limit) the count
+# starts again after each accepted message: a client that keeps one
+# connection open and sends RSET between messages is not cut off.
 MAX_JUNK_COMMANDS = 100
 _JUNK_VERBS = frozenset(("NOOP", "RSET", "VRFY", "EXPN", "HELP"))
 # Without a CRLF in this much DATA input the line is passed on in pieces so
@@ -963,6 +965,7 @@ class SMTPSession(Protocol, TimeoutMixin):
 
         def queued(queue_id: str) -> None:
             self.messages += 1
+            self._junk_commands = 0
             self.reply(250, "2.0.0", f"Ok: queued as {queue_id}")
 
         def failed(failure: Failure) -> None:
