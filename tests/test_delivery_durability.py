@@ -115,7 +115,7 @@ class LostDatabaseTests(unittest.TestCase):
             output = daemon.output()
             return all(f"message {i} had no queue entry: " in output for i in ids.values())
 
-        self.assertTrue(_wait(named, 20), daemon.output()[-3000:])
+        self.assertTrue(_wait(named, DEADLINE), daemon.output()[-3000:])
 
         # The users went with the database: the administrator creates them again.
         _api(admin_port, "POST", "/api/v1/users", {"username": "keeper", "authorized_domains": ["example.com"]})

@@ -165,6 +165,38 @@ class UnstoredResultTests(unittest.TestCase):
             clock.advance(60)
         self.assertEqual(len(relay.sent), 1)
 
+    def test_held_results_retry_at_once_when_the_store_is_back(self) -> None:
+        """
+        Once the store works again (a new database was opened), a held
+        result is written at once instead of sleeping out its backoff.
+        """
+        clock = _ClockReactor()
+        state = os.path.abspath(self.mktemp())
+        os.makedirs(state)
+        store = _FlakyStore(os.path.join(state, "q.db"))
+        self.addCleanup(store.conn.close)
+        apply_migrations(store.conn, queue.COMPONENT, queue.MIGRATIONS)
+        message = _message()
+        with store.conn:
+            queue.insert_messages(store.conn, [message])
+        agent = DeliveryAgent(
+            clock, store, Spool(os.path.join(state, "spool")), _CountingRelay(), None, None, [60], 86400, 3600,
+            "relay.test", lambda *a: fail(Exception()),
+        )
+        scheduler = Scheduler(clock, agent.deliver, 5)
+        _Logged(self, "error")
+        store.failing = True
+        agent.remember(message, b"Subject: x\r\n\r\nbody\r\n")
+        scheduler.add(Job(message.id, message.priority, 1, message.user))
+        scheduler.start()
+        for _ in range(10):
+            clock.advance(30)
+        self.assertIn(message.id, agent.unrecorded)
+        store.failing = False
+        agent.wake_held_results()
+        self.assertEqual(agent.unrecorded, {})
+        self.assertEqual(scheduler.in_flight, {})
+
     def test_result_recreates_a_lost_row(self) -> None:
         """An attempt that ends after its queue row vanished (database lost) stores its result as a new row."""
         conn = connect(os.path.join(os.path.abspath(self.mktemp())))

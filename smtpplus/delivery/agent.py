@@ -16,8 +16,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from twisted.internet.defer import Deferred, inlineCallbacks, maybeDeferred
-from twisted.internet.interfaces import IReactorTime
-from twisted.internet.task import deferLater
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 
@@ -77,6 +76,8 @@ class DeliveryAgent:
         # event per outage.
         self.outages: set[str] = set()
         self.writer = queue.StateWriter(database)
+        # Held results waiting out their backoff before the next write.
+        self._sleepers: list[tuple[Deferred[None], IDelayedCall]] = []
         # Fresh messages as committed, so that their first attempt need not
         # read them back; bounded, the database is the fallback.
         self._fresh: dict[str, tuple[dict[str, Any], bytes | None]] = {}
@@ -246,12 +247,29 @@ class DeliveryAgent:
                 self.unrecorded[message["id"]] = ", ".join(
                     f"{r['address']} {u.status}" for r, u in zip(_by_idx(message, updates), updates, strict=True)
                 )
-                yield deferLater(self._clock, delay, lambda: None)
+                yield self._sleep(delay)
                 delay = min(delay * 2, RESULT_RETRY_MAX)
             else:
                 break
         if self.unrecorded.pop(message["id"], None) is not None or self._store_error is not None:
             self._store_recovered()
+        # The store works: the other held results need not sleep out their backoff.
+        self.wake_held_results()
+
+    def _sleep(self, seconds: float) -> Deferred[None]:
+        """Wait C{seconds}, or less if L{wake_held_results} is called meanwhile."""
+        woken: Deferred[None] = Deferred()
+        call = self._clock.callLater(seconds, woken.callback, None)
+        self._sleepers.append((woken, call))
+        return woken
+
+    def wake_held_results(self) -> None:
+        """Retry every held result now (the store came back, or a new database was opened)."""
+        sleepers, self._sleepers = self._sleepers, []
+        for woken, call in sleepers:
+            if call.active():
+                call.cancel()
+                woken.callback(None)
 
     def _store_failed(self, error: BaseException) -> None:
         """Log a store outage once, however many results wait for it."""

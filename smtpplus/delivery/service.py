@@ -154,6 +154,7 @@ class Delivery:
             for row in rows:
                 self.scheduler.add(Job(row["id"], row["priority"], row["seq"], row["user"]), row["next_attempt"])
             log.info("queue rebuilt from the spool: {n} messages queued again", n=len(rows))
+            self.agent.wake_held_results()
 
         self.database.write(requeue).addCallbacks(
             schedule, lambda f: log.failure("rebuilding the queue from the spool failed", f)
