@@ -193,6 +193,35 @@ class StatisticsTests(unittest.TestCase):
         self.assertEqual(result["groups"], [zero("2024-05-01", messages=2, recipients=4)])
 
     @inlineCallbacks
+    def test_failed_flush_keeps_counts_and_logs_once(self) -> Any:
+        """
+        While the database refuses writes (disk full) every flush fails: the
+        counts are kept, the outage is logged once, not once per flush, and
+        the counts land with the first flush that works.
+        """
+        from twisted.internet.defer import fail
+        from twisted.logger import globalLogPublisher
+
+        errors: list[dict[str, Any]] = []
+
+        def observe(event: dict[str, Any]) -> None:
+            if event.get("log_namespace") == "smtpplus.notify.stats" and event["log_level"].name in ("error", "critical"):
+                errors.append(event)
+
+        globalLogPublisher.addObserver(observe)
+        self.addCleanup(globalLogPublisher.removeObserver, observe)
+        transaction = self.db.transaction
+        self.db.transaction = lambda *a: fail(Exception("database or disk is full"))  # type: ignore[method-assign]
+        self.stats.accepted(message())
+        for _ in range(3):
+            yield self.stats.flush()
+        self.assertEqual(len(errors), 1)
+        self.db.transaction = transaction  # type: ignore[method-assign]
+        yield self.stats.flush()
+        groups = yield self.groups("day")
+        self.assertEqual(groups, [zero("2024-05-01", messages=1, recipients=2)])
+
+    @inlineCallbacks
     def test_encoded_words(self) -> Any:
         """RFC 2047 encoded subjects and display names are counted decoded."""
         self.stats.accepted(message(subject="=?utf-8?q?Gr=C3=BC=C3=9Fe_4711?=",

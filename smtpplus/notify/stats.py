@@ -247,6 +247,7 @@ class Statistics(Service):
         self._pending: dict[tuple[str, str, str], list[int]] = {}
         self._timer: IDelayedCall | None = None
         self._flushing: set[Deferred[None]] = set()
+        self._write_error: str | None = None
         db.migrate("stats", MIGRATIONS)
 
     # -- counting (IStatsRecorder) ------------------------------------------
@@ -319,8 +320,14 @@ class Statistics(Service):
         self._flushing.add(d)
 
         def failed(failure: Any) -> None:
-            # Keep the counts for the next flush rather than lose them.
-            log.failure("writing statistics failed; retrying with the next flush", failure)
+            # Keep the counts for the next flush rather than lose them, and
+            # say so once per outage (a full disk fails every flush).
+            if self._write_error is None:
+                self._write_error = failure.getErrorMessage()
+                log.error(
+                    "writing statistics failed ({error}); the counts are kept and written with a later flush",
+                    error=self._write_error,
+                )
             for counter, values in batch.items():
                 mine = self._pending.setdefault(counter, [0, 0, 0, 0, 0, 0])
                 for i, v in enumerate(values):
@@ -328,7 +335,12 @@ class Statistics(Service):
             if self._timer is None and self.running:
                 self._timer = self._clock.callLater(self._flush_seconds, self.flush)
 
-        d.addErrback(failed)
+        def written(_: object) -> None:
+            if self._write_error is not None:
+                log.info("statistics are written again (the failure was: {error})", error=self._write_error)
+                self._write_error = None
+
+        d.addCallbacks(written, failed)
         d.addBoth(lambda _: self._flushing.discard(d))
         return d
 
