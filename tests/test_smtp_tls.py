@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime
 import os
 import smtplib
+import socket
 import ssl
 import stat
 
@@ -17,11 +18,14 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.interfaces import IProtocolNegotiationFactory
+from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
 from twisted.logger import capturedLogs
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.trial import unittest
+from zope.interface import implementer
 
 from smtpplus.config import ConfigError, TLSConfig
 from smtpplus.smtp.protocol import SessionRegistry, SessionSettings, SMTPServerFactory
@@ -46,7 +50,7 @@ class TLSServerMixin:
 
     def start_servers(self, profile: str = "intermediate") -> None:
         self.state_dir = temp_dir(self)
-        options = server_context(TLSConfig("", "", profile), HOSTNAME, self.state_dir)
+        options = self.options = server_context(TLSConfig("", "", profile), HOSTNAME, self.state_dir)
         settings = SessionSettings(
             hostname=HOSTNAME,
             max_message_size=10_000,
@@ -97,6 +101,14 @@ class TLSServerMixin:
                 return result
 
         return deferToThread(talk)
+
+    @inlineCallbacks
+    def negotiate(self, ctx: ssl.SSLContext):
+        """L{starttls} that fails the test when the handshake fails."""
+        result = yield self.starttls(ctx)
+        if isinstance(result, ssl.SSLError):
+            self.fail(f"handshake failed: {result}")
+        return result
 
 
 class STARTTLSTests(TLSServerMixin, unittest.TestCase):
@@ -186,6 +198,16 @@ class STARTTLSTests(TLSServerMixin, unittest.TestCase):
         self.assertEqual(noop, (250, b"2.0.0 Ok"))
 
 
+@implementer(IProtocolNegotiationFactory)
+class NegotiatingFactory(Factory):
+    """Serves a protocol that says nothing and speaks ALPN C{x-test}."""
+
+    protocol = Protocol
+
+    def acceptableProtocols(self) -> list[bytes]:
+        return [b"x-test"]
+
+
 def tls12_context(ciphers: str = "", group: str = "") -> ssl.SSLContext:
     """A TLS 1.2-only client offering just C{ciphers} and just C{group}."""
     ctx = client_context(maximum_version=ssl.TLSVersion.TLSv1_2)
@@ -211,9 +233,32 @@ class IntermediateProfileTests(TLSServerMixin, unittest.TestCase):
         """
         ctx = client_context()
         ctx.set_alpn_protocols(["h2", "http/1.1"])
-        result = yield self.starttls(ctx)
+        result = yield self.negotiate(ctx)
         self.assertEqual(result[0], "TLSv1.3", result)
         self.assertIsNone(result[2])
+
+    @inlineCallbacks
+    def test_alpn_of_negotiating_factory(self):
+        """
+        A served factory that speaks ALPN protocols (as twisted.web's Site
+        does for the admin API) gets its protocol chosen when the client
+        offers it, and a session without ALPN when the client offers none of
+        them.
+        """
+        port = reactor.listenSSL(0, NegotiatingFactory(), self.options, interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+
+        def handshake(offered: list[str]) -> str | None:
+            ctx = client_context()
+            ctx.set_alpn_protocols(offered)
+            with socket.create_connection(("127.0.0.1", port.getHost().port), timeout=10) as raw:
+                with ctx.wrap_socket(raw) as tls:
+                    return tls.selected_alpn_protocol()
+
+        chosen = yield deferToThread(handshake, ["h2", "x-test"])
+        self.assertEqual(chosen, "x-test")
+        chosen = yield deferToThread(handshake, ["h2", "http/1.1"])
+        self.assertIsNone(chosen)
 
     @inlineCallbacks
     def test_tls12_x25519_only(self):
@@ -222,7 +267,7 @@ class IntermediateProfileTests(TLSServerMixin, unittest.TestCase):
         certificate; it gets the RSA one (an ECDHE-RSA suite) instead of a
         handshake failure.
         """
-        result = yield self.starttls(tls12_context(group="X25519"))
+        result = yield self.negotiate(tls12_context(group="X25519"))
         self.assertEqual(result[:2], ("TLSv1.2", "ECDHE-RSA-AES128-GCM-SHA256"), result)
 
     @inlineCallbacks
@@ -232,7 +277,7 @@ class IntermediateProfileTests(TLSServerMixin, unittest.TestCase):
         only P-384 (its groups name the curves it verifies too) the RSA one.
         """
         for group, cipher in (("prime256v1", "ECDHE-ECDSA-AES128-GCM-SHA256"), ("secp384r1", "ECDHE-RSA-AES128-GCM-SHA256")):
-            result = yield self.starttls(tls12_context(group=group))
+            result = yield self.negotiate(tls12_context(group=group))
             self.assertEqual(result[:2], ("TLSv1.2", cipher), (group, result))
 
     @inlineCallbacks
@@ -241,7 +286,7 @@ class IntermediateProfileTests(TLSServerMixin, unittest.TestCase):
         for group in ("X25519", "prime256v1", "secp384r1"):
             ctx = client_context()
             ctx.set_ecdh_curve(group)
-            result = yield self.starttls(ctx)
+            result = yield self.negotiate(ctx)
             self.assertEqual(result[:2], ("TLSv1.3", "TLS_AES_128_GCM_SHA256"), (group, result))
 
     @inlineCallbacks
@@ -264,7 +309,7 @@ class IntermediateProfileTests(TLSServerMixin, unittest.TestCase):
             "ECDHE-ECDSA-CHACHA20-POLY1305",
             "ECDHE-RSA-CHACHA20-POLY1305",
         ):
-            result = yield self.starttls(tls12_context(cipher))
+            result = yield self.negotiate(tls12_context(cipher))
             self.assertEqual(result[:2], ("TLSv1.2", cipher))
 
     @inlineCallbacks
@@ -286,13 +331,13 @@ class CompatibleProfileTests(TLSServerMixin, unittest.TestCase):
     def test_cbc_accepted(self):
         """Clients that offer only ECDHE CBC suites (Safari 6-8's kind) negotiate TLS 1.2."""
         for cipher in ("ECDHE-ECDSA-AES128-SHA256", "ECDHE-RSA-AES256-SHA384", "ECDHE-ECDSA-AES128-SHA", "ECDHE-RSA-AES256-SHA"):
-            result = yield self.starttls(tls12_context(cipher))
+            result = yield self.negotiate(tls12_context(cipher))
             self.assertEqual(result[:2], ("TLSv1.2", cipher))
 
     @inlineCallbacks
     def test_aead_preferred(self):
         """A client offering CBC and GCM gets GCM: CBC is only a fallback."""
-        result = yield self.starttls(tls12_context("ECDHE-ECDSA-AES128-SHA:ECDHE-ECDSA-AES128-GCM-SHA256"))
+        result = yield self.negotiate(tls12_context("ECDHE-ECDSA-AES128-SHA:ECDHE-ECDSA-AES128-GCM-SHA256"))
         self.assertEqual(result[:2], ("TLSv1.2", "ECDHE-ECDSA-AES128-GCM-SHA256"))
 
     @inlineCallbacks

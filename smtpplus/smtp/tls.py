@@ -20,6 +20,7 @@ from cryptography.x509.oid import NameOID
 from OpenSSL import SSL, crypto
 from OpenSSL._util import lib as _openssl
 from twisted.internet import ssl
+from twisted.internet.interfaces import IProtocolNegotiationFactory
 from twisted.logger import Logger
 
 from smtpplus.config import ConfigError, TLSConfig
@@ -76,20 +77,33 @@ PROFILES: dict[str, TLSProfile] = {
 }
 
 
-def _no_application_protocol(connection: SSL.Connection, offered: list[bytes]) -> object:
+def _select_protocol(connection: SSL.Connection, offered: list[bytes]) -> bytes | object:
+    """
+    The first protocol the served factory speaks (twisted.web's C{Site}:
+    C{h2}, C{http/1.1}) that the client offered; with none in common, go on
+    without ALPN.
+    """
+    # Twisted finds the served factory the same way (protosFromProtocol).
+    negotiation = IProtocolNegotiationFactory(connection.get_app_data().factory.wrappedFactory, None)
+    if negotiation is not None:
+        for protocol in negotiation.acceptableProtocols():
+            if protocol in offered:
+                return protocol
     return SSL.NO_OVERLAPPING_PROTOCOLS
 
 
 class ProfileCertificateOptions(ssl.CertificateOptions):
     """
     L{ssl.CertificateOptions} that applies a L{TLSProfile}, serves further
-    certificates of other key types beside the first, and ignores ALPN.
+    certificates of other key types beside the first, and never fails a
+    handshake over ALPN.
 
-    Twisted installs an ALPN callback even when no protocols are configured;
-    it answers a client that offers ALPN (Android's and Go's stacks, curl)
-    with an empty protocol name, which OpenSSL turns into a fatal
-    C{internal_error} alert.  SMTP has no ALPN identifier: the extension is
-    ignored, as a server without ALPN support must (RFC 7301, section 3.1).
+    Twisted (26.10) installs an ALPN callback even when no protocols are
+    configured; when none of a client's protocols fit (an SMTP factory has
+    none; the simulated Android and Go clients offer C{h2}, C{http/1.1}) it
+    answers with an empty protocol name, which OpenSSL turns into a fatal
+    C{internal_error} alert.  Here no overlap means no ALPN, as with a
+    server that has no ALPN at all.
     """
 
     def __init__(
@@ -107,8 +121,8 @@ class ProfileCertificateOptions(ssl.CertificateOptions):
         self.additional = additional
 
     def _makeContext(self, *args: Any, **kwargs: Any) -> SSL.Context:
-        # The one hook where every context Twisted builds passes; its
-        # arguments differ between Twisted releases, hence the passthrough.
+        # Every context these options hand out is made here; the arguments
+        # differ between Twisted releases, hence the passthrough.
         ctx = super()._makeContext(*args, **kwargs)
         for certificate, key in self.additional:
             # OpenSSL keeps one certificate per key type and picks the one the
@@ -118,7 +132,7 @@ class ProfileCertificateOptions(ssl.CertificateOptions):
             ctx.check_privatekey()
         ctx.set_tls13_ciphersuites(self.profile.ciphersuites.encode("ascii"))
         _set_groups(ctx, self.profile.groups)
-        ctx.set_alpn_select_callback(_no_application_protocol)
+        ctx.set_alpn_select_callback(_select_protocol)
         return ctx
 
 
