@@ -96,6 +96,7 @@ class SMTPConfig:
 class TLSConfig:
     certificate: str
     private_key: str
+    profile: str = "intermediate"
 
 
 @attrs.frozen
@@ -263,6 +264,7 @@ _SCHEMA: dict[str, dict[str, tuple[type | tuple[type, ...], Any, Callable[[Any],
     "tls": {
         "certificate": (str, "", None),
         "private_key": (str, "", None),
+        "profile": (str, "intermediate", _one_of("intermediate", "compatible")),
     },
     "delivery": {
         "mode": (str, "mx", _one_of("mx", "smarthost")),

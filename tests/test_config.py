@@ -62,7 +62,7 @@ class ConfigTests(unittest.TestCase):
             (s.max_message_size, s.max_recipients, s.max_connections, s.max_connections_per_ip, s.idle_timeout),
             (26214400, 1000, 2000, 100, 300),
         )
-        self.assertEqual((c.tls.certificate, c.tls.private_key), ("", ""))
+        self.assertEqual((c.tls.certificate, c.tls.private_key, c.tls.profile), ("", "", "intermediate"))
         d = c.delivery
         self.assertEqual((d.mode, d.smarthost, d.smarthost_username, d.smarthost_password), ("mx", "", "", ""))
         self.assertEqual(d.smarthost_tls, "opportunistic")
@@ -86,7 +86,9 @@ class ConfigTests(unittest.TestCase):
             '[smtp]\nports = "2525,2600-2601"\ntls_ports = "465"\nauth_requires_tls = false\n'
             '[delivery]\nmode = "smarthost"\nsmarthost = "relay.example:587"\nrate_limit = 2.5\n'
             '[notifications]\nfrequency = { bounce = "daily" }\n'
+            '[tls]\nprofile = "compatible"\n'
         )
+        self.assertEqual(c.tls.profile, "compatible")
         self.assertEqual(c.smtp.ports, (2525, 2600, 2601))
         self.assertEqual(c.smtp.ports_spec, "2525,2600-2601")
         self.assertEqual(c.smtp.tls_ports, (465,))
@@ -131,6 +133,7 @@ class ConfigTests(unittest.TestCase):
             "[smtp]\nidle_timeout = 0\n": "[smtp] idle_timeout: must be greater than 0",
             "[admin]\nport = 70000\n": "[admin] port: port 70000 is out of range 1-65535",
             "[delivery]\nmode = \"pigeon\"\n": "[delivery] mode: must be one of 'mx', 'smarthost'",
+            "[tls]\nprofile = \"modern\"\n": "[tls] profile: must be one of 'intermediate', 'compatible'",
             "[delivery]\nmode = \"smarthost\"\n": '[delivery] smarthost: must be "host:port" when mode = "smarthost"',
             "[delivery]\nretry_schedule = []\n": "[delivery] retry_schedule: must list at least one interval",
             "smtp = 3\n": "[smtp]: must be a table",
