@@ -15,12 +15,14 @@ from typing import Any
 
 import attrs
 
+from smtpplus.model import EventType
+
 
 class ConfigError(ValueError):
     """A configuration value is wrong; the message names the key."""
 
 
-EVENT_TYPES = ("sender_domain", "send_problem", "bounce", "delivery_delay", "account_block")
+EVENT_TYPES = tuple(t.value for t in EventType)
 FREQUENCIES = ("immediate", "hourly", "daily", "off")
 
 

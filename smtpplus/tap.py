@@ -148,7 +148,7 @@ def build_service(config: Config, reactor: Any) -> MultiService:
     hasher.setServiceParent(top)
 
     def user_policy(username: str) -> Deferred[str | None]:
-        return users.get(username).addCallback(lambda user: user["aggregation"] if user else None)
+        return users.get(username).addCallback(lambda user: user.aggregation if user else None)
 
     stats = Statistics(database, reactor, user_policy)
     stats.setServiceParent(top)

@@ -24,17 +24,11 @@ from twisted.internet.threads import deferToThread
 
 from smtpplus.config import config_from_text
 from smtpplus.delivery.service import build_delivery
+from smtpplus.model import User
 from smtpplus.smtp.protocol import SessionRegistry, SessionSettings, SMTPServerFactory
 from smtpplus.storage.database import Database
 
-USER = {
-    "username": "alice",
-    "enabled": True,
-    "priority": 3,
-    "authorized_domains": ["example.com"],
-    "authorized_senders": ["boss@other.org"],
-    "aggregation": "day",
-}
+USER = User("alice", authorized_domains=["example.com"], authorized_senders=["boss@other.org"])
 PASSWORD = "secret-pw"
 
 
@@ -157,7 +151,7 @@ def queue_id(reply: str) -> str:
 
 
 class _FakeLogin:
-    def __init__(self, avatar_factory: Any, user: dict[str, Any]) -> None:
+    def __init__(self, avatar_factory: Any, user: User) -> None:
         self.avatar_factory = avatar_factory
         self.user = user
 
@@ -165,7 +159,7 @@ class _FakeLogin:
         from twisted.cred.error import UnauthorizedLogin
         from twisted.internet.defer import fail
 
-        if username != self.user["username"] or password != PASSWORD:
+        if username != self.user.username or password != PASSWORD:
             return fail(UnauthorizedLogin())
         return succeed((self.avatar_factory(self.user), lambda: None))
 
@@ -212,7 +206,7 @@ class Stack:
         self,
         testcase: Any,
         delivery: str = "",
-        user: dict[str, Any] | None = None,
+        user: User | None = None,
         start: bool = True,
         smarthost: FakeSmarthost | None = None,
         state_dir: str | None = None,

@@ -20,7 +20,7 @@ from smtpplus.auth.hashing import PasswordHasher
 from smtpplus.auth.login import build_login_service
 from smtpplus.auth.realm import SubmitterRealm
 from smtpplus.auth.throttle import LoginThrottle
-from smtpplus.auth.users import new_user_fields
+from smtpplus.auth.users import new_user
 from smtpplus.config import SecurityConfig
 from smtpplus.smtp.interfaces import ISubmitter
 from smtpplus.smtp.protocol import SMTPServerFactory
@@ -45,7 +45,7 @@ class OpenSessionTests(unittest.TestCase):
         listener = reactor.listenTCP(0, SMTPServerFactory(self.stack.registry, login, None), interface="127.0.0.1")
         self.addCleanup(listener.stopListening)
         self.port = listener.getHost().port
-        fields = new_user_fields({"username": "alice", "authorized_domains": ["example.com"]})
+        fields = new_user({"username": "alice", "authorized_domains": ["example.com"]})
         yield self.store.create(fields, (yield hasher.hash(PASSWORD)))
 
     def session(self) -> Deferred[smtplib.SMTP]:
@@ -169,7 +169,7 @@ class RealmTests(unittest.TestCase):
         before the avatar exists is refused: the standing is taken first.
         """
         store = make_sqlite_store(self)
-        yield store.create(new_user_fields({"username": "alice"}), b"h")
+        yield store.create(new_user({"username": "alice"}), b"h")
         read = store.get
 
         def racing_get(username: str) -> Deferred[Any]:

@@ -15,7 +15,7 @@ from twisted.trial.unittest import TestCase
 from smtpplus.auth import hashing
 from smtpplus.auth.checker import CACHE_SECONDS, UnknownUser, UserChecker
 from smtpplus.auth.hashing import PasswordHasher
-from smtpplus.auth.users import new_user_fields
+from smtpplus.auth.users import new_user
 from tests.test_auth_store import make_sqlite_store
 
 
@@ -59,7 +59,7 @@ class CheckerTests(TestCase):
         self.hasher = CountingHasher()
         self.checker = UserChecker(self.store, self.hasher, self.clock)
         self.password = "k3v9-x2qa-abcd-efgh-jkmn-pqrs-tuvw"
-        yield self.store.create(new_user_fields({"username": "alice"}), (yield self.hasher.hash(self.password)))
+        yield self.store.create(new_user({"username": "alice"}), (yield self.hasher.hash(self.password)))
 
     def login(self, username: str, password: str) -> Deferred[Any]:
         return self.checker.requestAvatarId(UsernamePassword(username, password))

@@ -19,8 +19,9 @@ from zope.interface import implementer
 from smtpplus.auth.hashing import PasswordHasher
 from smtpplus.auth.login import build_login_service
 from smtpplus.auth.throttle import LoginThrottle
-from smtpplus.auth.users import generate_password, new_user_fields
+from smtpplus.auth.users import generate_password, new_user
 from smtpplus.config import SecurityConfig, TLSConfig
+from smtpplus.model import User
 from smtpplus.smtp.interfaces import IMessageWriter, ISubmitter
 from smtpplus.smtp.protocol import SessionRegistry, SessionSettings, SMTPServerFactory
 from smtpplus.smtp.tls import server_context
@@ -44,8 +45,8 @@ class _Writer:
 class FakeSubmitter:
     """Accepts everything; remembers whether its session logged out."""
 
-    def __init__(self, user: dict[str, Any]) -> None:
-        self.username = user["username"]
+    def __init__(self, user: User) -> None:
+        self.username = user.username
         self.logged_out = False
 
     def validateFrom(self, session: Any, mail_from: str, mt_priority: Any) -> None:
@@ -117,7 +118,7 @@ class AuthEndToEndTests(TestCase):
         self.throttle = LoginThrottle(reactor, security, self.events, first_delay=0.001, max_delay=0.01)
         self.avatars: list[FakeSubmitter] = []
 
-        def avatar_factory(user: dict[str, Any], standing: Any) -> FakeSubmitter:
+        def avatar_factory(user: User, standing: Any) -> FakeSubmitter:
             avatar = FakeSubmitter(user)
             self.avatars.append(avatar)
             return avatar
@@ -140,7 +141,7 @@ class AuthEndToEndTests(TestCase):
         self.addCleanup(listening.stopListening)
         self.port = listening.getHost().port
         self.password = generate_password()
-        yield self.store.create(new_user_fields({"username": "alice"}), (yield self.hasher.hash(self.password)))
+        yield self.store.create(new_user({"username": "alice"}), (yield self.hasher.hash(self.password)))
 
     def dialogue(
         self, username: str | None, password: str = "", mechanism: str = "PLAIN", source: str = "127.0.0.1"

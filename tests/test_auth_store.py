@@ -1,4 +1,4 @@
-"""The user store: contract tests run against the SQLite implementation."""
+"""The user store: one contract, run against the SQLite and the in-memory implementation."""
 
 from __future__ import annotations
 
@@ -6,13 +6,18 @@ import os
 import sqlite3
 from typing import Any
 
+import attrs
 from twisted.internet import reactor
 from twisted.internet.defer import inlineCallbacks
 from twisted.internet.task import Clock
 from twisted.trial.unittest import TestCase
+from zope.interface.verify import verifyObject
 
-from smtpplus.auth.store import COMPONENT, MIGRATIONS, DuplicateUser, IUserStore, LoginRecord, SQLiteUserStore, iso_utc
-from smtpplus.auth.users import new_user_fields
+from smtpplus.auth.memory import MemoryUserStore
+from smtpplus.auth.store import COMPONENT, MIGRATIONS, DuplicateUser, LoginRecord, SQLiteUserStore
+from smtpplus.auth.users import new_user
+from smtpplus.interfaces import IUserStore
+from smtpplus.model import Aggregation, User
 from smtpplus.storage.database import Database
 
 
@@ -27,8 +32,9 @@ def make_sqlite_store(case: TestCase, clock: Any = reactor) -> SQLiteUserStore:
     return store
 
 
-def user_fields(username: str, **changes: Any) -> dict[str, Any]:
-    return new_user_fields({"username": username, **changes})
+def user_fields(username: str, **changes: Any) -> User:
+    """A new user as the admin API would validate it from a request body."""
+    return new_user({"username": username, **changes})
 
 
 class UserStoreContract:
@@ -47,14 +53,25 @@ class UserStoreContract:
         self.store.subscribe(self.changes.append)
 
     def test_provides_interface(self) -> None:
-        """The store provides IUserStore."""
-        self.assertTrue(IUserStore.providedBy(self.store))
+        """The store provides IUserStore, every method with the interface's signature."""
+        verifyObject(IUserStore, self.store)
 
     @inlineCallbacks
     def test_create_and_get(self) -> Any:
-        """A created user comes back shaped like the contract's user object, without any hash."""
+        """A created user comes back with its timestamps, shaped like the contract's user object, without any hash."""
         created = yield self.store.create(user_fields("alice", authorized_domains=["example.com"]), b"$2b$hash")
-        expected = {
+        expected = User(
+            "alice",
+            authorized_domains=("example.com",),
+            created_at="2024-05-01T12:00:00Z",
+            updated_at="2024-05-01T12:00:00Z",
+        )
+        self.assertEqual(created, expected)
+        self.assertEqual((yield self.store.get("alice")), expected)
+        self.assertEqual((yield self.store.get("ALICE")), expected)
+        self.assertIsNone((yield self.store.get("bob")))
+        self.assertEqual(self.changes, ["alice"])
+        self.assertEqual(created.to_json(), {
             "username": "alice",
             "enabled": True,
             "priority": 3,
@@ -64,12 +81,7 @@ class UserStoreContract:
             "aggregation": "day",
             "created_at": "2024-05-01T12:00:00Z",
             "updated_at": "2024-05-01T12:00:00Z",
-        }
-        self.assertEqual(created, expected)
-        self.assertEqual((yield self.store.get("alice")), expected)
-        self.assertEqual((yield self.store.get("ALICE")), expected)
-        self.assertIsNone((yield self.store.get("bob")))
-        self.assertEqual(self.changes, ["alice"])
+        })
 
     @inlineCallbacks
     def test_duplicate(self) -> Any:
@@ -84,7 +96,7 @@ class UserStoreContract:
         yield self.store.create(user_fields("bob", enabled=False), b"h")
         yield self.store.create(user_fields("alice"), b"h")
         users = yield self.store.list()
-        self.assertEqual([(u["username"], u["enabled"]) for u in users], [("alice", True), ("bob", False)])
+        self.assertEqual([(u.username, u.enabled) for u in users], [("alice", True), ("bob", False)])
 
     @inlineCallbacks
     def test_update(self) -> Any:
@@ -93,11 +105,12 @@ class UserStoreContract:
         before = yield self.store.login_record("alice")
         self.clock.advance(60)
         user = yield self.store.update("alice", {"priority": 1, "authorized_senders": ["a@example.com"]})
-        self.assertEqual(user["priority"], 1)
-        self.assertEqual(user["authorized_senders"], ["a@example.com"])
-        self.assertEqual(user["enabled"], True)
-        self.assertEqual(user["created_at"], "2024-05-01T12:00:00Z")
-        self.assertEqual(user["updated_at"], "2024-05-01T12:01:00Z")
+        self.assertEqual(user.priority, 1)
+        self.assertEqual(user.authorized_senders, ("a@example.com",))
+        self.assertEqual(user.enabled, True)
+        self.assertEqual(user.created_at, "2024-05-01T12:00:00Z")
+        self.assertEqual(user.updated_at, "2024-05-01T12:01:00Z")
+        self.assertEqual((yield self.store.get("alice")), user)
         after = yield self.store.login_record("alice")
         self.assertGreater(after.generation, before.generation)
         self.assertIsNone((yield self.store.update("bob", {"priority": 1})))
@@ -169,6 +182,43 @@ class UserStoreContract:
         self.assertIsNone(standing.revoked())
 
 
+    @inlineCallbacks
+    def test_every_field_round_trips(self) -> Any:
+        """Every field of a user comes back as it was stored, lists as tuples and the policy as an Aggregation."""
+        user = user_fields(
+            "Carol",
+            enabled=False,
+            priority=5,
+            notes="billing ✓",
+            authorized_domains="b.example; a.example",
+            authorized_senders=["X@c.example"],
+            aggregation="sender_email_subject",
+        )
+        yield self.store.create(user, b"h")
+        stored = yield self.store.get("carol")
+        self.assertEqual(stored, attrs.evolve(user, created_at=stored.created_at, updated_at=stored.updated_at))
+        self.assertIs(stored.aggregation, Aggregation.SENDER_EMAIL_SUBJECT)
+
+    @inlineCallbacks
+    def test_list_ignores_case(self) -> Any:
+        """Users are listed by username without regard to case."""
+        for name in ("bob", "Alice", "carol"):
+            yield self.store.create(user_fields(name), b"h")
+        self.assertEqual([u.username for u in (yield self.store.list())], ["Alice", "bob", "carol"])
+
+    @inlineCallbacks
+    def test_password_change_is_a_change(self) -> Any:
+        """A new password hash bumps updated_at and the generation, and tells the listeners."""
+        yield self.store.create(user_fields("alice"), b"old")
+        before = yield self.store.login_record("alice")
+        self.clock.advance(60)
+        yield self.store.set_password_hash("ALICE", b"new")
+        after = yield self.store.login_record("alice")
+        self.assertGreater(after.generation, before.generation)
+        self.assertEqual((yield self.store.get("alice")).updated_at, "2024-05-01T12:01:00Z")
+        self.assertEqual(self.changes, ["alice", "ALICE"])
+
+
 class SQLiteUserStoreTests(UserStoreContract, TestCase):
     def make_store(self) -> SQLiteUserStore:
         return make_sqlite_store(self, self.clock)
@@ -182,7 +232,6 @@ class SQLiteUserStoreTests(UserStoreContract, TestCase):
         self.assertEqual(row[0], len(MIGRATIONS))
 
 
-class TimestampTests(TestCase):
-    def test_iso_utc(self) -> None:
-        """Timestamps are ISO 8601 UTC with a Z."""
-        self.assertEqual(iso_utc(0), "1970-01-01T00:00:00Z")
+class MemoryUserStoreTests(UserStoreContract, TestCase):
+    def make_store(self) -> MemoryUserStore:
+        return MemoryUserStore(self.clock)

@@ -11,11 +11,10 @@ from smtpplus.auth.users import (
     ValidationError,
     generate_password,
     generate_username,
-    new_user_fields,
-    normalize_address,
-    normalize_domain,
+    new_user,
     validate_fields,
 )
+from smtpplus.model import Aggregation, User
 
 
 class GeneratedTests(TestCase):
@@ -47,19 +46,18 @@ class FieldTests(TestCase):
         return caught.exception
 
     def test_defaults(self) -> None:
-        """A new user without fields gets the contract's defaults and no username."""
-        fields = new_user_fields({})
-        self.assertEqual(
-            fields,
-            {
-                "enabled": True,
-                "priority": 3,
-                "notes": "",
-                "authorized_domains": [],
-                "authorized_senders": [],
-                "aggregation": "day",
-            },
-        )
+        """A new user without fields gets the contract's defaults and a generated username."""
+        user = new_user({})
+        self.assertRegex(user.username, r"^smtp-[a-z0-9]{8}$")
+        self.assertEqual(user, User(user.username))
+        self.assertEqual((user.enabled, user.priority, user.aggregation), (True, 3, Aggregation.DAY))
+
+    def test_new_user_takes_fields(self) -> None:
+        """A new user takes the validated, normalized fields of the request body."""
+        user = new_user({"username": "alice", "authorized_domains": "A.example; b.example", "aggregation": "week"})
+        self.assertEqual(user, User("alice", authorized_domains=("a.example", "b.example"), aggregation="week"))
+        with self.assertRaises(ValidationError):
+            new_user({"username": "alice", "created_at": "now"})
 
     def test_username(self) -> None:
         """Usernames follow the contract's pattern; anything else names the field."""
@@ -104,7 +102,9 @@ class FieldTests(TestCase):
 
     def test_domain_idna(self) -> None:
         """Internationalized domains are stored as their lower-case A-label."""
-        self.assertEqual(normalize_domain("Bücher.Example"), "xn--bcher-kva.example")
+        self.assertEqual(
+            validate_fields({"authorized_domains": ["Bücher.Example"]})["authorized_domains"], ["xn--bcher-kva.example"]
+        )
 
     def test_bad_domains(self) -> None:
         """Malformed domains are refused naming authorized_domains."""
@@ -119,7 +119,10 @@ class FieldTests(TestCase):
             validate_fields({"authorized_senders": "Info@Example.COM; news@b.example"})["authorized_senders"],
             ["Info@example.com", "news@b.example"],
         )
-        self.assertEqual(normalize_address("a@Bücher.example"), "a@xn--bcher-kva.example")
+        self.assertEqual(
+            validate_fields({"authorized_senders": ["a@Bücher.example"]})["authorized_senders"],
+            ["a@xn--bcher-kva.example"],
+        )
         for bad in ("no-at-sign", "a@", "@example.com", "a b@example.com", "a@exa mple.com"):
             self.assertInvalid({"authorized_senders": [bad]}, "authorized_senders")
 

@@ -15,9 +15,10 @@ from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
 from twisted.trial import unittest
 
-from smtpplus.auth.users import normalize_address, normalize_domain
+from smtpplus.address import normalize_address, normalize_domain
 from smtpplus.delivery import queue
 from smtpplus.delivery import spool as spool_module
+from smtpplus.model import User
 from tests.delivery_helpers import PASSWORD, Stack, queue_id, simple_message
 
 CONTRACT_MESSAGE_KEYS = {
@@ -56,13 +57,12 @@ class SenderRulesTests(unittest.TestCase):
         From:) matches the IDNA A-labels the user store keeps; an unlisted
         Unicode domain is still refused.
         """
-        user = {
-            "username": "alice",
-            "priority": 3,
-            "authorized_domains": [normalize_domain("Bücher.example")],
-            "authorized_senders": [normalize_address("chef@café.example")],
-        }
-        self.assertEqual(user["authorized_domains"], ["xn--bcher-kva.example"])
+        user = User(
+            "alice",
+            authorized_domains=[normalize_domain("Bücher.example")],
+            authorized_senders=[normalize_address("chef@café.example")],
+        )
+        self.assertEqual(user.authorized_domains, ("xn--bcher-kva.example",))
         stack = Stack(self, start=False, user=user)
         header = "From: Info <info@BÜCHER.example>\r\nSubject: x\r\n\r\nbody\r\n".encode()
         code, text = yield stack.submit("info@Bücher.example", ["r@dest.test"], header)
@@ -78,7 +78,7 @@ class SenderRulesTests(unittest.TestCase):
     @inlineCallbacks
     def test_user_without_lists_may_not_send(self) -> Any:
         """A user with both lists empty is refused at MAIL FROM."""
-        user = {"username": "alice", "priority": 3, "authorized_domains": [], "authorized_senders": []}
+        user = User("alice")
         stack = Stack(self, start=False, user=user)
         code, _ = yield stack.submit("me@example.com", ["r@dest.test"], simple_message())
         self.assertEqual(code, 550)
@@ -314,7 +314,7 @@ class MailLoopTests(unittest.TestCase):
 class PriorityTests(unittest.TestCase):
     @inlineCallbacks
     def _priority(self, user_priority: int, data: bytes, options: tuple[str, ...] = ()) -> Any:
-        user = {"username": "alice", "priority": user_priority, "authorized_domains": ["example.com"]}
+        user = User("alice", priority=user_priority, authorized_domains=["example.com"])
         stack = Stack(self, start=False, user=user)
         code, text = yield stack.submit("me@example.com", ["r@dest.test"], data, options)
         self.assertEqual(code, 250, text)

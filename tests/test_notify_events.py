@@ -1,4 +1,4 @@
-"""Tests for L{smtpplus.notify.events}: storing and listing notification events."""
+"""Tests for L{smtpplus.notify.events}: storing and listing events, one contract for the SQLite and the in-memory store."""
 
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ from twisted.internet.task import Clock
 from twisted.trial import unittest
 from zope.interface.verify import verifyObject
 
-from smtpplus.admin.interfaces import IEventQuery
-from smtpplus.notify.events import EventStore
-from smtpplus.notify.interfaces import IEventRecorder
+from smtpplus.interfaces import IEventQuery, IEventRecorder
+from smtpplus.model import EventType
+from smtpplus.notify.events import EventStore, MemoryEventStore
 from smtpplus.storage.database import Database
 
 
@@ -30,15 +30,17 @@ class BrokenSink:
         raise RuntimeError("notifier bug")
 
 
-class EventStoreTests(unittest.TestCase):
+class EventStoreContract:
+    """Behaviour every event store must have; mixed into a TestCase with C{make_store}."""
+
+    def make_store(self, sink: RecordingSink) -> Any:
+        raise NotImplementedError
+
     def setUp(self) -> None:
-        self.path = self.mktemp()
         self.clock = Clock()
         self.clock.advance(1714564800)  # 2024-05-01T12:00:00Z
-        self.db = Database(reactor, self.path)
-        self.addCleanup(self.db.stop)
         self.sink = RecordingSink()
-        self.store = EventStore(self.db, self.clock, self.sink)
+        self.store = self.make_store(self.sink)
 
     def test_interfaces(self) -> None:
         """The store provides the recorder and the admin query interfaces."""
@@ -101,14 +103,15 @@ class EventStoreTests(unittest.TestCase):
         self.assertRaises(ValueError, self.store.record, "spam", "alice", None, "x")
 
     @inlineCallbacks
-    def test_events_survive_reopen(self) -> Any:
-        """Events are in the database file: a new store on the same file lists them."""
-        event = yield self.store.record("delivery_delay", "carol", "m-9", "queued 3600 s")
-        self.db.stop()
-        db = Database(reactor, self.path)
-        self.addCleanup(db.stop)
-        listed = yield EventStore(db, self.clock).list_events(None, None, 10)
-        self.assertEqual(listed, [event])
+    def test_enum_type_and_no_limit(self) -> Any:
+        """An EventType is recorded as its plain string; a limit of None or 0 lists every event."""
+        event = yield self.store.record(EventType.DELIVERY_DELAY, "carol", "m-9", "queued 3600 s")
+        self.assertIs(type(event["type"]), str)
+        yield self.store.record("bounce", "carol", None, "x")
+        self.assertEqual(len((yield self.store.list_events(None, None, None))), 2)
+        self.assertEqual(len((yield self.store.list_events(None, None, 0))), 2)
+        self.assertEqual((yield self.store.list_events("delivery_delay", None, None)), [event])
+
 
     @inlineCallbacks
     def test_ids_unique(self) -> Any:
@@ -119,3 +122,26 @@ class EventStoreTests(unittest.TestCase):
             ids.add(event["id"])
         self.assertEqual(len(ids), 50)
         self.assertTrue(all(re.match(r"^evt-", i) for i in ids))
+
+
+class SQLiteEventStoreTests(EventStoreContract, unittest.TestCase):
+    def make_store(self, sink: RecordingSink) -> EventStore:
+        self.path = self.mktemp()
+        self.db = Database(reactor, self.path)
+        self.addCleanup(self.db.stop)
+        return EventStore(self.db, self.clock, sink)
+
+    @inlineCallbacks
+    def test_events_survive_reopen(self) -> Any:
+        """Events are in the database file: a new store on the same file lists them."""
+        event = yield self.store.record("delivery_delay", "carol", "m-9", "queued 3600 s")
+        self.db.stop()
+        db = Database(reactor, self.path)
+        self.addCleanup(db.stop)
+        listed = yield EventStore(db, self.clock).list_events(None, None, 10)
+        self.assertEqual(listed, [event])
+
+
+class MemoryEventStoreTests(EventStoreContract, unittest.TestCase):
+    def make_store(self, sink: RecordingSink) -> MemoryEventStore:
+        return MemoryEventStore(self.clock, sink)

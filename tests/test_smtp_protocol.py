@@ -25,7 +25,6 @@ from smtpplus.smtp.protocol import (
     SessionRegistry,
     SessionSettings,
     SMTPServerFactory,
-    parse_mailbox,
 )
 from tests.helpers import FakeLogin
 
@@ -903,13 +902,3 @@ class EnvelopeAddressTests(unittest.TestCase):
         self.assertEqual(d.send(f"RCPT TO:<{'x' * 10}@{domain}>\r\n"), ["501 5.1.3 Bad recipient address syntax"])
         self.assertEqual(d.send(f"RCPT TO:<{'x' * 8}@{domain}>\r\n"), ["250 2.1.5 Recipient ok"])
 
-
-class ParseMailboxTests(unittest.TestCase):
-    def test_parse_mailbox(self) -> None:
-        """Valid mailboxes pass (source routes dropped); malformed ones are None."""
-        self.assertEqual(parse_mailbox("a.b+c@example.org"), "a.b+c@example.org")
-        self.assertEqual(parse_mailbox("@relay.example:a@example.org"), "a@example.org")
-        self.assertEqual(parse_mailbox('"x y"@example.org'), '"x y"@example.org')
-        self.assertEqual(parse_mailbox("a@[192.0.2.1]"), "a@[192.0.2.1]")
-        for bad in ("plain", "@example.org", "a@", "a..b@example.org", "a@-x.org", "a@b@c.org", "x" * 65 + "@a.org"):
-            self.assertIsNone(parse_mailbox(bad), bad)

@@ -1,4 +1,4 @@
-"""Tests for L{smtpplus.notify.stats}: counting into groups and answering every policy."""
+"""Tests for L{smtpplus.notify.stats}: counting into groups and answering every policy, SQLite and in memory."""
 
 from __future__ import annotations
 
@@ -10,9 +10,8 @@ from twisted.internet.task import Clock
 from twisted.trial import unittest
 from zope.interface.verify import verifyObject
 
-from smtpplus.admin.interfaces import IStatsQuery
-from smtpplus.notify.interfaces import IStatsRecorder
-from smtpplus.notify.stats import POLICIES, Statistics, dynamic_subject, sender_of
+from smtpplus.interfaces import IStatsQuery, IStatsRecorder
+from smtpplus.notify.stats import POLICIES, MemoryStatistics, Statistics, UserPolicy, dynamic_subject, sender_of
 from smtpplus.storage.database import Database
 
 # 2024-05-01T12:00:00Z
@@ -40,15 +39,17 @@ def zero(key: str, **counts: int) -> dict[str, Any]:
     return group
 
 
-class StatisticsTests(unittest.TestCase):
+class StatisticsContract:
+    """Behaviour every statistics store must have; mixed into a TestCase with C{make_stats}."""
+
+    def make_stats(self, user_policy: UserPolicy) -> Any:
+        raise NotImplementedError
+
     def setUp(self) -> None:
         self.clock = Clock()
         self.clock.advance(START)
-        self.path = self.mktemp()
-        self.db = Database(reactor, self.path)
-        self.addCleanup(self.db.stop)
         self.policies: dict[str, str] = {}
-        self.stats = Statistics(self.db, self.clock, lambda user: succeed(self.policies.get(user)))
+        self.stats = self.make_stats(lambda user: succeed(self.policies.get(user)))
 
     @inlineCallbacks
     def groups(self, policy: str | None, user: str | None = None) -> Any:
@@ -172,6 +173,56 @@ class StatisticsTests(unittest.TestCase):
         self.failureResultOf(self.stats.stats(None, "hourly"), ValueError)
 
     @inlineCallbacks
+    def test_encoded_words(self) -> Any:
+        """RFC 2047 encoded subjects and display names are counted decoded."""
+        self.stats.accepted(message(subject="=?utf-8?q?Gr=C3=BC=C3=9Fe_4711?=",
+                                    header_from="=?utf-8?q?J=C3=BCrgen?= <j@example.de>"))
+        names = yield self.groups("sender_name")
+        self.assertEqual([g["key"] for g in names], ["Jürgen"])
+        dynamic = yield self.groups("dynamic_subject")
+        self.assertEqual([g["key"] for g in dynamic], ["Grüße {n}"])
+
+    @inlineCallbacks
+    def test_calendar_policies_sum_days(self) -> Any:
+        """week, month and year add up the days that fall into them."""
+        for n, day in enumerate(["2024-05-01", "2024-05-03", "2024-06-01", "2023-12-31"]):
+            self.stats.accepted(message(n, created_at=f"{day}T08:00:00Z", recipients=1))
+        weeks = yield self.groups("week")
+        self.assertEqual(
+            weeks,
+            [zero("2023-W52", messages=1, recipients=1), zero("2024-W18", messages=2, recipients=2),
+             zero("2024-W22", messages=1, recipients=1)],
+        )
+        months = yield self.groups("month")
+        self.assertEqual([(g["key"], g["messages"]) for g in months], [("2023-12", 1), ("2024-05", 2), ("2024-06", 1)])
+        years = yield self.groups("year")
+        self.assertEqual([(g["key"], g["messages"]) for g in years], [("2023", 1), ("2024", 3)])
+
+    @inlineCallbacks
+    def test_campaign_code_equal_to_a_key(self) -> Any:
+        """A campaign code that equals a policy's key adds up with that group instead of repeating the key."""
+        self.stats.accepted(message(1, campaign_code="alice", recipients=3))
+        self.stats.accepted(message(2, recipients=1))
+        users = yield self.groups("user")
+        self.assertEqual(users, [zero("alice", messages=2, recipients=4)])
+
+    def test_flush_on_timer(self) -> None:
+        """Counting starts one flush timer; when it fires the counts are written and no timer is left."""
+        self.stats.accepted(message())
+        self.stats.accepted(message(2))
+        self.assertEqual(len(self.clock.getDelayedCalls()), 1)
+        self.clock.advance(1)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+
+class SQLiteStatisticsTests(StatisticsContract, unittest.TestCase):
+    def make_stats(self, user_policy: UserPolicy) -> Statistics:
+        self.path = self.mktemp()
+        self.db = Database(reactor, self.path)
+        self.addCleanup(self.db.stop)
+        return Statistics(self.db, self.clock, user_policy)
+
+    @inlineCallbacks
     def test_flush_timer_and_restart(self) -> Any:
         """Counts reach the database within the flush interval and survive a restart."""
         self.stats.accepted(message())
@@ -221,16 +272,6 @@ class StatisticsTests(unittest.TestCase):
         groups = yield self.groups("day")
         self.assertEqual(groups, [zero("2024-05-01", messages=1, recipients=2)])
 
-    @inlineCallbacks
-    def test_encoded_words(self) -> Any:
-        """RFC 2047 encoded subjects and display names are counted decoded."""
-        self.stats.accepted(message(subject="=?utf-8?q?Gr=C3=BC=C3=9Fe_4711?=",
-                                    header_from="=?utf-8?q?J=C3=BCrgen?= <j@example.de>"))
-        names = yield self.groups("sender_name")
-        self.assertEqual([g["key"] for g in names], ["Jürgen"])
-        dynamic = yield self.groups("dynamic_subject")
-        self.assertEqual([g["key"] for g in dynamic], ["Grüße {n}"])
-
 
 class HelperTests(unittest.TestCase):
     def test_dynamic_subject(self) -> None:
@@ -254,3 +295,8 @@ class HelperTests(unittest.TestCase):
         """The sender is the header From's lower-cased address and display name, else the envelope sender."""
         self.assertEqual(sender_of("x@y", '"Doe, Jane" <Jane@Example.com>'), ("jane@example.com", "Doe, Jane"))
         self.assertEqual(sender_of("Env@Example.org", ""), ("env@example.org", ""))
+
+
+class MemoryStatisticsTests(StatisticsContract, unittest.TestCase):
+    def make_stats(self, user_policy: UserPolicy) -> MemoryStatistics:
+        return MemoryStatistics(self.clock, user_policy)

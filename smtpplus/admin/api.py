@@ -13,8 +13,10 @@ import hmac
 import json
 import re
 from collections.abc import Awaitable, Callable
+from enum import StrEnum
 from typing import Any
 
+import attrs
 from klein import Klein
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -23,19 +25,12 @@ from twisted.web.resource import IResource, Resource
 from twisted.web.server import Request
 from werkzeug.exceptions import HTTPException, MethodNotAllowed, NotFound
 
-from smtpplus.admin.interfaces import IEventQuery, IMessageQuery, IStatsQuery
-from smtpplus.admin.openapi import MAX_DEPTH, MAX_LIMIT, MESSAGE_STATUSES, openapi_document
+from smtpplus.admin.openapi import MAX_DEPTH, MAX_LIMIT, openapi_document
 from smtpplus.auth.hashing import PasswordHasher
-from smtpplus.auth.store import DuplicateUser, IUserStore
-from smtpplus.auth.users import (
-    AGGREGATIONS,
-    ValidationError,
-    generate_password,
-    generate_username,
-    new_user_fields,
-    validate_fields,
-)
-from smtpplus.config import EVENT_TYPES
+from smtpplus.auth.store import DuplicateUser
+from smtpplus.auth.users import ValidationError, generate_password, generate_username, new_user, validate_fields
+from smtpplus.interfaces import IEventQuery, IMessageQuery, IStatsQuery, IUserStore
+from smtpplus.model import Aggregation, EventType, MessageStatus, User
 
 log = Logger()
 
@@ -211,9 +206,9 @@ class AdminAPI:
             return None
         return _text(values[0], name)
 
-    def _choice(self, request: Any, name: str, choices: tuple[str, ...]) -> str | None:
+    def _choice(self, request: Any, name: str, choices: type[StrEnum]) -> str | None:
         value = self._query(request, name)
-        if value is not None and value not in choices:
+        if value is not None and value not in {choice.value for choice in choices}:
             raise HTTPError(400, "validation_error", f"{name}: must be one of {', '.join(choices)}")
         return value
 
@@ -240,49 +235,51 @@ class AdminAPI:
     @app.route("/api/v1/users", methods=["GET"])
     @authenticated
     async def list_users(self, request: Any) -> bytes:
-        return json_body(request, 200, {"users": await self._users.list()})
+        return json_body(request, 200, {"users": [user.to_json() for user in await self._users.list()]})
 
     @app.route("/api/v1/users", methods=["POST"])
     @authenticated
     async def create_user(self, request: Any) -> bytes:
-        fields = _validated(new_user_fields, self._read_json(request))
+        data = self._read_json(request)
+        candidate = _validated(new_user, data)
+        named = isinstance(data, dict) and "username" in data
         password = generate_password()
         password_hash = await self._hasher.hash(password)
         user = None
-        for _attempt in range(1 if "username" in fields else _USERNAME_ATTEMPTS):
-            candidate = fields if "username" in fields else {**fields, "username": generate_username()}
+        for _attempt in range(1 if named else _USERNAME_ATTEMPTS):
             try:
                 user = await self._users.create(candidate, password_hash)
                 break
             except DuplicateUser:
-                if "username" in fields:
-                    raise HTTPError(409, "duplicate", f"username: {fields['username']} already exists") from None
+                if named:
+                    raise HTTPError(409, "duplicate", f"username: {candidate.username} already exists") from None
+                candidate = attrs.evolve(candidate, username=generate_username())
         if user is None:
             raise HTTPError(409, "duplicate", "username: could not generate a free username, try again")
-        log.info("admin API created user {username}", username=user["username"])
-        request.setHeader(b"Location", f"/api/v1/users/{user['username']}".encode())
-        return json_body(request, 201, {**user, "password": password})
+        log.info("admin API created user {username}", username=user.username)
+        request.setHeader(b"Location", f"/api/v1/users/{user.username}".encode())
+        return json_body(request, 201, {**user.to_json(), "password": password})
 
     @app.route("/api/v1/users/<username>", methods=["GET"])
     @authenticated
     async def get_user(self, request: Any, username: str) -> bytes:
-        return json_body(request, 200, await self._existing(username))
+        return json_body(request, 200, (await self._existing(username)).to_json())
 
     @app.route("/api/v1/users/<username>", methods=["PATCH"])
     @authenticated
     async def update_user(self, request: Any, username: str) -> bytes:
         fields = _validated(validate_fields, self._read_json(request))
         current = await self._existing(username)
-        new_name = fields.pop("username", current["username"])
-        if new_name.casefold() != current["username"].casefold():
+        new_name = fields.pop("username", current.username)
+        if new_name.casefold() != current.username.casefold():
             raise HTTPError(400, "validation_error", "username: cannot be changed")
         if not fields:
-            return json_body(request, 200, current)
-        user = await self._users.update(current["username"], fields)
+            return json_body(request, 200, current.to_json())
+        user = await self._users.update(current.username, fields)
         if user is None:
             raise _no_user(username)
-        log.info("admin API changed user {username}: {fields}", username=user["username"], fields=sorted(fields))
-        return json_body(request, 200, user)
+        log.info("admin API changed user {username}: {fields}", username=user.username, fields=sorted(fields))
+        return json_body(request, 200, user.to_json())
 
     @app.route("/api/v1/users/<username>", methods=["DELETE"])
     @authenticated
@@ -300,16 +297,16 @@ class AdminAPI:
         current = await self._existing(username)
         password = generate_password()
         password_hash = await self._hasher.hash(password)
-        if not await self._users.set_password_hash(current["username"], password_hash):
+        if not await self._users.set_password_hash(current.username, password_hash):
             raise _no_user(username)
-        log.info("admin API regenerated the password of {username}", username=current["username"])
-        return json_body(request, 200, {"username": current["username"], "password": password})
+        log.info("admin API regenerated the password of {username}", username=current.username)
+        return json_body(request, 200, {"username": current.username, "password": password})
 
     @app.route("/api/v1/messages", methods=["GET"])
     @authenticated
     async def list_messages(self, request: Any) -> bytes:
         user = self._query(request, "user")
-        status = self._choice(request, "status", MESSAGE_STATUSES)
+        status = self._choice(request, "status", MessageStatus)
         limit = self._limit(request)
         messages = [] if self._messages is None else await self._messages.list_messages(user, status, limit)
         return json_body(request, 200, {"messages": messages})
@@ -325,7 +322,7 @@ class AdminAPI:
     @app.route("/api/v1/notifications", methods=["GET"])
     @authenticated
     async def list_notifications(self, request: Any) -> bytes:
-        event_type = self._choice(request, "type", EVENT_TYPES)
+        event_type = self._choice(request, "type", EventType)
         user = self._query(request, "user")
         limit = self._limit(request)
         events = [] if self._events is None else await self._events.list_events(event_type, user, limit)
@@ -335,14 +332,14 @@ class AdminAPI:
     @authenticated
     async def stats(self, request: Any) -> bytes:
         user = self._query(request, "user")
-        policy = self._choice(request, "policy", AGGREGATIONS)
+        policy = self._choice(request, "policy", Aggregation)
         if self._stats is None:
             result = {"policy": policy or "day", "groups": []}
         else:
             result = await self._stats.stats(user, policy)
         return json_body(request, 200, result)
 
-    async def _existing(self, username: str) -> dict[str, Any]:
+    async def _existing(self, username: str) -> User:
         user = await self._users.get(username)
         if user is None:
             raise _no_user(username)

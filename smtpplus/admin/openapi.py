@@ -6,13 +6,13 @@ them, so the document cannot drift from the validation.
 
 from __future__ import annotations
 
+from enum import StrEnum
 from typing import Any
 
-from smtpplus.auth.users import AGGREGATIONS
-from smtpplus.config import EVENT_TYPES
+import attrs
 
-MESSAGE_STATUSES = ("queued", "scheduled", "sending", "deferred", "sent", "bounced", "partial")
-USERNAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._@+-]{0,63}$"
+from smtpplus.model import USER_LISTS, USER_TIMESTAMPS, Aggregation, EventType, MessageStatus, User
+
 MAX_LIMIT = 1000
 # A user object nests two levels; anything far deeper is an attack on the
 # parser (the stdlib decoder recurses and would end in RecursionError).
@@ -24,6 +24,10 @@ _STRING_LIST_INPUT = {
         {"type": "string", "description": 'Items separated by ";"; blanks are stripped, empty items ignored.'},
     ]
 }
+
+
+def _values(choices: type[StrEnum]) -> list[str]:
+    return [choice.value for choice in choices]
 
 
 def _ref(name: str) -> dict[str, str]:
@@ -65,22 +69,12 @@ _USERNAME_PARAM = {
     "description": "The username (case-insensitive).",
 }
 
-_USER_PROPERTIES: dict[str, Any] = {
-    "username": {"type": "string", "pattern": USERNAME_PATTERN},
-    "enabled": {"type": "boolean"},
-    "priority": {"type": "integer", "minimum": 1, "maximum": 5, "description": "1 very high ... 5 very low."},
-    "notes": {"type": "string"},
-    "authorized_domains": {"type": "array", "items": {"type": "string"}},
-    "authorized_senders": {"type": "array", "items": {"type": "string"}},
-    "aggregation": {"type": "string", "enum": list(AGGREGATIONS)},
-    "created_at": {"type": "string", "format": "date-time"},
-    "updated_at": {"type": "string", "format": "date-time"},
-}
+_USER_PROPERTIES: dict[str, Any] = {field.name: field.metadata["schema"] for field in attrs.fields(User)}
 
 _USER_INPUT_PROPERTIES: dict[str, Any] = {
-    **{k: v for k, v in _USER_PROPERTIES.items() if k not in ("created_at", "updated_at")},
-    "authorized_domains": _STRING_LIST_INPUT,
-    "authorized_senders": _STRING_LIST_INPUT,
+    name: _STRING_LIST_INPUT if name in USER_LISTS else schema
+    for name, schema in _USER_PROPERTIES.items()
+    if name not in USER_TIMESTAMPS
 }
 
 SCHEMAS: dict[str, Any] = {
@@ -189,7 +183,7 @@ SCHEMAS: dict[str, Any] = {
             "header_from": {"type": "string", "nullable": True},
             "subject": {"type": "string", "nullable": True},
             "priority": {"type": "integer", "minimum": 1, "maximum": 5},
-            "status": {"type": "string", "enum": list(MESSAGE_STATUSES)},
+            "status": {"type": "string", "enum": _values(MessageStatus)},
             "recipients": {"type": "array", "items": _ref("Recipient")},
             "campaign_code": {"type": "string", "nullable": True},
             "created_at": {"type": "string", "format": "date-time"},
@@ -206,7 +200,7 @@ SCHEMAS: dict[str, Any] = {
         "required": ["id", "type", "user", "message_id", "detail", "created_at"],
         "properties": {
             "id": {"oneOf": [{"type": "string"}, {"type": "integer"}]},
-            "type": {"type": "string", "enum": list(EVENT_TYPES)},
+            "type": {"type": "string", "enum": _values(EventType)},
             "user": {"type": "string", "nullable": True},
             "message_id": {"type": "string", "nullable": True},
             "detail": {"type": "string"},
@@ -233,7 +227,7 @@ SCHEMAS: dict[str, Any] = {
         "type": "object",
         "required": ["policy", "groups"],
         "properties": {
-            "policy": {"type": "string", "enum": list(AGGREGATIONS)},
+            "policy": {"type": "string", "enum": _values(Aggregation)},
             "groups": {"type": "array", "items": _ref("StatsGroup")},
         },
     },
@@ -326,7 +320,7 @@ def openapi_document() -> dict[str, Any]:
                     "summary": "Messages, newest first",
                     "parameters": [
                         _USER_FILTER,
-                        _query("status", {"type": "string", "enum": list(MESSAGE_STATUSES)}, "Only this status."),
+                        _query("status", {"type": "string", "enum": _values(MessageStatus)}, "Only this status."),
                         _LIMIT,
                     ],
                     "responses": {"200": _json(_ref("MessageList"), "The messages."), **_ERRORS},
@@ -349,7 +343,7 @@ def openapi_document() -> dict[str, Any]:
                     "operationId": "listNotifications",
                     "summary": "Notification events, newest first",
                     "parameters": [
-                        _query("type", {"type": "string", "enum": list(EVENT_TYPES)}, "Only this event type."),
+                        _query("type", {"type": "string", "enum": _values(EventType)}, "Only this event type."),
                         _USER_FILTER,
                         _LIMIT,
                     ],
@@ -364,7 +358,7 @@ def openapi_document() -> dict[str, Any]:
                         _USER_FILTER,
                         _query(
                             "policy",
-                            {"type": "string", "enum": list(AGGREGATIONS)},
+                            {"type": "string", "enum": _values(Aggregation)},
                             "Grouping; default the user's aggregation, or day.",
                         ),
                     ],

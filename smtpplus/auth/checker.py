@@ -26,7 +26,8 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from smtpplus.auth.hashing import PasswordHasher
-from smtpplus.auth.store import IUserStore, LoginRecord
+from smtpplus.auth.store import LoginRecord
+from smtpplus.interfaces import IUserStore
 
 CACHE_SECONDS = 300.0
 CACHE_ENTRIES = 10000

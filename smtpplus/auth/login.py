@@ -20,8 +20,8 @@ from zope.interface import implementer
 from smtpplus.auth.checker import UnknownUser, UserChecker
 from smtpplus.auth.hashing import PasswordHasher
 from smtpplus.auth.realm import AvatarFactory, SubmitterRealm
-from smtpplus.auth.store import IUserStore
 from smtpplus.auth.throttle import LoginThrottle
+from smtpplus.interfaces import IUserStore
 from smtpplus.smtp.interfaces import ILoginService, ISubmitter, LoginThrottled
 
 log = Logger()

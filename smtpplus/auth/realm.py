@@ -17,10 +17,12 @@ from twisted.cred.portal import IRealm
 from twisted.internet.defer import inlineCallbacks, maybeDeferred
 from zope.interface import implementer
 
-from smtpplus.auth.store import IUserStore, Standing
+from smtpplus.auth.store import Standing
+from smtpplus.interfaces import IUserStore
+from smtpplus.model import User
 from smtpplus.smtp.interfaces import ISubmitter
 
-AvatarFactory = Callable[[dict[str, Any], Standing], Any]
+AvatarFactory = Callable[[User, Standing], Any]
 
 
 @implementer(IRealm)
@@ -28,7 +30,7 @@ class SubmitterRealm:
     """
     An L{IRealm} for L{ISubmitter} avatars.
 
-    @param avatar_factory: C{avatar_factory(user_dict, standing)} returns
+    @param avatar_factory: C{avatar_factory(user, standing)} returns
         an L{ISubmitter} (or a Deferred of one) that stops sending once
         C{standing.revoked()} says so; if the avatar has a C{logout()}
         method it is called when the session ends.
@@ -46,7 +48,7 @@ class SubmitterRealm:
         # runs is then seen either in the row or by the standing.
         standing = self._store.standing(avatarId)
         user = yield self._store.get(avatarId)
-        if user is None or not user["enabled"] or standing.revoked() is not None:
+        if user is None or not user.enabled or standing.revoked() is not None:
             # Deleted or disabled between the password check and now.
             raise UnauthorizedLogin()
         avatar = yield maybeDeferred(self._avatar_factory, user, standing)

@@ -1,25 +1,28 @@
 """
-The user store: an interface narrow enough for another database, and its
-SQLite implementation on the shared L{Database}.
+The user store: L{UserStoreBase}, what every backend shares (timestamps,
+change listeners, revocations), and its SQLite implementation on the shared
+L{Database}.  The in-memory one is in L{smtpplus.auth.memory}; both provide
+L{smtpplus.interfaces.IUserStore}.
 
-Users cross this boundary as plain dicts shaped like the contract's C{user}
-JSON object; the password hash leaves the store only inside a
-L{LoginRecord}, for the credentials checker.
+Users cross this boundary as L{User} objects; the password hash leaves the
+store only inside a L{LoginRecord}, for the credentials checker.
 """
 
 from __future__ import annotations
 
-import datetime
 import json
 import sqlite3
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from enum import StrEnum
 from typing import Any
 
 import attrs
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
-from zope.interface import Interface, implementer
+from zope.interface import implementer
 
+from smtpplus.interfaces import IUserStore
+from smtpplus.model import USER_LISTS, USER_WRITABLE, User, iso_utc
 from smtpplus.storage.database import Database
 
 COMPONENT = "users"
@@ -41,9 +44,6 @@ MIGRATIONS = [
     );
     """,
 ]
-
-_COLUMNS = ("enabled", "priority", "notes", "authorized_domains", "authorized_senders", "aggregation")
-
 
 class DuplicateUser(Exception):
     """A user with this username (compared case-insensitively) exists."""
@@ -118,88 +118,44 @@ class Standing:
         return self._revocations.revoked_since(self._key, self._mark)
 
 
-class IUserStore(Interface):
-    """
-    Users and their password hashes.  Every method returns a Deferred;
-    usernames are looked up case-insensitively.
-    """
-
-    def create(fields: dict, password_hash: bytes):
-        """
-        Add a user from validated, complete C{fields} (including
-        C{username}); fire with the user dict, or fail with L{DuplicateUser}.
-        """
-
-    def get(username: str):
-        """Fire with the user dict, or None."""
-
-    def list():
-        """Fire with all user dicts, ordered by username."""
-
-    def update(username: str, fields: dict):
-        """Change the given validated fields; fire with the user dict, or None when there is no such user."""
-
-    def delete(username: str):
-        """Remove the user; fire with True, or False when there was none."""
-
-    def set_password_hash(username: str, password_hash: bytes):
-        """Replace the password hash; fire with True, or False when there is no such user."""
-
-    def login_record(username: str):
-        """Fire with the user's L{LoginRecord}, or None."""
-
-    def subscribe(listener: Callable[[str], None]) -> None:
-        """Call C{listener(username)} after every change of a user made through this store."""
-
-    def standing(username: str) -> Standing:
-        """
-        Synchronously, without I/O: a L{Standing} that reports once
-        C{username} has been disabled or deleted after this call.  Take it
-        before reading the user, so that a change racing the read is seen
-        either way.  A password change does not revoke it.
-        """
+# The columns of the users table that hold a User field, besides the key.
+_COLUMNS = tuple(name for name in USER_WRITABLE if name != "username")
 
 
-def iso_utc(seconds: float) -> str:
-    """C{seconds} since the epoch as ISO 8601 UTC, e.g. C{2024-05-01T12:00:00Z}."""
-    return datetime.datetime.fromtimestamp(int(seconds), datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def _user(row: sqlite3.Row) -> dict[str, Any]:
-    return {
-        "username": row["username"],
-        "enabled": bool(row["enabled"]),
-        "priority": row["priority"],
-        "notes": row["notes"],
-        "authorized_domains": json.loads(row["authorized_domains"]),
-        "authorized_senders": json.loads(row["authorized_senders"]),
-        "aggregation": row["aggregation"],
-        "created_at": row["created_at"],
-        "updated_at": row["updated_at"],
-    }
+def _user(row: sqlite3.Row) -> User:
+    values: dict[str, Any] = {}
+    for field in attrs.fields(User):
+        value = row[field.name]
+        if field.name in USER_LISTS:
+            value = json.loads(value)
+        elif isinstance(field.default, bool):
+            value = bool(value)
+        values[field.name] = value
+    return User(**values)
 
 
 def _column_value(name: str, value: Any) -> Any:
-    if name in ("authorized_domains", "authorized_senders"):
+    if name in USER_LISTS:
         return json.dumps(list(value))
-    if name == "enabled":
+    if isinstance(value, bool):
         return int(value)
+    if isinstance(value, StrEnum):
+        return value.value
     return value
 
 
-@implementer(IUserStore)
-class SQLiteUserStore:
-    """L{IUserStore} in the daemon's SQLite database (migration component C{"users"})."""
+class UserStoreBase:
+    """
+    What every L{IUserStore} shares: the timestamps, the change listeners
+    and the revocations, around the reads and writes a backend implements
+    (C{_insert}, C{_update}, C{_delete}, C{_set_password_hash}, each
+    returning a Deferred).
+    """
 
-    def __init__(self, database: Database, clock: IReactorTime, revocations: Revocations | None = None) -> None:
-        self._db = database
+    def __init__(self, clock: IReactorTime, revocations: Revocations | None = None) -> None:
         self._clock = clock
         self._listeners: list[Callable[[str], None]] = []
         self.revocations = revocations if revocations is not None else Revocations()
-
-    def migrate(self) -> None:
-        """Create or upgrade the tables; synchronous, at start-up."""
-        self._db.migrate(COMPONENT, MIGRATIONS)
 
     def subscribe(self, listener: Callable[[str], None]) -> None:
         self._listeners.append(listener)
@@ -223,64 +179,106 @@ class SQLiteUserStore:
     def _now(self) -> str:
         return iso_utc(self._clock.seconds())
 
-    def create(self, fields: dict[str, Any], password_hash: bytes) -> Deferred[dict[str, Any]]:
+    def create(self, user: User, password_hash: bytes) -> Deferred[User]:
         now = self._now()
+        d = self._insert(attrs.evolve(user, created_at=now, updated_at=now), password_hash)
+        return d.addCallback(self._changed, user.username)
 
-        def insert(conn: sqlite3.Connection) -> dict[str, Any]:
+    def update(self, username: str, fields: Mapping[str, Any]) -> Deferred[User | None]:
+        changes = {name: fields[name] for name in _COLUMNS if name in fields}
+        d = self._update(username, changes, self._now())
+        if changes.get("enabled") is False:
+            d.addCallback(self._revoke, username, "disabled")
+        return d.addCallback(self._changed, username)
+
+    def delete(self, username: str) -> Deferred[bool]:
+        d = self._delete(username).addCallback(self._revoke, username, "deleted")
+        return d.addCallback(self._changed, username)
+
+    def set_password_hash(self, username: str, password_hash: bytes) -> Deferred[bool]:
+        d = self._set_password_hash(username, password_hash, self._now())
+        return d.addCallback(self._changed, username)
+
+    def _insert(self, user: User, password_hash: bytes) -> Deferred[User]:
+        """Add C{user}, timestamps set; fail with L{DuplicateUser}."""
+        raise NotImplementedError
+
+    def _update(self, username: str, changes: dict[str, Any], now: str) -> Deferred[User | None]:
+        """Set the C{changes} (column names only) and C{updated_at}; bump the generation."""
+        raise NotImplementedError
+
+    def _delete(self, username: str) -> Deferred[bool]:
+        raise NotImplementedError
+
+    def _set_password_hash(self, username: str, password_hash: bytes, now: str) -> Deferred[bool]:
+        raise NotImplementedError
+
+
+@implementer(IUserStore)
+class SQLiteUserStore(UserStoreBase):
+    """L{IUserStore} in the daemon's SQLite database (migration component C{"users"})."""
+
+    def __init__(self, database: Database, clock: IReactorTime, revocations: Revocations | None = None) -> None:
+        super().__init__(clock, revocations)
+        self._db = database
+
+    def migrate(self) -> None:
+        """Create or upgrade the tables; synchronous, at start-up."""
+        self._db.migrate(COMPONENT, MIGRATIONS)
+
+    def _insert(self, user: User, password_hash: bytes) -> Deferred[User]:
+        def insert(conn: sqlite3.Connection) -> User:
             try:
                 conn.execute(
-                    "INSERT INTO users (username, enabled, priority, notes, authorized_domains, authorized_senders, "
-                    "aggregation, password_hash, created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    (fields["username"], *(_column_value(c, fields[c]) for c in _COLUMNS), password_hash, now, now),
+                    f"INSERT INTO users (username, {', '.join(_COLUMNS)}, password_hash, created_at, updated_at) "
+                    f"VALUES (?, {'?, ' * len(_COLUMNS)}?, ?, ?)",
+                    (
+                        user.username,
+                        *(_column_value(c, getattr(user, c)) for c in _COLUMNS),
+                        password_hash,
+                        user.created_at,
+                        user.updated_at,
+                    ),
                 )
             except sqlite3.IntegrityError:
-                raise DuplicateUser(fields["username"]) from None
-            return _user(conn.execute("SELECT * FROM users WHERE username = ?", (fields["username"],)).fetchone())
+                raise DuplicateUser(user.username) from None
+            return _user(conn.execute("SELECT * FROM users WHERE username = ?", (user.username,)).fetchone())
 
-        return self._db.transaction(insert).addCallback(self._changed, fields["username"])
+        return self._db.transaction(insert)
 
-    def get(self, username: str) -> Deferred[dict[str, Any] | None]:
-        def select(conn: sqlite3.Connection) -> dict[str, Any] | None:
+    def get(self, username: str) -> Deferred[User | None]:
+        def select(conn: sqlite3.Connection) -> User | None:
             row = conn.execute("SELECT * FROM users WHERE username = ?", (username,)).fetchone()
             return None if row is None else _user(row)
 
         return self._db.run(select)
 
-    def list(self) -> Deferred[list[dict[str, Any]]]:
-        def select(conn: sqlite3.Connection) -> list[dict[str, Any]]:
+    def list(self) -> Deferred[list[User]]:
+        def select(conn: sqlite3.Connection) -> list[User]:
             return [_user(row) for row in conn.execute("SELECT * FROM users ORDER BY username")]
 
         return self._db.run(select)
 
-    def update(self, username: str, fields: dict[str, Any]) -> Deferred[dict[str, Any] | None]:
-        columns = [c for c in _COLUMNS if c in fields]
-        now = self._now()
-
-        def change(conn: sqlite3.Connection) -> dict[str, Any] | None:
-            assignments = "".join(f"{c} = ?, " for c in columns)
+    def _update(self, username: str, changes: dict[str, Any], now: str) -> Deferred[User | None]:
+        def change(conn: sqlite3.Connection) -> User | None:
+            assignments = "".join(f"{c} = ?, " for c in changes)
             cursor = conn.execute(
                 f"UPDATE users SET {assignments}generation = generation + 1, updated_at = ? WHERE username = ?",
-                (*(_column_value(c, fields[c]) for c in columns), now, username),
+                (*(_column_value(c, v) for c, v in changes.items()), now, username),
             )
             if cursor.rowcount == 0:
                 return None
             return _user(conn.execute("SELECT * FROM users WHERE username = ?", (username,)).fetchone())
 
-        d = self._db.transaction(change)
-        if fields.get("enabled") is False:
-            d.addCallback(self._revoke, username, "disabled")
-        return d.addCallback(self._changed, username)
+        return self._db.transaction(change)
 
-    def delete(self, username: str) -> Deferred[bool]:
+    def _delete(self, username: str) -> Deferred[bool]:
         def remove(conn: sqlite3.Connection) -> bool:
             return conn.execute("DELETE FROM users WHERE username = ?", (username,)).rowcount > 0
 
-        d = self._db.transaction(remove).addCallback(self._revoke, username, "deleted")
-        return d.addCallback(self._changed, username)
+        return self._db.transaction(remove)
 
-    def set_password_hash(self, username: str, password_hash: bytes) -> Deferred[bool]:
-        now = self._now()
-
+    def _set_password_hash(self, username: str, password_hash: bytes, now: str) -> Deferred[bool]:
         def change(conn: sqlite3.Connection) -> bool:
             cursor = conn.execute(
                 "UPDATE users SET password_hash = ?, generation = generation + 1, updated_at = ? WHERE username = ?",
@@ -288,7 +286,7 @@ class SQLiteUserStore:
             )
             return cursor.rowcount > 0
 
-        return self._db.transaction(change).addCallback(self._changed, username)
+        return self._db.transaction(change)
 
     def login_record(self, username: str) -> Deferred[LoginRecord | None]:
         def select(conn: sqlite3.Connection) -> LoginRecord | None:

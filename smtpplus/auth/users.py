@@ -1,48 +1,34 @@
 """
-User fields: validation and normalization, shared by the REST API and the
-stores.  Pure functions, no I/O.
+User fields: validation and normalization of what the REST API receives,
+before it becomes a L{User} or a change of one.  Pure functions, no I/O.
 
-Domains are stored as lower-case IDNA A-labels (C{xn--...}) so that the
-sender check can compare them byte for byte with a normalized sender domain
-(see L{normalize_domain}).
+The fields themselves are declared once, by L{smtpplus.model.User}; this
+module holds one check per writable field.  Domains are stored as
+lower-case IDNA A-labels so that the sender check can compare them byte for
+byte with a normalized sender domain (see
+L{smtpplus.address.normalize_domain}).
 """
 
 from __future__ import annotations
 
-import re
 import secrets
-from collections.abc import Mapping
+from collections.abc import Callable
 from typing import Any
 
-import idna
-
-from smtpplus.smtp.protocol import parse_mailbox
-
-USERNAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@+-]{0,63}")
-AGGREGATIONS = (
-    "day",
-    "week",
-    "month",
-    "year",
-    "subject",
-    "dynamic_subject",
-    "sender_email",
-    "sender_name",
-    "sender_email_subject",
-    "user",
+from smtpplus.address import normalize_address, normalize_domain
+from smtpplus.model import (
+    MAX_NOTES,
+    MAX_PRIORITY,
+    MIN_PRIORITY,
+    USER_TIMESTAMPS,
+    USERNAME_RE,
+    Aggregation,
+    User,
 )
-DEFAULTS: Mapping[str, Any] = {
-    "enabled": True,
-    "priority": 3,
-    "notes": "",
-    "authorized_domains": [],
-    "authorized_senders": [],
-    "aggregation": "day",
-}
-WRITABLE = ("username", *DEFAULTS)
-READ_ONLY = ("created_at", "updated_at", "password")
-MAX_NOTES = 10000
+
+READ_ONLY = (*USER_TIMESTAMPS, "password")
 MAX_LIST_ITEMS = 1000
+_AGGREGATIONS = frozenset(a.value for a in Aggregation)
 
 _GENERATED_ALPHABET = "abcdefghijklmnopqrstuvwxyz0123456789"
 # Passwords avoid look-alikes (0/o, 1/l/i) so that they can be read off a
@@ -79,41 +65,12 @@ def generate_password() -> str:
 
 
 def validate_username(value: Any) -> str:
+    """C{value} when it is a username the contract allows; else a L{ValidationError}."""
     if not isinstance(value, str) or not USERNAME_RE.fullmatch(value):
         raise ValidationError(
             "username", "must be 1-64 characters: letters, digits and . _ @ + -, starting with a letter or digit"
         )
     return value
-
-
-def normalize_domain(value: str) -> str:
-    """
-    Return C{value} as a lower-case IDNA A-label domain (C{Bücher.Example} ->
-    C{xn--bcher-kva.example}); raise C{ValueError} when it is not a domain.
-    """
-    text = value.strip().rstrip(".")
-    if not text or any(c.isspace() or c in "@[]/\\:" for c in text):
-        raise ValueError(f"{value!r} is not a domain name")
-    try:
-        ascii_name = idna.encode(text, uts46=True).decode("ascii")
-    except idna.IDNAError as e:
-        raise ValueError(f"{value!r} is not a domain name ({e})") from None
-    labels = ascii_name.split(".")
-    if len(ascii_name) > 253 or any(not label or len(label) > 63 for label in labels):
-        raise ValueError(f"{value!r} is not a domain name")
-    return ascii_name.lower()
-
-
-def normalize_address(value: str) -> str:
-    """
-    Return the mailbox C{local@domain} with its domain normalized as by
-    L{normalize_domain}; the local part is kept as written.
-    """
-    address = parse_mailbox(value.strip())
-    if address is None or address.endswith("]"):
-        raise ValueError(f"{value!r} is not an email address")
-    local, _, domain = address.rpartition("@")
-    return f"{local}@{normalize_domain(domain)}"
 
 
 def _string_list(field: str, value: Any) -> list[str]:
@@ -139,32 +96,42 @@ def _normalized_list(field: str, value: Any, normalize: Any) -> list[str]:
     return list(seen)
 
 
-def _check(field: str, value: Any) -> Any:
-    if field == "username":
-        return validate_username(value)
-    if field == "enabled":
-        if not isinstance(value, bool):
-            raise ValidationError(field, "must be true or false")
-        return value
-    if field == "priority":
-        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 5:
-            raise ValidationError(field, "must be an integer from 1 (very high) to 5 (very low)")
-        return value
-    if field == "notes":
-        if not isinstance(value, str):
-            raise ValidationError(field, "must be a string")
-        if len(value) > MAX_NOTES:
-            raise ValidationError(field, f"must not be longer than {MAX_NOTES} characters")
-        return value
-    if field == "authorized_domains":
-        return _normalized_list(field, value, normalize_domain)
-    if field == "authorized_senders":
-        return _normalized_list(field, value, normalize_address)
-    if field == "aggregation":
-        if value not in AGGREGATIONS:
-            raise ValidationError(field, f"must be one of {', '.join(AGGREGATIONS)}")
-        return value
-    raise ValidationError(field, "unknown field")
+def _enabled(field: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ValidationError(field, "must be true or false")
+    return value
+
+
+def _priority(field: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not MIN_PRIORITY <= value <= MAX_PRIORITY:
+        raise ValidationError(field, "must be an integer from 1 (very high) to 5 (very low)")
+    return value
+
+
+def _notes(field: str, value: Any) -> str:
+    if not isinstance(value, str):
+        raise ValidationError(field, "must be a string")
+    if len(value) > MAX_NOTES:
+        raise ValidationError(field, f"must not be longer than {MAX_NOTES} characters")
+    return value
+
+
+def _aggregation(field: str, value: Any) -> Aggregation:
+    if not isinstance(value, str) or value not in _AGGREGATIONS:
+        raise ValidationError(field, f"must be one of {', '.join(Aggregation)}")
+    return Aggregation(value)
+
+
+# One check per writable field of L{User}, in the same order.
+CHECKS: dict[str, Callable[[str, Any], Any]] = {
+    "username": lambda field, value: validate_username(value),
+    "enabled": _enabled,
+    "priority": _priority,
+    "notes": _notes,
+    "authorized_domains": lambda field, value: _normalized_list(field, value, normalize_domain),
+    "authorized_senders": lambda field, value: _normalized_list(field, value, normalize_address),
+    "aggregation": _aggregation,
+}
 
 
 def validate_fields(data: Any) -> dict[str, Any]:
@@ -179,13 +146,19 @@ def validate_fields(data: Any) -> dict[str, Any]:
     for field, value in data.items():
         if field in READ_ONLY:
             raise ValidationError(field, "is read-only")
-        if field not in WRITABLE:
+        check = CHECKS.get(field)
+        if check is None:
             raise ValidationError(field, "unknown field")
-        result[field] = _check(field, value)
+        result[field] = check(field, value)
     return result
 
 
-def new_user_fields(data: Any) -> dict[str, Any]:
-    """L{validate_fields} for a new user, with the defaults filled in (no username if none was given)."""
+def new_user(data: Any) -> User:
+    """
+    A new L{User} from a create request's body: L{validate_fields}, the
+    model's defaults for what is absent and, without a username, a
+    generated one.
+    """
     fields = validate_fields(data)
-    return {**{k: (list(v) if isinstance(v, list) else v) for k, v in DEFAULTS.items()}, **fields}
+    fields.setdefault("username", generate_username())
+    return User(**fields)

@@ -2,21 +2,19 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
 from typing import Any
 
 from twisted.internet.defer import Deferred
 from zope.interface import implementer
 
-from smtpplus.admin.interfaces import IMessageQuery
 from smtpplus.delivery import queue
+from smtpplus.interfaces import IMessageQuery
+from smtpplus.model import iso_utc
 
 
 def iso(moment: float | None) -> str | None:
-    """Seconds since the epoch as ISO 8601 UTC, e.g. C{2024-05-01T12:00:00Z}."""
-    if moment is None:
-        return None
-    return datetime.fromtimestamp(moment, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    """L{iso_utc} of a stored time that may be missing (None stays None)."""
+    return None if moment is None else iso_utc(moment)
 
 
 def render(row: dict[str, Any]) -> dict[str, Any]:

@@ -7,24 +7,17 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Iterable, Sequence
-from typing import Any
 
 import attrs
 from twisted.internet.defer import maybeDeferred
 from twisted.logger import Logger
 
-from smtpplus.auth.users import normalize_domain
+from smtpplus.address import normalize_domain
+from smtpplus.interfaces import IEventRecorder, IStatsRecorder
+from smtpplus.model import EventType, User
 from smtpplus.smtp.interfaces import SMTPReply
 
 log = Logger()
-
-
-def _items(value: Any) -> tuple[str, ...]:
-    # The user store hands out lists; a ";"-separated string is tolerated
-    # because that is what the admin API accepts on input.
-    if isinstance(value, str):
-        value = value.split(";")
-    return tuple(item.strip() for item in value or () if item and item.strip())
 
 
 @functools.lru_cache(maxsize=4096)
@@ -59,13 +52,13 @@ class SenderRules:
     domains: frozenset[str]
 
     @classmethod
-    def from_user(cls, user: dict[str, Any]) -> SenderRules:
-        """Build the rules from a user dict (contract section 4)."""
-        # The store normalizes already; doing it again is cheap and keeps
-        # rules built from other sources (tests, older rows) comparable.
+    def from_user(cls, user: User) -> SenderRules:
+        """Build the rules from a user's authorized senders and domains."""
+        # The store normalizes the domains already; the keys also fold the
+        # case of local parts, which the store keeps as written.
         return cls(
-            senders=frozenset(address_key(a) for a in _items(user.get("authorized_senders")) if "@" in a),
-            domains=frozenset(_domain_key(d) for d in _items(user.get("authorized_domains"))),
+            senders=frozenset(address_key(a) for a in user.authorized_senders if "@" in a),
+            domains=frozenset(_domain_key(d) for d in user.authorized_domains),
         )
 
     def authorizes(self, address: str) -> bool:
@@ -264,14 +257,14 @@ class Refusals:
     logged, never turned into a different SMTP reply.
     """
 
-    def __init__(self, events: Any, stats: Any) -> None:
+    def __init__(self, events: IEventRecorder | None, stats: IStatsRecorder | None) -> None:
         self._events = events
         self._stats = stats
 
     def record(self, user: str, mail_from: str, header_from: str, subject: str, detail: str) -> None:
         """Record one refused message; returns at once."""
         if self._events is not None:
-            maybeDeferred(self._events.record, "sender_domain", user, None, detail).addErrback(
+            maybeDeferred(self._events.record, EventType.SENDER_DOMAIN, user, None, detail).addErrback(
                 lambda f: log.failure("recording a sender_domain event failed", f)
             )
         if self._stats is not None:

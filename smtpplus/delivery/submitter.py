@@ -31,6 +31,7 @@ from smtpplus.delivery.headers import (
 from smtpplus.delivery.queue import NewMessage
 from smtpplus.delivery.rules import Refusals, SenderRules, header_from_addresses, unauthorized
 from smtpplus.delivery.spool import Spool, TempMessage, local_failure, new_queue_id
+from smtpplus.model import User
 from smtpplus.smtp.interfaces import Envelope, IMessageWriter, ISubmitter, SessionInfo, SMTPReply
 
 log = Logger()
@@ -61,25 +62,19 @@ class Intake:
         )
 
 
-def user_priority(user: dict[str, Any]) -> int:
-    """The user's default priority, 1-5 (3 when unset)."""
-    value = user.get("priority", 3)
-    return min(max(int(value), 1), 5) if isinstance(value, int) and not isinstance(value, bool) else 3
-
-
 @implementer(ISubmitter)
 class Submitter:
     """
-    The avatar of one authenticated user, built from its user dict.
+    The avatar of one authenticated user.
 
     @param standing: tells whether the account was disabled or deleted
         since the login; asked (in memory, no I/O) at every MAIL, RCPT,
         DATA and end of DATA.  None: the account cannot change (tests).
     """
 
-    def __init__(self, user: dict[str, Any], intake: Intake, standing: Standing | None = None) -> None:
-        self.username: str = user["username"]
-        self.priority = user_priority(user)
+    def __init__(self, user: User, intake: Intake, standing: Standing | None = None) -> None:
+        self.username = user.username
+        self.priority = user.priority
         self.rules = SenderRules.from_user(user)
         self.intake = intake
         self.standing = standing

@@ -27,7 +27,7 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgent
 
 from smtpplus.config import NotificationsConfig
-from smtpplus.notify.events import utc_timestamp
+from smtpplus.model import iso_utc
 from smtpplus.notify.templates import MailTemplate, load_templates
 
 log = Logger()
@@ -168,8 +168,8 @@ class MailNotifier:
             {
                 "period": frequency.capitalize(),
                 "count": str(digest.count),
-                "since": utc_timestamp(since),
-                "until": utc_timestamp(self._clock.seconds()),
+                "since": iso_utc(since),
+                "until": iso_utc(self._clock.seconds()),
                 "events": digest.text(),
                 "hostname": self._hostname,
             },

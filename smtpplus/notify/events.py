@@ -1,26 +1,28 @@
 """
-Notification events: stored in the database, listed for the admin API, and
-handed to the dispatcher that mails and POSTs them.
+Notification events: stored, listed for the admin API, and handed to the
+dispatcher that mails and POSTs them.  L{EventStore} keeps them in the
+daemon's SQLite database, L{MemoryEventStore} in a list; both provide
+L{IEventRecorder} and L{IEventQuery} and pass the same contract tests.
 """
 
 from __future__ import annotations
 
 import secrets
 import sqlite3
-from datetime import UTC, datetime
 from typing import Any, Protocol
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from smtpplus.admin.interfaces import IEventQuery
-from smtpplus.config import EVENT_TYPES
-from smtpplus.notify.interfaces import IEventRecorder
+from smtpplus.interfaces import IEventQuery, IEventRecorder
+from smtpplus.model import EventType, iso_utc
 from smtpplus.storage.database import Database
 
 log = Logger()
+
+_EVENT_TYPES = frozenset(t.value for t in EventType)
 
 MIGRATIONS = [
     """
@@ -43,11 +45,6 @@ class EventSink(Protocol):
     """Where stored events go next (the dispatcher)."""
 
     def dispatch(self, event: dict[str, Any]) -> None: ...
-
-
-def utc_timestamp(seconds: float) -> str:
-    """ISO 8601 UTC with a C{Z}, to the second: C{2024-05-01T12:00:00Z}."""
-    return datetime.fromtimestamp(seconds, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def new_event_id() -> str:
@@ -79,34 +76,32 @@ def _select(conn: sqlite3.Connection, type: str | None, user: str | None, limit:
     return [dict(row) for row in rows]
 
 
-@implementer(IEventRecorder, IEventQuery)
-class EventStore:
+class EventStoreBase:
     """
-    The events table (migration component C{"events"}).
+    What every event store shares: the event object and the hand-over to
+    the sink, around the C{_insert} and C{_select} a backend implements.
 
     L{record} returns once the event is stored; delivery by mail and webhook
     happens afterwards in the C{sink}, which never makes the caller wait.
     """
 
-    def __init__(self, db: Database, clock: IReactorTime, sink: EventSink | None = None) -> None:
-        self._db = db
+    def __init__(self, clock: IReactorTime, sink: EventSink | None = None) -> None:
         self._clock = clock
         self.sink = sink
-        db.migrate("events", MIGRATIONS)
 
     def record(self, type: str, user: str | None, message_id: str | None, detail: str) -> Deferred[dict[str, Any]]:
         """Store one event and hand it to the sink; Deferred of the event dict."""
-        if type not in EVENT_TYPES:
+        if type not in _EVENT_TYPES:
             raise ValueError(f"unknown event type {type!r}")
         event = {
             "id": new_event_id(),
-            "type": type,
+            "type": str(type),
             "user": user,
             "message_id": message_id,
             "detail": str(detail),
-            "created_at": utc_timestamp(self._clock.seconds()),
+            "created_at": iso_utc(self._clock.seconds()),
         }
-        d = self._db.run(_insert, event)
+        d = self._insert(event)
         d.addCallback(self._stored, event)
         return d
 
@@ -121,6 +116,49 @@ class EventStore:
 
     def list_events(self, type: str | None, user: str | None, limit: int | None) -> Deferred[list[dict[str, Any]]]:
         """Events matching the filters, newest first; C{limit} None or < 1 means all."""
-        if limit is None or limit < 1:
-            limit = -1  # SQLite: no limit
-        return self._db.run(_select, type, user, limit)
+        return self._select(type, user, None if limit is None or limit < 1 else limit)
+
+    def _insert(self, event: dict[str, Any]) -> Deferred[None]:
+        raise NotImplementedError
+
+    def _select(self, type: str | None, user: str | None, limit: int | None) -> Deferred[list[dict[str, Any]]]:
+        """Matching events, newest first, at most C{limit} (None: all)."""
+        raise NotImplementedError
+
+
+@implementer(IEventRecorder, IEventQuery)
+class EventStore(EventStoreBase):
+    """The events table (migration component C{"events"})."""
+
+    def __init__(self, db: Database, clock: IReactorTime, sink: EventSink | None = None) -> None:
+        super().__init__(clock, sink)
+        self._db = db
+        db.migrate("events", MIGRATIONS)
+
+    def _insert(self, event: dict[str, Any]) -> Deferred[None]:
+        return self._db.run(_insert, event)
+
+    def _select(self, type: str | None, user: str | None, limit: int | None) -> Deferred[list[dict[str, Any]]]:
+        # SQLite: LIMIT -1 is no limit.
+        return self._db.run(_select, type, user, -1 if limit is None else limit)
+
+
+@implementer(IEventRecorder, IEventQuery)
+class MemoryEventStore(EventStoreBase):
+    """Events in a list: for tests, and the template for another backend."""
+
+    def __init__(self, clock: IReactorTime, sink: EventSink | None = None) -> None:
+        super().__init__(clock, sink)
+        self._events: list[dict[str, Any]] = []
+
+    def _insert(self, event: dict[str, Any]) -> Deferred[None]:
+        self._events.append(dict(event))
+        return succeed(None)
+
+    def _select(self, type: str | None, user: str | None, limit: int | None) -> Deferred[list[dict[str, Any]]]:
+        found = [
+            dict(event)
+            for event in reversed(self._events)
+            if (type is None or event["type"] == type) and (user is None or event["user"] == user)
+        ]
+        return succeed(found[:limit])

@@ -9,6 +9,9 @@ once a second the touched counters are added to the C{stats_groups} table
 in one transaction.  A query is then an index range scan over one user's
 groups of one policy, whatever the number of messages counted.
 
+L{Statistics} keeps the groups in the daemon's SQLite database,
+L{MemoryStatistics} in a dict; both pass the same contract tests.
+
 Groups are dated by the day the message was accepted, so the results of its
 recipients land in the same C{day} group as the message itself.
 C{deferred} counts recipients currently deferred: a deferred recipient that
@@ -22,7 +25,7 @@ import json
 import re
 import sqlite3
 from collections.abc import Callable, Iterable
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
 from email.header import decode_header, make_header
 from email.utils import getaddresses
 from functools import lru_cache
@@ -30,21 +33,18 @@ from operator import itemgetter
 from typing import Any
 
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred, DeferredList, inlineCallbacks, maybeDeferred
+from twisted.internet.defer import Deferred, DeferredList, inlineCallbacks, maybeDeferred, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from smtpplus.admin.interfaces import IStatsQuery
-from smtpplus.notify.interfaces import IStatsRecorder
+from smtpplus.interfaces import IStatsQuery, IStatsRecorder
+from smtpplus.model import Aggregation
 from smtpplus.storage.database import Database
 
 log = Logger()
 
-POLICIES = (
-    "day", "week", "month", "year", "subject", "dynamic_subject",
-    "sender_email", "sender_name", "sender_email_subject", "user",
-)
+POLICIES = tuple(policy.value for policy in Aggregation)
 # week, month and year are answered from the day groups (keys derived in SQL).
 _STORED = {"week": "day", "month": "day", "year": "day"}
 # Messages with a CampaignCode are counted once, under this policy, and
@@ -56,6 +56,8 @@ COLUMNS = ("messages", "recipients", "sent", "deferred", "bounced", "rejected")
 _RESULT_COLUMN = {"sent": 2, "deferred": 3, "bounced": 4}
 
 FLUSH_SECONDS = 1.0
+# username -> the user's own aggregation policy (None: no such user).
+UserPolicy = Callable[[str], Deferred[str | None]]
 # Flush early when this many distinct counters are waiting.
 FLUSH_COUNTERS = 20000
 
@@ -221,11 +223,11 @@ def _merge(groups: list[list[Any]], campaigns: list[list[Any]]) -> list[dict[str
     ]
 
 
-@implementer(IStatsRecorder, IStatsQuery)
-class Statistics(Service):
+class StatisticsBase(Service):
     """
-    The statistics store (migration component C{"stats"}): counts in
-    memory, flushes to the database every L{FLUSH_SECONDS}, answers queries.
+    What every statistics store shares: counting in memory, flushing every
+    L{FLUSH_SECONDS} (keeping the counts while writes fail), answering
+    queries; a backend implements C{_write} and C{_read}.
 
     @param user_policy: C{username -> Deferred[str | None]}, the user's own
         aggregation policy, used when a query names a user but no policy.
@@ -233,14 +235,7 @@ class Statistics(Service):
 
     name = "stats"
 
-    def __init__(
-        self,
-        db: Database,
-        clock: IReactorTime,
-        user_policy: Callable[[str], Deferred[str | None]],
-        flush_seconds: float = FLUSH_SECONDS,
-    ) -> None:
-        self._db = db
+    def __init__(self, clock: IReactorTime, user_policy: UserPolicy, flush_seconds: float = FLUSH_SECONDS) -> None:
         self._clock = clock
         self._user_policy = user_policy
         self._flush_seconds = flush_seconds
@@ -248,7 +243,14 @@ class Statistics(Service):
         self._timer: IDelayedCall | None = None
         self._flushing: set[Deferred[None]] = set()
         self._write_error: str | None = None
-        db.migrate("stats", MIGRATIONS)
+
+    def _write(self, rows: list[tuple[Any, ...]]) -> Deferred[None]:
+        """Add C{(policy, user, key, *counts)} rows to the stored groups, all or none."""
+        raise NotImplementedError
+
+    def _read(self, policy: str, user: str) -> Deferred[list[dict[str, Any]]]:
+        """The stored groups of C{policy} for C{user} (L{_ALL_USERS}: everybody), as the contract shows them."""
+        raise NotImplementedError
 
     # -- counting (IStatsRecorder) ------------------------------------------
 
@@ -316,7 +318,7 @@ class Statistics(Service):
         if not batch:
             return DeferredList(list(self._flushing)).addCallback(lambda _: None)
         rows = [(*counter, *values) for counter, values in batch.items()]
-        d = self._db.transaction(_upsert, rows)
+        d = self._write(rows)
         self._flushing.add(d)
 
         def failed(failure: Any) -> None:
@@ -364,5 +366,64 @@ class Statistics(Service):
         # Counters still in memory go first; the one database thread then
         # runs the read after that write.
         self.flush()
-        groups, campaigns = yield self._db.run(_select, policy, user or _ALL_USERS)
-        return {"policy": policy, "groups": _merge(json.loads(groups), json.loads(campaigns))}
+        groups = yield self._read(policy, user or _ALL_USERS)
+        return {"policy": policy, "groups": groups}
+
+
+@implementer(IStatsRecorder, IStatsQuery)
+class Statistics(StatisticsBase):
+    """The statistics store in the C{stats_groups} table (migration component C{"stats"})."""
+
+    def __init__(
+        self, db: Database, clock: IReactorTime, user_policy: UserPolicy, flush_seconds: float = FLUSH_SECONDS
+    ) -> None:
+        super().__init__(clock, user_policy, flush_seconds)
+        self._db = db
+        db.migrate("stats", MIGRATIONS)
+
+    def _write(self, rows: list[tuple[Any, ...]]) -> Deferred[None]:
+        return self._db.transaction(_upsert, rows)
+
+    def _read(self, policy: str, user: str) -> Deferred[list[dict[str, Any]]]:
+        d = self._db.run(_select, policy, user)
+        return d.addCallback(lambda arrays: _merge(json.loads(arrays[0]), json.loads(arrays[1])))
+
+
+def _derived_key(policy: str, day: str) -> str:
+    """The week, month or year key of a day key, as L{_KEY_EXPRESSIONS} computes it in SQL."""
+    if policy == "week":
+        year, week, _ = date.fromisoformat(day).isocalendar()
+        return f"{year}-W{week:02d}"
+    return day[:7] if policy == "month" else day[:4]
+
+
+@implementer(IStatsRecorder, IStatsQuery)
+class MemoryStatistics(StatisticsBase):
+    """The statistics groups in a dict: for tests, and the template for another backend."""
+
+    def __init__(self, clock: IReactorTime, user_policy: UserPolicy, flush_seconds: float = FLUSH_SECONDS) -> None:
+        super().__init__(clock, user_policy, flush_seconds)
+        self._groups: dict[tuple[str, str, str], list[int]] = {}
+
+    def _write(self, rows: list[tuple[Any, ...]]) -> Deferred[None]:
+        for policy, user, key, *values in rows:
+            counts = self._groups.setdefault((policy, user, key), [0] * len(COLUMNS))
+            for i, value in enumerate(values):
+                counts[i] += value
+        return succeed(None)
+
+    def _rows(self, policy: str, user: str) -> list[list[Any]]:
+        return sorted(
+            [key, *counts] for (stored, who, key), counts in self._groups.items() if stored == policy and who == user
+        )
+
+    def _read(self, policy: str, user: str) -> Deferred[list[dict[str, Any]]]:
+        rows = self._rows(_STORED.get(policy, policy), user)
+        if policy in _STORED:
+            summed: dict[str, list[int]] = {}
+            for day, *counts in rows:
+                total = summed.setdefault(_derived_key(policy, day), [0] * len(COLUMNS))
+                for i, value in enumerate(counts):
+                    total[i] += value
+            rows = sorted([key, *counts] for key, counts in summed.items())
+        return succeed(_merge(rows, self._rows(_CAMPAIGN, user)))

@@ -19,13 +19,13 @@ from string import Template
 import attrs
 from twisted.logger import Logger
 
-from smtpplus.config import EVENT_TYPES
+from smtpplus.model import EventType
 
 log = Logger()
 
 # Per event type one single-event mail, plus the follow-up that collects a
 # burst of one type and user, plus the hourly/daily digest.
-TEMPLATE_NAMES = tuple(f"{name}.mail.txt" for name in (*EVENT_TYPES, "summary", "digest"))
+TEMPLATE_NAMES = tuple(f"{name}.mail.txt" for name in (*EventType, "summary", "digest"))
 
 _SUBJECT_MAX = 200
 # Everything but tab and newline that could end a header or confuse a terminal.

@@ -20,7 +20,6 @@ from collections.abc import Callable
 from typing import Any
 
 import attrs
-import idna
 from twisted.cred.error import UnauthorizedLogin
 from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.interfaces import IPushProducer, IReactorTime, ITLSTransport
@@ -30,6 +29,7 @@ from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from smtpplus.address import BadAddressSyntax, BadInternationalDomain, NonASCIILocalPart, envelope_mailbox
 from smtpplus.smtp.interfaces import (
     Envelope,
     ILoginService,
@@ -62,38 +62,10 @@ _JUNK_VERBS = frozenset(("NOOP", "RSET", "VRFY", "EXPN", "HELP"))
 DATA_FLUSH_SIZE = 65536
 
 _PATH_RE = re.compile(rb"^\s*(?:<(?P<bracketed>[^<>]*)>|(?P<bare>[^\s<>]+))(?:\s+(?P<params>.*))?$", re.S)
-_LOCAL_RE = re.compile(r'^(?:[A-Za-z0-9!#$%&\'*+/=?^_`{|}~-]+(?:\.[A-Za-z0-9!#$%&\'*+/=?^_`{|}~-]+)*|"(?:[^"\\\r\n]|\\.)*")$')
 # Bare CR or LF inside DATA; RFC 5321 2.3.8 allows line breaks only as CRLF.
 _BARE_NEWLINE_RE = re.compile(rb"\r(?!\n)|(?<!\r)\n")
 # Reply text must stay on its line: no control characters from callers.
 _CONTROL_RE = re.compile(r"[\x00-\x09\x0b-\x1f\x7f]")
-_DOMAIN_RE = re.compile(r"^(?:\[[^\]\s]+\]|[A-Za-z0-9](?:[A-Za-z0-9-]{0,62})?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,62})?)*\.?)$")
-
-
-def _drop_source_route(text: str) -> str:
-    if ":" in text and text.startswith("@"):
-        return text.split(":", 1)[1]
-    return text
-
-
-def parse_mailbox(text: str) -> str | None:
-    """
-    Return C{local@domain} when C{text} is a valid RFC 5321 mailbox (a source
-    route is dropped), else None.
-    """
-    text = _drop_source_route(text)
-    local, at, domain = text.rpartition("@")
-    if not at or not local or len(text) > 254 or len(local) > 64:
-        return None
-    if not _LOCAL_RE.match(local):
-        return None
-    try:
-        ascii_domain = domain.encode("idna").decode("ascii") if not domain.startswith("[") else domain
-    except UnicodeError:
-        return None
-    if not _DOMAIN_RE.match(ascii_domain):
-        return None
-    return f"{local}@{domain}"
 
 
 # RFC 3463 enhanced status for a bad envelope address, by role.
@@ -112,19 +84,14 @@ def _envelope_mailbox(text: str, role: str) -> str:
         IDNA, C{501} with the same status for bad syntax.
     """
     status = _ADDRESS_STATUS[role]
-    local, at, domain = _drop_source_route(text).rpartition("@")
-    if at and not local.isascii():
-        raise SMTPReply(553, "5.6.7", "Non-ASCII local part needs SMTPUTF8, which is not offered")
-    if at and not domain.isascii():
-        try:
-            domain = idna.encode(domain, uts46=True).decode("ascii")
-        except idna.IDNAError:
-            raise SMTPReply(553, status, f"Bad {role} domain: not a valid internationalized domain name") from None
-        text = f"{local}@{domain}"
-    address = parse_mailbox(text)
-    if address is None:
-        raise SMTPReply(501, status, f"Bad {role} address syntax")
-    return address
+    try:
+        return envelope_mailbox(text)
+    except NonASCIILocalPart:
+        raise SMTPReply(553, "5.6.7", "Non-ASCII local part needs SMTPUTF8, which is not offered") from None
+    except BadInternationalDomain:
+        raise SMTPReply(553, status, f"Bad {role} domain: not a valid internationalized domain name") from None
+    except BadAddressSyntax:
+        raise SMTPReply(501, status, f"Bad {role} address syntax") from None
 
 
 def _address_literal(ip: str) -> str:
