@@ -22,7 +22,7 @@ from smtpplus.auth.hashing import PasswordHasher
 from smtpplus.auth.login import build_login_service
 from smtpplus.auth.store import SQLiteUserStore
 from smtpplus.auth.throttle import LoginThrottle
-from smtpplus.config import Config, ConfigError, config_from_text, load_config
+from smtpplus.config import Config, ConfigError, TLSConfig, config_from_text, config_warnings, load_config
 from smtpplus.delivery.service import build_delivery
 from smtpplus.notify.dispatch import build_notifier
 from smtpplus.notify.events import EventStore
@@ -39,12 +39,13 @@ log = Logger()
 DRAIN_SECONDS = 7.0
 
 
-def _fail(message: str) -> NoReturn:
+def _fail(*lines: str) -> NoReturn:
     """
-    Stop start-up with one line on stderr.  A UsageError would make twistd
-    print its whole usage text first; the contract wants one clear line.
+    Stop start-up with one line on stderr per problem.  A UsageError would
+    make twistd print its whole usage text first; the contract wants one
+    clear line.
     """
-    sys.stderr.write(f"smtpplus: {message}\n")
+    sys.stderr.writelines(f"smtpplus: {line}\n" for line in lines)
     raise SystemExit(1)
 
 
@@ -59,23 +60,32 @@ class Options(usage.Options):
     ]
 
     def postOptions(self) -> None:
+        """
+        Read and check the whole configuration, the TLS files included,
+        before anything is written to state_dir; every problem found is one
+        line on stderr, then twistd exits 1.
+        """
+        errors: list[str] = []
         overrides: dict[str, dict[str, Any]] = {}
         if self["ports"] is not None:
             overrides.setdefault("smtp", {})["ports"] = self["ports"]
         if self["state-dir"] is not None:
             overrides.setdefault("server", {})["state_dir"] = self["state-dir"]
         if self["admin-port"] is not None:
-            if not self["admin-port"].isdigit():
-                _fail(f"configuration error: --admin-port: {self['admin-port']!r} is not a port number")
-            overrides.setdefault("admin", {})["port"] = int(self["admin-port"])
+            if self["admin-port"].isdigit():
+                overrides.setdefault("admin", {})["port"] = int(self["admin-port"])
+            else:
+                errors.append(f"--admin-port: {self['admin-port']!r} is not a port number")
+        checks = {TLSConfig: check_tls_files}
         try:
             if self["config"] is None:
-                config = config_from_text("", overrides)
+                config = config_from_text("", overrides, checks)
             else:
-                config = load_config(self["config"], overrides)
-            check_tls_files(config.tls)
+                config = load_config(self["config"], overrides, checks)
         except ConfigError as e:
-            _fail(f"configuration error: {e}")
+            errors.extend(e.errors)
+        if errors:
+            _fail(*(f"configuration error: {line}" for line in errors))
         self.config: Config = config
 
 
@@ -230,6 +240,8 @@ def makeService(options: Options) -> IService:
     from twisted.internet import reactor
 
     config = options.config
+    for warning in config_warnings(config):
+        log.warn("configuration warning: {warning}", warning=warning)
     try:
         service = build_service(config, reactor)
     except ConfigError as e:

@@ -6,11 +6,27 @@ line for every wrong value — also from the real twistd command line.
 from __future__ import annotations
 
 import os
+import re
 
+import attrs
 from twisted.trial import unittest
 
-from smtpplus.config import ConfigError, config_from_text, format_port_list, load_config, parse_port_spec
-from tests.helpers import spawn_twistd, temp_dir
+from smtpplus.config import (
+    AdminConfig,
+    Config,
+    ConfigError,
+    SecurityConfig,
+    ServerConfig,
+    TLSConfig,
+    config_from_text,
+    config_warnings,
+    format_port_list,
+    load_config,
+    parse_port_spec,
+)
+from tests.helpers import daemon_config, free_port_range, spawn_twistd, start_daemon, temp_dir
+
+ETC_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "etc", "smtpplus.toml")
 
 
 class PortSpecTests(unittest.TestCase):
@@ -159,9 +175,179 @@ class ConfigTests(unittest.TestCase):
         self.assertIn(missing, str(caught.exception))
 
 
-class CommandLineTests(unittest.TestCase):
-    def run_twistd(self, config_text: str, *args: str) -> tuple[int | None, str]:
+class DeclarationTests(unittest.TestCase):
+    """Each key is declared once, as an attrs field: the loader, the defaults and etc/ agree."""
+
+    def test_defaults_in_code(self) -> None:
+        """A Config built in code has exactly the defaults an empty file gives; positional construction still works."""
+        loaded = config_from_text("")
+        self.assertEqual(Config(server=ServerConfig(hostname=loaded.server.hostname)), loaded)
+        self.assertEqual(AdminConfig("::1", 9000, "secret-token", True).listen, "::1")
+        self.assertEqual(TLSConfig("c.pem", "k.pem").profile, "intermediate")
+        self.assertEqual(SecurityConfig(5, 3, 60).auth_lock_seconds, 60)
+        self.assertEqual(SecurityConfig(), loaded.security)
+
+    def test_etc_lists_every_key_with_its_default(self) -> None:
+        """
+        Uncommenting every `# key = value` line of etc/smtpplus.toml gives the
+        defaults, and every key of every section is listed there.
+        """
+        with open(ETC_CONFIG, encoding="utf-8") as f:
+            lines = f.read().splitlines()
+        listed = re.compile(r"^# ([a-z_]+) = ")
+        uncommented = [line[2:] if listed.match(line) and "hostname" not in line else line for line in lines]
+        self.assertEqual(config_from_text("\n".join(uncommented)), config_from_text(""))
+        keys = {listed.match(line).group(1) for line in lines if listed.match(line)}  # type: ignore[union-attr]
+        declared = {
+            field.metadata["smtpplus.config"].name or field.name
+            for section in attrs.fields(Config)
+            for field in attrs.fields(type(getattr(config_from_text(""), section.name)))
+            if field.init
+        }
+        self.assertEqual(keys, declared)
+
+
+class CheckTests(unittest.TestCase):
+    """The checks added with the declarative loader: one exact line each."""
+
+    def assert_errors(self, text: str, *expected: str, overrides: dict | None = None) -> None:
+        with self.assertRaises(ConfigError, msg=text) as caught:
+            config_from_text(text, overrides)
+        self.assertEqual(list(caught.exception.errors), list(expected))
+
+    def test_hostname(self) -> None:
+        """A configured hostname is an ASCII DNS name; a Unicode one is refused with its xn-- form."""
+        for name in ("relay.example.test", "localhost", "xn--bcher-kva.example", "a-b.c1", "a" * 63 + ".example"):
+            self.assertEqual(config_from_text(f'[server]\nhostname = "{name}"\n').server.hostname, name)
+        syntax = "is not a valid host name (letters, digits and hyphens in dot-separated labels)"
+        for name in ("bad_host.example", "-a.example", "a-.example", "a..b", "relay.example.", "a" * 64 + ".example",
+                     ".".join(["a" * 63] * 4), "mail example", "a\u2028b", "bad_ü.example", "ü..example"):
+            self.assert_errors(f'[server]\nhostname = "{name}"\n', f"[server] hostname: {name!r} {syntax}")
+        self.assert_errors(
+            '[server]\nhostname = "bücher.example"\n',
+            "[server] hostname: 'bücher.example' is not ASCII: write it as 'xn--bcher-kva.example'",
+        )
+        self.assert_errors('[server]\nhostname = ""\n', "[server] hostname: must not be empty")
+
+    def test_listen(self) -> None:
+        """[smtp] and [admin] listen take an IPv4 or IPv6 address or "localhost", nothing else."""
+        for address in ("0.0.0.0", "::", "::1", "127.0.0.1", "localhost", "fe80::1%lo"):
+            c = config_from_text(f'[smtp]\nlisten = "{address}"\n[admin]\nlisten = "{address}"\n')
+            self.assertEqual((c.smtp.listen, c.admin.listen), (address, address))
+        self.assert_errors(
+            '[smtp]\nlisten = "mail.example.com"\n[admin]\nlisten = "127.0.0.1:8025"\n',
+            "[smtp] listen: 'mail.example.com' is not an IPv4 or IPv6 address (or \"localhost\")",
+            "[admin] listen: '127.0.0.1:8025' is not an IPv4 or IPv6 address (or \"localhost\")",
+        )
+        self.assert_errors('[admin]\nlisten = ""\n', "[admin] listen: must not be empty")
+
+    def test_notification_recipients(self) -> None:
+        """[notifications] recipients are email addresses."""
+        c = config_from_text('[notifications]\nrecipients = ["postmaster@admin.test", "ops@example.org"]\n')
+        self.assertEqual(c.notifications.recipients, ("postmaster@admin.test", "ops@example.org"))
+        self.assert_errors(
+            '[notifications]\nrecipients = ["ops@example.org", "postmaster"]\n',
+            "[notifications] recipients: 'postmaster' is not an email address",
+        )
+        self.assert_errors('[notifications]\nrecipients = ["a@b c"]\n', "[notifications] recipients: 'a@b c' is not an email address")
+        self.assert_errors('[notifications]\nrecipients = [1]\n', "[notifications] recipients: must be a list of strings")
+
+    def test_templates_dir(self) -> None:
+        """[notifications] templates_dir, when set, is an existing directory."""
         directory = temp_dir(self)
+        self.assertEqual(config_from_text(f'[notifications]\ntemplates_dir = "{directory}"\n').notifications.templates_dir, directory)
+        missing = os.path.join(directory, "none")
+        self.assert_errors(f'[notifications]\ntemplates_dir = "{missing}"\n', f"[notifications] templates_dir: {missing}: no such directory")
+        a_file = os.path.join(directory, "file")
+        open(a_file, "w").close()
+        self.assert_errors(f'[notifications]\ntemplates_dir = "{a_file}"\n', f"[notifications] templates_dir: {a_file}: is not a directory")
+
+    def test_port_in_both_sets(self) -> None:
+        """A port listed in both ports and tls_ports (also after --ports) is refused, naming the ports."""
+        self.assert_errors(
+            '[smtp]\nports = "25,465-470"\ntls_ports = "465,466,1000"\n',
+            "[smtp] tls_ports: 465-466 also in [smtp] ports; a port is either STARTTLS or implicit TLS",
+        )
+        self.assert_errors(
+            '[smtp]\ntls_ports = "465,2465"\n',
+            "[smtp] tls_ports: 2465 also in [smtp] ports; a port is either STARTTLS or implicit TLS",
+        )
+        self.assert_errors(
+            '[smtp]\nports = "25"\ntls_ports = "465"\n',
+            "[smtp] tls_ports: 465 also in [smtp] ports; a port is either STARTTLS or implicit TLS",
+            overrides={"smtp": {"ports": "465"}},
+        )
+        self.assertEqual(config_from_text('[smtp]\ntls_ports = "2465"\n', {"smtp": {"ports": "25"}}).smtp.tls_ports, (2465,))
+
+    def test_overrides_checked(self) -> None:
+        """The command-line overrides are checked like the file: --state-dir, --admin-port, --ports."""
+        self.assert_errors(
+            "",
+            "[server] state_dir: must not be empty",
+            "[smtp] ports: port 0 is out of range 1-65535",
+            "[admin] port: port 0 is out of range 1-65535",
+            overrides={"server": {"state_dir": " "}, "smtp": {"ports": "0"}, "admin": {"port": 0}},
+        )
+
+    def test_every_error_reported(self) -> None:
+        """Several problems in several sections give one line each, in section and key order."""
+        text = (
+            "tls = 3\n"
+            "[bogus]\nx = 1\n"
+            '[server]\nhostname = "bad_host"\n'
+            '[smtp]\nlistn = "::"\nports = "70000"\nmax_recipients = "10"\n'
+            "[delivery]\nretry_schedule = []\n"
+            "[security]\nauth_lock_seconds = 0\n"
+        )
+        with self.assertRaises(ConfigError) as caught:
+            config_from_text(text)
+        self.assertEqual(
+            list(caught.exception.errors),
+            [
+                "[bogus]: unknown section",
+                "[server] hostname: 'bad_host' is not a valid host name (letters, digits and hyphens in dot-separated labels)",
+                "[smtp] listn: unknown key",
+                "[smtp] ports: port 70000 is out of range 1-65535",
+                "[smtp] max_recipients: must be an integer, not '10'",
+                "[tls]: must be a table",
+                "[delivery] retry_schedule: must list at least one interval",
+                "[security] auth_lock_seconds: must be greater than 0",
+            ],
+        )
+        self.assertEqual(str(caught.exception), "\n".join(caught.exception.errors))
+
+    def test_section_checks(self) -> None:
+        """An added section check runs once that section's keys are valid, and its error joins the others."""
+        seen = []
+
+        def check(tls: TLSConfig) -> None:
+            seen.append(tls)
+            raise ConfigError("[tls] certificate: unusable")
+
+        with self.assertRaises(ConfigError) as caught:
+            config_from_text('[server]\nstate_dir = ""\n[tls]\ncertificate = "c.pem"\n', checks={TLSConfig: check})
+        self.assertEqual(
+            list(caught.exception.errors), ["[server] state_dir: must not be empty", "[tls] certificate: unusable"]
+        )
+        self.assertEqual(seen, [TLSConfig("c.pem")])
+        with self.assertRaises(ConfigError):
+            config_from_text('[tls]\nprofile = "modern"\n', checks={TLSConfig: check})
+        self.assertEqual(len(seen), 1)
+
+    def test_short_token_warning(self) -> None:
+        """A configured admin token below 16 characters is a warning line, not an error; empty or long is quiet."""
+        short = config_from_text('[admin]\ntoken = "fifteen-chars!!"\n')
+        self.assertEqual(
+            config_warnings(short),
+            ["[admin] token: 15 characters is easy to guess; use at least 16 (or leave it empty to have one generated)"],
+        )
+        self.assertEqual(config_warnings(config_from_text('[admin]\ntoken = "sixteen-chars!!!"\n')), [])
+        self.assertEqual(config_warnings(config_from_text("")), [])
+
+
+class CommandLineTests(unittest.TestCase):
+    def run_twistd(self, config_text: str, *args: str, directory: str | None = None) -> tuple[int | None, str]:
+        directory = directory or temp_dir(self)
         path = os.path.join(directory, "bad.toml")
         with open(path, "w") as f:
             f.write(config_text)
@@ -200,3 +386,52 @@ class CommandLineTests(unittest.TestCase):
         """A non-boolean [admin] tls stops twistd with one line naming it."""
         status, output = self.run_twistd('[admin]\ntls = "on"\n')
         self.assert_one_clear_line(status, output, "[admin] tls: must be true or false, not 'on'")
+
+    def test_every_error_on_command_line(self) -> None:
+        """
+        Several wrong values (file, --ports and --admin-port, the TLS files)
+        print one line each, no traceback, exit 1, and state_dir is not
+        created.
+        """
+        directory = temp_dir(self)
+        state_dir = os.path.join(directory, "state")
+        status, output = self.run_twistd(
+            f'[server]\nhostname = "bad_host"\nstate_dir = "{state_dir}"\n'
+            '[smtp]\ntls_ports = "465"\n'
+            '[tls]\ncertificate = "/nonexistent/c.pem"\nprivate_key = "/nonexistent/k.pem"\n'
+            '[admin]\nlisten = "admin.example"\ntoken = "short"\n'
+            f'[notifications]\nrecipients = ["postmaster"]\ntemplates_dir = "{directory}/none"\n',
+            "--ports", "25,465",
+            "--admin-port", "eighty",
+            directory=directory,
+        )
+        self.assertEqual(status, 1, output)
+        self.assertEqual(
+            output.splitlines(),
+            [
+                "smtpplus: configuration error: --admin-port: 'eighty' is not a port number",
+                "smtpplus: configuration error: [server] hostname: 'bad_host' is not a valid host name"
+                " (letters, digits and hyphens in dot-separated labels)",
+                "smtpplus: configuration error: [smtp] tls_ports: 465 also in [smtp] ports;"
+                " a port is either STARTTLS or implicit TLS",
+                "smtpplus: configuration error: [tls] certificate: cannot read /nonexistent/c.pem: No such file or directory",
+                "smtpplus: configuration error: [admin] listen: 'admin.example' is not an IPv4 or IPv6 address"
+                ' (or "localhost")',
+                "smtpplus: configuration error: [notifications] recipients: 'postmaster' is not an email address",
+                f"smtpplus: configuration error: [notifications] templates_dir: {directory}/none: no such directory",
+            ],
+        )
+        self.assertFalse(os.path.exists(state_dir))
+
+    def test_short_token_warned_at_start(self) -> None:
+        """A short admin token starts the daemon and names [admin] token in one warning line."""
+        smtp_port, admin_port = free_port_range(2)
+        state_dir = os.path.join(temp_dir(self), "state")
+        config = daemon_config(state_dir, [smtp_port], admin_port, extra="").replace(
+            f"port = {admin_port}\n", f'port = {admin_port}\ntoken = "tiny"\n'
+        )
+        daemon = start_daemon(self, config, wait_ports=[smtp_port, admin_port])
+        warning = "configuration warning: [admin] token: 4 characters is easy to guess; use at least 16"
+        self.assertTrue(daemon.wait_for_output(warning, 10), daemon.output())
+        self.assertEqual(len([line for line in daemon.output().splitlines() if "[admin] token" in line]), 1)
+        self.assertNotIn("tiny", daemon.output())
