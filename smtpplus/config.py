@@ -25,8 +25,7 @@ from typing import Any
 import attrs
 import idna
 
-from smtpplus.smtp.protocol import parse_mailbox
-
+from smtpplus.address import parse_mailbox
 from smtpplus.model import EventType
 
 
