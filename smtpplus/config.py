@@ -489,4 +489,14 @@ def config_warnings(config: Config) -> list[str]:
             f"[admin] token: {len(token)} characters is easy to guess; use at least {MIN_TOKEN_LENGTH}"
             " (or leave it empty to have one generated)"
         )
+    hostname = config.server.hostname
+    if "." not in hostname or hostname.lower() == "localhost.localdomain":
+        # Other servers see the name in EHLO and Received: and many refuse
+        # or score down a bare or localhost one; the default, getfqdn(),
+        # is exactly that on a machine whose name resolves to 127.0.0.1.
+        warnings.append(
+            f"[server] hostname: {hostname!r} is not a fully qualified domain name (it is the EHLO name,"
+            " the banner and the Received: host; when unset, the machine's FQDN);"
+            ' set it in the config file, e.g. [server] hostname = "mail.example.com"'
+        )
     return warnings

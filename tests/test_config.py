@@ -336,13 +336,28 @@ class CheckTests(unittest.TestCase):
 
     def test_short_token_warning(self) -> None:
         """A configured admin token below 16 characters is a warning line, not an error; empty or long is quiet."""
-        short = config_from_text('[admin]\ntoken = "fifteen-chars!!"\n')
+        named = '[server]\nhostname = "relay.example.test"\n'
+        short = config_from_text(named + '[admin]\ntoken = "fifteen-chars!!"\n')
         self.assertEqual(
             config_warnings(short),
             ["[admin] token: 15 characters is easy to guess; use at least 16 (or leave it empty to have one generated)"],
         )
-        self.assertEqual(config_warnings(config_from_text('[admin]\ntoken = "sixteen-chars!!!"\n')), [])
-        self.assertEqual(config_warnings(config_from_text("")), [])
+        self.assertEqual(config_warnings(config_from_text(named + '[admin]\ntoken = "sixteen-chars!!!"\n')), [])
+        self.assertEqual(config_warnings(config_from_text(named)), [])
+
+    def test_hostname_warning(self) -> None:
+        """A hostname without a dot, or localhost.localdomain, is one warning line saying how to set it."""
+        for name in ("localhost", "mail", "localhost.localdomain"):
+            self.assertEqual(
+                config_warnings(config_from_text(f'[server]\nhostname = "{name}"\n')),
+                [
+                    f"[server] hostname: {name!r} is not a fully qualified domain name (it is the EHLO name,"
+                    " the banner and the Received: host; when unset, the machine's FQDN);"
+                    ' set it in the config file, e.g. [server] hostname = "mail.example.com"'
+                ],
+            )
+        for name in ("relay.example.test", "localhost.example.com", "mx1.xn--bcher-kva.example"):
+            self.assertEqual(config_warnings(config_from_text(f'[server]\nhostname = "{name}"\n')), [], name)
 
 
 class CommandLineTests(unittest.TestCase):
