@@ -11,7 +11,7 @@ from twisted.protocols.basic import LineReceiver
 from twisted.trial import unittest
 
 from smtpplus.delivery import client
-from tests.delivery_helpers import FakeSmarthost, Stack, queue_id, simple_message, tls_context, wait_until
+from tests.delivery_helpers import FakeSmarthost, Stack, queue_id, simple_message, tls_context, wait_until, wall_clock
 
 
 @inlineCallbacks
@@ -68,22 +68,26 @@ class ReuseTests(unittest.TestCase):
 
     @inlineCallbacks
     def test_max_messages_per_connection(self) -> Any:
-        """After MAX_MESSAGES messages a connection is retired and a new one opened."""
-        self.patch(client, "MAX_MESSAGES", 2)
+        """After max_messages messages a connection is retired and a new one opened."""
         stack = Stack(self)
+        stack.delivery.relay.pool.max_messages = 2
         for n in range(3):
             yield _send_one(stack, [f"r{n}@dest.test"])
         self.assertEqual(stack.smarthost.connections(), 2)
 
     @inlineCallbacks
     def test_idle_connection_closed(self) -> Any:
-        """An idle connection is closed after IDLE_SECONDS; the next message opens a new one."""
-        self.patch(client, "IDLE_SECONDS", 0.1)
-        stack = Stack(self)
+        """An idle connection is closed after IDLE_SECONDS, not before; the next message opens a new one."""
+        stack = Stack(self, clock=wall_clock())
         yield _send_one(stack, ["r0@dest.test"])
         pool = stack.delivery.relay.pool
-        yield wait_until(lambda: not pool._all, timeout=5)
+        stack.clock.advance(client.IDLE_SECONDS - 0.1)
         yield _send_one(stack, ["r1@dest.test"])
+        self.assertEqual(pool.connections_opened, 1)
+        stack.clock.advance(client.IDLE_SECONDS)
+        yield wait_until(lambda: not pool._all, timeout=5)
+        yield _send_one(stack, ["r2@dest.test"])
+        self.assertEqual(pool.connections_opened, 2)
         self.assertEqual(stack.smarthost.connections(), 2)
 
     @inlineCallbacks
@@ -91,7 +95,8 @@ class ReuseTests(unittest.TestCase):
         """A smarthost that drops an idle session (421 timeout) costs nothing: the next message is sent at once."""
         smarthost = FakeSmarthost(timeout=0.2)
         self.addCleanup(smarthost.stop)
-        stack = Stack(self, smarthost=smarthost)
+        # On a clock that stands still, only the smarthost can end the session.
+        stack = Stack(self, smarthost=smarthost, clock=wall_clock())
         yield _send_one(stack, ["r0@dest.test"])
         yield wait_until(lambda: not stack.delivery.relay.pool._all, timeout=5)
         message = yield _send_one(stack, ["r1@dest.test"])

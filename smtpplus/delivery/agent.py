@@ -17,15 +17,16 @@ from typing import Any
 
 from twisted.internet.defer import Deferred, inlineCallbacks, maybeDeferred
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
-from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 
 from smtpplus.delivery import queue
 from smtpplus.delivery.batching import Batcher
 from smtpplus.delivery.dsn import build_dsn, read_headers
+from smtpplus.delivery.interfaces import IQueueStore, IRelay, RunInThread
 from smtpplus.delivery.query import iso
 from smtpplus.delivery.relay import HopOutcome
 from smtpplus.delivery.spool import Spool
+from smtpplus.notify.interfaces import IEventRecorder, IStatsRecorder
 
 log = Logger()
 
@@ -42,27 +43,33 @@ class DeliveryAgent:
     """
     Runs attempts; L{deliver} is the scheduler's callback.
 
+    @param clock: times the attempts (created_at, retries, expiry) and the
+        backoff of results that could not be stored.
+    @param run_in_thread: reads and removes spool files off the reactor.
+    @param events: where events are recorded; None records nothing.
+    @param stats: where recipient results are counted; None counts nothing.
     @param submit_internal: queues a message of the daemon's own (the DSNs):
         C{(mail_from, recipients, data, priority, user) -> Deferred[id]}.
     """
 
     def __init__(
         self,
-        reactor: Any,
-        database: Any,
+        clock: IReactorTime,
+        run_in_thread: RunInThread,
+        store: IQueueStore,
         spool: Spool,
-        relay: Any,
-        events: Any,
-        stats: Any,
+        relay: IRelay,
+        events: IEventRecorder | None,
+        stats: IStatsRecorder | None,
         retry_schedule: Sequence[int],
         max_queue_lifetime: float,
         delay_threshold: float,
         hostname: str,
         submit_internal: Callable[..., Deferred[str]],
     ) -> None:
-        self._reactor = reactor
-        self._clock: IReactorTime = reactor
-        self._database = database
+        self._clock = clock
+        self._in_thread = run_in_thread
+        self._queue = store
         self._spool = spool
         self._relay = relay
         self._events = events
@@ -75,7 +82,7 @@ class DeliveryAgent:
         # Next hops that failed since their last success: one send_problem
         # event per outage.
         self.outages: set[str] = set()
-        self.writer = queue.StateWriter(database)
+        self.writer = queue.StateWriter(store)
         # Held results waiting out their backoff before the next write.
         self._sleepers: list[tuple[Deferred[None], IDelayedCall]] = []
         # Fresh messages as committed, so that their first attempt need not
@@ -86,9 +93,6 @@ class DeliveryAgent:
         # Message id -> what its unstored result says, while it waits.
         self.unrecorded: dict[str, str] = {}
         self._store_error: str | None = None
-
-    def _in_thread(self, fn: Callable[..., Any], *args: Any) -> Deferred[Any]:
-        return deferToThreadPool(self._reactor, self._reactor.getThreadPool(), fn, *args)
 
     def _remove(self, message_ids: list[str]) -> Deferred[list[None]]:
         d = self._in_thread(self._spool.remove, message_ids)
@@ -123,12 +127,12 @@ class DeliveryAgent:
         if content is not None:
             self._fresh_bytes -= len(content)
         if message is None:
-            message = yield self._database.run(queue.load_message, message_id)
+            message = yield self._queue.load_message(message_id)
         if message is None or message["status"] not in queue.ACTIVE:
             return None
         # Not waited for: only the admin API sees "sending"; after a crash
         # the message is active either way and is tried again.
-        self.writer.write(queue.mark_sending, message_id, self._clock.seconds()).addErrback(
+        self.writer.write(queue.MarkSending(message_id, self._clock.seconds())).addErrback(
             lambda f: self._store_failed(f.value)
         )
         pending = [r for r in message["recipients"] if r["status"] not in queue.FINAL_RECIPIENT]
@@ -241,7 +245,7 @@ class DeliveryAgent:
         delay = RESULT_RETRY_FIRST
         while True:
             try:
-                yield self.writer.write(queue.finish_attempt, message, status, next_attempt, updates, notify_delay, now)
+                yield self.writer.write(queue.FinishAttempt(message, status, next_attempt, updates, notify_delay, now))
             except Exception as e:
                 self._store_failed(e)
                 self.unrecorded[message["id"]] = ", ".join(
