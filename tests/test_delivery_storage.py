@@ -26,7 +26,7 @@ from smtpplus.delivery.scheduler import Job, Scheduler
 from smtpplus.delivery.spool import EnvelopeError, Spool, envelope_record
 from smtpplus.delivery.threads import run_synchronously
 from smtpplus.storage.database import Database, DatabaseLost
-from tests.delivery_helpers import Stack, queue_id, simple_message, wait_until
+from tests.delivery_helpers import Stack, queue_id, simple_message, wait_until, wall_clock
 
 
 def _message(message_id: str = "M1", recipients: tuple[str, ...] = ("a@dest.test", "b@dest.test")) -> queue.NewMessage:
@@ -285,7 +285,7 @@ class LostDatabaseTests(unittest.TestCase):
         what the spool holds, and delivers it once; new mail is accepted
         again.
         """
-        stack = Stack(self, delivery="retry_schedule = [1]\n", start=False)
+        stack = Stack(self, start=False, clock=wall_clock())
         code, text = yield stack.submit("me@example.com", ["held@dest.test"], simple_message(subject="held"))
         self.assertEqual(code, 250, text)
         held = queue_id(text)

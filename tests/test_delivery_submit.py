@@ -400,7 +400,13 @@ class SpoolTests(unittest.TestCase):
                     if f.readline().startswith(b"354"):
                         break
                 s.sendall(b"Subject: cut\r\n\r\n" + b"x" * 100000)
-                time.sleep(0.2)
+                # Hang up only once the server has the message on disk in tmp/.
+                for _ in range(1000):
+                    if os.listdir(stack.delivery.spool.tmp_dir):
+                        break
+                    time.sleep(0.01)
+                else:
+                    raise AssertionError("the message never reached tmp/")
 
         yield deferToThread(run)
         yield _wait(lambda: not os.listdir(stack.delivery.spool.tmp_dir))
