@@ -16,7 +16,7 @@ from typing import Any
 import attrs
 import idna
 from twisted.internet.defer import Deferred, DeferredList, inlineCallbacks, succeed
-from twisted.internet.interfaces import IReactorTCP, IReactorTime
+from twisted.internet.interfaces import IReactorTCP, IReactorTime, IResolver
 from twisted.internet.ssl import CertificateOptions
 from twisted.logger import Logger
 from twisted.names import client, dns
@@ -81,7 +81,7 @@ class _PermanentRoute(Exception):
     """The domain cannot receive mail at all: its recipients bounce."""
 
 
-def make_resolver(config: DeliveryConfig, reactor: Any) -> Any:
+def make_resolver(config: DeliveryConfig, reactor: Any) -> IResolver:
     """
     The DNS resolver of C{[delivery] dns_servers} on C{reactor} (which needs
     UDP, TCP and time), or the system's (Twisted's C{createResolver} takes
@@ -100,9 +100,9 @@ class Relay:
 
     @param clock: times replies and idle kept connections.
     @param connector: opens the outbound connections.
-    @param resolver: looks up MX and address records (an
-        C{IResolver}); when None in MX mode, one from L{make_resolver}
-        on C{connector}, which must then be a whole reactor.
+    @param resolver: looks up MX and address records; when None in MX
+        mode, one from L{make_resolver} on C{connector}, which must then be
+        a whole reactor.
     @param mx_port: the port MX hosts are contacted on (25; tests change it).
     """
 
@@ -112,7 +112,7 @@ class Relay:
         connector: IReactorTCP,
         config: DeliveryConfig,
         hostname: str,
-        resolver: Any = None,
+        resolver: IResolver | None = None,
         mx_port: int = 25,
     ) -> None:
         self.config = config
