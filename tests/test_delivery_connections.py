@@ -270,3 +270,41 @@ class PipeliningTests(unittest.TestCase):
         self.assertIn(["c@dest.test"], [rcpts for rcpts, _ in factory.messages])
         self.assertGreaterEqual(factory.rsets, 1)
         self.assertEqual(factory.connections, 1)
+
+
+class _Silent(LineReceiver):
+    """An SMTP server that greets, then never answers a command."""
+
+    def connectionMade(self) -> None:
+        self.factory.connections += 1
+        self.sendLine(b"220 silent.test ESMTP")
+
+    def lineReceived(self, line: bytes) -> None:
+        self.factory.lines.append(line)
+
+
+class ReplyTimeoutTests(unittest.TestCase):
+    @inlineCallbacks
+    def test_server_that_stops_answering(self) -> Any:
+        """
+        A next hop that stops answering is given up after REPLY_TIMEOUT on
+        delivery's clock, not before: the recipient is deferred with the
+        reason and the connection closed.
+        """
+        factory = Factory.forProtocol(_Silent)
+        factory.connections = 0
+        factory.lines = []
+        port = reactor.listenTCP(0, factory, interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        delivery = f'mode = "smarthost"\nsmarthost = "127.0.0.1:{port.getHost().port}"\nsmarthost_tls = "none"'
+        stack = Stack(self, delivery=delivery, clock=wall_clock())
+        code, text = yield stack.submit("me@example.com", ["r@dest.test"], simple_message())
+        self.assertEqual(code, 250, text)
+        yield wait_until(lambda: factory.lines)
+        stack.clock.advance(client.REPLY_TIMEOUT - 1)
+        self.assertEqual(len(stack.delivery.scheduler.in_flight), 1)
+        stack.clock.advance(1)
+        message = yield stack.wait_status(queue_id(text), "deferred")
+        self.assertIn("Timeout", message["recipients"][0]["last_response"])
+        yield wait_until(lambda: not stack.delivery.relay.pool._all)
+        self.assertEqual(factory.connections, 1)
