@@ -7,6 +7,7 @@ answers as told, synchronous "threads" and a Clock.  Only the spool is real
 from __future__ import annotations
 
 import os
+from typing import Any
 
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.task import Clock
@@ -43,6 +44,31 @@ class _ScriptedRelay:
 
     def close(self) -> Deferred[None]:
         return succeed(None)
+
+
+class _SlowLoads(MemoryQueueStore):
+    """A memory store whose load_message answers only when the test says, with the rows of that moment."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.loads: list[tuple[str, Deferred[Any]]] = []
+        self.slow = False
+
+    def load_message(self, message_id: str) -> Deferred[Any]:
+        if not self.slow:
+            return super().load_message(message_id)
+        d: Deferred[Any] = Deferred()
+        self.loads.append((message_id, d))
+        return d
+
+    def answer_loads(self, found: bool = True) -> None:
+        """Answer the waiting loads with the rows as they are now, or (C{found} false) as missing."""
+        loads, self.loads = self.loads, []
+        for message_id, d in loads:
+            if found:
+                super().load_message(message_id).chainDeferred(d)
+            else:
+                d.callback(None)
 
 
 class DeliveryOnFakesTests(unittest.TestCase):
@@ -139,3 +165,68 @@ class DeliveryOnFakesTests(unittest.TestCase):
         self.assertEqual(again.offered, [])
         self.assertFalse(os.path.exists(delivery.spool.path(message_id)))
 
+
+    def test_reset_while_an_attempt_waits_for_its_row(self) -> None:
+        """
+        An attempt that asks for its row only after the store lost it does
+        not keep the message from being queued again: it is delivered once,
+        whether that attempt finds the row queued again or finds none.
+        """
+        self._reset_while_loading(found=True)
+        self._reset_while_loading(found=False)
+
+    def _reset_while_loading(self, found: bool) -> None:
+        store, relay = _SlowLoads(), _ScriptedRelay(451, 250)
+        delivery = self._delivery(store, relay)
+        delivery.start()
+        message_id = self._submit(delivery)
+        store.slow = True
+        self.clock.advance(60)
+        self.assertEqual(delivery.agent.attempting, set())
+        self.assertIn(message_id, delivery.scheduler.in_flight)
+        store.reset()
+        self.assertEqual(store.rows[message_id]["status"], "queued")
+        store.slow = False
+        store.answer_loads(found)
+        self.assertEqual(len(relay.offered), 2)
+        self.assertEqual(store.rows[message_id]["status"], "sent")
+        self.assertEqual(delivery.scheduler.in_flight, {})
+        self.clock.advance(3600)
+        self.assertEqual(len(relay.offered), 2)
+
+    def test_reset_during_an_attempt_holding_its_row(self) -> None:
+        """An attempt holding its row when the store loses it writes the row back with its result: not queued twice."""
+        store = MemoryQueueStore()
+        relay = _PausedRelay()
+        delivery = self._delivery(store, relay)  # type: ignore[arg-type]
+        delivery.start()
+        message_id = self._submit(delivery)
+        self.assertEqual(delivery.agent.attempting, {message_id})
+        store.reset()
+        self.assertNotIn(message_id, store.rows)
+        relay.answer(250)
+        self.assertEqual(store.rows[message_id]["status"], "sent")
+        self.assertEqual(relay.offers, 1)
+
+
+@implementer(IRelay)
+class _PausedRelay:
+    """Holds each offer until the test answers it."""
+
+    def __init__(self) -> None:
+        self.offers = 0
+        self.waiting: list[tuple[list[str], Deferred[list[HopOutcome]]]] = []
+
+    def send(self, mail_from: str, recipients: list[str], path: str, content: bytes | None = None, length: int | None = None) -> Deferred[list[HopOutcome]]:
+        self.offers += 1
+        d: Deferred[list[HopOutcome]] = Deferred()
+        self.waiting.append((list(recipients), d))
+        return d
+
+    def answer(self, code: int) -> None:
+        waiting, self.waiting = self.waiting, []
+        for recipients, d in waiting:
+            d.callback([HopOutcome("smarthost", {r: (code, "scripted") for r in recipients})])
+
+    def close(self) -> Deferred[None]:
+        return succeed(None)

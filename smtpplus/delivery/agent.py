@@ -92,6 +92,9 @@ class DeliveryAgent:
         self._removals: Batcher[str] = Batcher(self._remove)
         # Message id -> what its unstored result says, while it waits.
         self.unrecorded: dict[str, str] = {}
+        # Messages whose attempt holds their row: whatever happens to the
+        # store, the attempt writes that row back with its result.
+        self.attempting: set[str] = set()
         self._store_error: str | None = None
 
     def _remove(self, message_ids: list[str]) -> Deferred[list[None]]:
@@ -130,6 +133,15 @@ class DeliveryAgent:
             message = yield self._queue.load_message(message_id)
         if message is None or message["status"] not in queue.ACTIVE:
             return None
+        self.attempting.add(message_id)
+        try:
+            return (yield self._attempt(message, content))
+        finally:
+            self.attempting.discard(message_id)
+
+    @inlineCallbacks
+    def _attempt(self, message: dict[str, Any], content: bytes | None) -> Any:
+        message_id = message["id"]
         # Not waited for: only the admin API sees "sending"; after a crash
         # the message is active either way and is tried again.
         self.writer.write(queue.MarkSending(message_id, self._clock.seconds())).addErrback(

@@ -23,6 +23,7 @@ import attrs
 from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.interfaces import IDelayedCall, IReactorTCP, IReactorTime
 from twisted.internet.protocol import ClientFactory, connectionDone
+from twisted.internet.ssl import CertificateOptions
 from twisted.logger import Logger
 from twisted.mail.smtp import (
     SUCCESS,
@@ -418,7 +419,7 @@ class Pool:
         hostname: str,
         username: str,
         password: str,
-        context: Any,
+        context: CertificateOptions,
         idle_seconds: float = IDLE_SECONDS,
         max_messages: int = MAX_MESSAGES,
     ) -> None:

@@ -192,9 +192,12 @@ class Delivery:
 
     def _rebuild(self) -> None:
         """After the store lost its rows (a new database file): queue again what only the spool still knows."""
-        # Attempts in flight store their result into the new file
-        # themselves (see queue.finish_attempt): not queued twice.
-        busy = set(self.scheduler.in_flight)
+        # Attempts holding their message's row store it into the new file
+        # with their result (see queue.finish_attempt): not queued twice.
+        # An attempt that asked for its row only after the file was
+        # replaced found none and ends without a result: its file is
+        # queued again here, and the scheduler keeps the new entry.
+        busy = set(self.agent.attempting)
         d = self._in_thread(os.listdir, self.spool.msg_dir)
         d.addCallback(self._requeue, busy)
         d.addCallbacks(self._rebuilt, lambda f: log.failure("rebuilding the queue from the spool failed", f))
