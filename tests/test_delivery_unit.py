@@ -71,6 +71,27 @@ class _SlowLoads(MemoryQueueStore):
                 d.callback(None)
 
 
+class _SlowInserts(MemoryQueueStore):
+    """A memory store whose inserts wait until the test lets them through."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inserts: list[tuple[list[Any], Deferred[list[int]]]] = []
+        self.slow = False
+
+    def insert(self, messages: list[Any]) -> Deferred[list[int]]:
+        if not self.slow:
+            return super().insert(messages)
+        d: Deferred[list[int]] = Deferred()
+        self.inserts.append((messages, d))
+        return d
+
+    def let_inserts_through(self) -> None:
+        inserts, self.inserts = self.inserts, []
+        for messages, d in inserts:
+            super().insert(messages).chainDeferred(d)
+
+
 class DeliveryOnFakesTests(unittest.TestCase):
     def setUp(self) -> None:
         self.state_dir = os.path.abspath(self.mktemp())
@@ -207,6 +228,28 @@ class DeliveryOnFakesTests(unittest.TestCase):
         relay.answer(250)
         self.assertEqual(store.rows[message_id]["status"], "sent")
         self.assertEqual(relay.offers, 1)
+
+    def test_reset_while_a_message_is_committed(self) -> None:
+        """
+        A message whose file is in the spool but whose row is still being
+        written when the store loses its rows is left to its commit: it is
+        queued once and its sender gets its queue id.
+        """
+        store, relay = _SlowInserts(), _ScriptedRelay(250)
+        delivery = self._delivery(store, relay)
+        delivery.start()
+        store.slow = True
+        d = delivery.submit_internal("me@example.com", ["r@dest.test"], b"Subject: unit\r\n\r\nbody\r\n", 2, "alice")
+        [(messages, _)] = store.inserts
+        message_id = messages[0].id
+        self.assertTrue(os.path.exists(delivery.spool.path(message_id)))
+        store.reset()
+        store.slow = False
+        self.assertEqual(store.rows, {})
+        store.let_inserts_through()
+        self.assertEqual(self.successResultOf(d), message_id)
+        self.assertEqual(store.rows[message_id]["status"], "sent")
+        self.assertEqual(len(relay.offered), 1)
 
 
 @implementer(IRelay)

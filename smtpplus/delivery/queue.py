@@ -441,8 +441,13 @@ class Committer:
         self._spool = spool
         self._on_queued = on_queued
         self._waiting: list[tuple[TempMessage, NewMessage, Deferred[str]]] = []
+        self._current: list[tuple[TempMessage, NewMessage, Deferred[str]]] = []
         self._busy = False
         self.batches = 0
+
+    def committing(self) -> set[str]:
+        """The ids of the messages being committed: their files may be in C{msg/} before their rows exist."""
+        return {message.id for _, message, _ in self._current + self._waiting}
 
     def commit(self, temp: TempMessage, message: NewMessage) -> Deferred[str]:
         """Fires with the queue id once file and record are durable."""
@@ -458,9 +463,10 @@ class Committer:
         self._busy = True
         try:
             while self._waiting:
-                batch, self._waiting = self._waiting, []
-                yield self._commit_batch(batch)
+                self._current, self._waiting = self._waiting, []
+                yield self._commit_batch(self._current)
         finally:
+            self._current = []
             self._busy = False
 
     @inlineCallbacks

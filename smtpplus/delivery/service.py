@@ -199,7 +199,9 @@ class Delivery:
         # queued again here, and the scheduler keeps the new entry.
         busy = set(self.agent.attempting)
         d = self._in_thread(os.listdir, self.spool.msg_dir)
-        d.addCallback(self._requeue, busy)
+        # A file listed was renamed into msg/ before the listing: if its
+        # row is not written yet, the committer still holds it.
+        d.addCallback(lambda names: self._requeue(names, busy | self.committer.committing()))
         d.addCallbacks(self._rebuilt, lambda f: log.failure("rebuilding the queue from the spool failed", f))
 
     def _rebuilt(self, rows: list[dict[str, Any]]) -> None:
