@@ -135,37 +135,32 @@ class DeliveryAgent:
             return None
         self.attempting.add(message_id)
         try:
-            return (yield self._attempt(message, content))
+            # Not waited for: only the admin API sees "sending"; after a crash
+            # the message is active either way and is tried again.
+            self.writer.write(queue.MarkSending(message_id, self._clock.seconds())).addErrback(
+                lambda f: self._store_failed(f.value)
+            )
+            pending = [r for r in message["recipients"] if r["status"] not in queue.FINAL_RECIPIENT]
+            addresses = list(dict.fromkeys(r["address"] for r in pending))
+            length = None
+            try:
+                if content is None:
+                    content, length = yield self._in_thread(self._spool.read_small, message_id)
+                path = self._spool.path(message_id)
+                outcomes = yield self._relay.send(message["mail_from"], addresses, path, content, length)
+            except Exception:
+                log.failure("relaying {id} failed unexpectedly", id=message_id)
+                outcomes = []
+            results: dict[str, tuple[int, str]] = {}
+            problem = "no result from the next hop"
+            for outcome in outcomes:
+                results.update(outcome.results)
+                if outcome.problem:
+                    problem = outcome.problem
+                self._track_hop(outcome, message)
+            return (yield self._conclude(message, pending, results, problem))
         finally:
             self.attempting.discard(message_id)
-
-    @inlineCallbacks
-    def _attempt(self, message: dict[str, Any], content: bytes | None) -> Any:
-        message_id = message["id"]
-        # Not waited for: only the admin API sees "sending"; after a crash
-        # the message is active either way and is tried again.
-        self.writer.write(queue.MarkSending(message_id, self._clock.seconds())).addErrback(
-            lambda f: self._store_failed(f.value)
-        )
-        pending = [r for r in message["recipients"] if r["status"] not in queue.FINAL_RECIPIENT]
-        addresses = list(dict.fromkeys(r["address"] for r in pending))
-        length = None
-        try:
-            if content is None:
-                content, length = yield self._in_thread(self._spool.read_small, message_id)
-            path = self._spool.path(message_id)
-            outcomes = yield self._relay.send(message["mail_from"], addresses, path, content, length)
-        except Exception:
-            log.failure("relaying {id} failed unexpectedly", id=message_id)
-            outcomes = []
-        results: dict[str, tuple[int, str]] = {}
-        problem = "no result from the next hop"
-        for outcome in outcomes:
-            results.update(outcome.results)
-            if outcome.problem:
-                problem = outcome.problem
-            self._track_hop(outcome, message)
-        return (yield self._conclude(message, pending, results, problem))
 
     def _track_hop(self, outcome: HopOutcome, message: dict[str, Any]) -> None:
         if outcome.problem is None:
