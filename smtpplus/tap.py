@@ -23,7 +23,9 @@ from smtpplus.auth.login import build_login_service
 from smtpplus.auth.store import SQLiteUserStore
 from smtpplus.auth.throttle import LoginThrottle
 from smtpplus.config import Config, ConfigError, TLSConfig, config_from_text, config_warnings, load_config
+from smtpplus.delivery.queue import SQLiteQueueStore
 from smtpplus.delivery.service import build_delivery
+from smtpplus.delivery.threads import reactor_runner
 from smtpplus.notify.dispatch import build_notifier
 from smtpplus.notify.events import EventStore
 from smtpplus.notify.stats import Statistics
@@ -163,8 +165,19 @@ def build_service(config: Config, reactor: Any) -> MultiService:
     stats = Statistics(database, reactor, user_policy)
     stats.setServiceParent(top)
     events = EventStore(database, reactor)
+    queue_store = SQLiteQueueStore(database)
+    queue_store.migrate()
     delivery_service, avatar_factory, message_query, submit_internal = build_delivery(
-        config, reactor, database, events, stats
+        config.delivery,
+        hostname=config.server.hostname,
+        state_dir=state_dir,
+        delay_threshold=config.notifications.delivery_delay_threshold,
+        clock=reactor,
+        run_in_thread=reactor_runner(reactor),
+        connector=reactor,
+        store=queue_store,
+        events=events,
+        stats=stats,
     )
     delivery_service.setServiceParent(top)
     notifier = build_notifier(config.notifications, config.server.hostname, reactor, submit_internal)

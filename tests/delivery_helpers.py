@@ -1,7 +1,8 @@
 """
 Real parts for the delivery tests: an aiosmtpd smarthost in a thread that
 answers per recipient as told, an smtplib client in a thread, the real SMTP
-server factory, and a stack that wires delivery to them on 127.0.0.1.
+server factory, and a stack that wires delivery to them on 127.0.0.1 (its
+timers on the reactor, or on a L{Clock} the test advances).
 """
 
 from __future__ import annotations
@@ -13,17 +14,21 @@ import os
 import smtplib
 import socket
 import threading
+import time
 from collections.abc import Sequence
 from typing import Any
 
 from aiosmtpd.controller import Controller
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, inlineCallbacks, succeed
-from twisted.internet.task import deferLater
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.task import Clock, deferLater
 from twisted.internet.threads import deferToThread
 
 from smtpplus.config import config_from_text
+from smtpplus.delivery.queue import SQLiteQueueStore
 from smtpplus.delivery.service import build_delivery
+from smtpplus.delivery.threads import reactor_runner
 from smtpplus.model import User
 from smtpplus.smtp.protocol import SessionRegistry, SessionSettings, SMTPServerFactory
 from smtpplus.storage.database import Database
@@ -188,6 +193,16 @@ class Recorder:
         self.calls.append(("recipient_result", (message, status, previous)))
 
 
+def wall_clock() -> Clock:
+    """
+    A L{Clock} set to the current second (queue ids and dates look real,
+    and a time written to the second is exact); it moves only when advanced.
+    """
+    clock = Clock()
+    clock.advance(int(time.time()))
+    return clock
+
+
 def make_config(state_dir: str, delivery: str) -> Any:
     return config_from_text(
         f'[server]\nhostname = "relay.test"\nstate_dir = "{state_dir}"\n'
@@ -200,6 +215,11 @@ class Stack:
     """
     Delivery wired to a real database, a real SMTP listener and (by default)
     a fake smarthost; everything is torn down by the test's cleanups.
+
+    @param clock: delivery's timers and timestamps (retries, expiry,
+        delivery delay, idle connections); by default the reactor.  With a
+        L{Clock} the test moves time itself, while sockets, threads and the
+        database still run on the reactor.
     """
 
     def __init__(
@@ -212,6 +232,7 @@ class Stack:
         state_dir: str | None = None,
         relay: Any = None,
         notifications_threshold: int | None = None,
+        clock: IReactorTime | None = None,
     ) -> None:
         self.testcase = testcase
         if smarthost is None:
@@ -223,18 +244,29 @@ class Stack:
         if "mode" not in delivery:
             delivery = f'mode = "smarthost"\nsmarthost = "127.0.0.1:{smarthost.port}"\n' + delivery
         config = make_config(self.state_dir, delivery)
-        if notifications_threshold is not None:
-            import attrs
-
-            config = attrs.evolve(
-                config, notifications=attrs.evolve(config.notifications, delivery_delay_threshold=notifications_threshold)
-            )
         self.config = config
+        self.clock = clock if clock is not None else reactor
         self.recorder = Recorder()
         self.database = Database(reactor, os.path.join(self.state_dir, "smtpplus.db"))
         testcase.addCleanup(self.database.stop)
+        self.store = SQLiteQueueStore(self.database)
+        self.store.migrate()
         self.service, self.avatar_factory, self.query, self.submit_internal = build_delivery(
-            config, reactor, self.database, self.recorder, self.recorder, relay
+            config.delivery,
+            hostname=config.server.hostname,
+            state_dir=self.state_dir,
+            delay_threshold=(
+                notifications_threshold
+                if notifications_threshold is not None
+                else config.notifications.delivery_delay_threshold
+            ),
+            clock=self.clock,
+            run_in_thread=reactor_runner(reactor),
+            connector=reactor,
+            store=self.store,
+            events=self.recorder,
+            stats=self.recorder,
+            relay=relay,
         )
         self.delivery = self.service.delivery
         self.started = False

@@ -11,7 +11,7 @@ from twisted.protocols.basic import LineReceiver
 from twisted.trial import unittest
 
 from smtpplus.delivery import client
-from tests.delivery_helpers import FakeSmarthost, Stack, queue_id, simple_message, tls_context, wait_until
+from tests.delivery_helpers import FakeSmarthost, Stack, queue_id, simple_message, tls_context, wait_until, wall_clock
 
 
 @inlineCallbacks
@@ -68,22 +68,26 @@ class ReuseTests(unittest.TestCase):
 
     @inlineCallbacks
     def test_max_messages_per_connection(self) -> Any:
-        """After MAX_MESSAGES messages a connection is retired and a new one opened."""
-        self.patch(client, "MAX_MESSAGES", 2)
+        """After max_messages messages a connection is retired and a new one opened."""
         stack = Stack(self)
+        stack.delivery.relay.pool.max_messages = 2
         for n in range(3):
             yield _send_one(stack, [f"r{n}@dest.test"])
         self.assertEqual(stack.smarthost.connections(), 2)
 
     @inlineCallbacks
     def test_idle_connection_closed(self) -> Any:
-        """An idle connection is closed after IDLE_SECONDS; the next message opens a new one."""
-        self.patch(client, "IDLE_SECONDS", 0.1)
-        stack = Stack(self)
+        """An idle connection is closed after IDLE_SECONDS, not before; the next message opens a new one."""
+        stack = Stack(self, clock=wall_clock())
         yield _send_one(stack, ["r0@dest.test"])
         pool = stack.delivery.relay.pool
-        yield wait_until(lambda: not pool._all, timeout=5)
+        stack.clock.advance(client.IDLE_SECONDS - 0.1)
         yield _send_one(stack, ["r1@dest.test"])
+        self.assertEqual(pool.connections_opened, 1)
+        stack.clock.advance(client.IDLE_SECONDS)
+        yield wait_until(lambda: not pool._all, timeout=5)
+        yield _send_one(stack, ["r2@dest.test"])
+        self.assertEqual(pool.connections_opened, 2)
         self.assertEqual(stack.smarthost.connections(), 2)
 
     @inlineCallbacks
@@ -91,7 +95,8 @@ class ReuseTests(unittest.TestCase):
         """A smarthost that drops an idle session (421 timeout) costs nothing: the next message is sent at once."""
         smarthost = FakeSmarthost(timeout=0.2)
         self.addCleanup(smarthost.stop)
-        stack = Stack(self, smarthost=smarthost)
+        # On a clock that stands still, only the smarthost can end the session.
+        stack = Stack(self, smarthost=smarthost, clock=wall_clock())
         yield _send_one(stack, ["r0@dest.test"])
         yield wait_until(lambda: not stack.delivery.relay.pool._all, timeout=5)
         message = yield _send_one(stack, ["r1@dest.test"])
@@ -264,4 +269,42 @@ class PipeliningTests(unittest.TestCase):
         yield _send_one(stack, ["c@dest.test"])
         self.assertIn(["c@dest.test"], [rcpts for rcpts, _ in factory.messages])
         self.assertGreaterEqual(factory.rsets, 1)
+        self.assertEqual(factory.connections, 1)
+
+
+class _Silent(LineReceiver):
+    """An SMTP server that greets, then never answers a command."""
+
+    def connectionMade(self) -> None:
+        self.factory.connections += 1
+        self.sendLine(b"220 silent.test ESMTP")
+
+    def lineReceived(self, line: bytes) -> None:
+        self.factory.lines.append(line)
+
+
+class ReplyTimeoutTests(unittest.TestCase):
+    @inlineCallbacks
+    def test_server_that_stops_answering(self) -> Any:
+        """
+        A next hop that stops answering is given up after REPLY_TIMEOUT on
+        delivery's clock, not before: the recipient is deferred with the
+        reason and the connection closed.
+        """
+        factory = Factory.forProtocol(_Silent)
+        factory.connections = 0
+        factory.lines = []
+        port = reactor.listenTCP(0, factory, interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        delivery = f'mode = "smarthost"\nsmarthost = "127.0.0.1:{port.getHost().port}"\nsmarthost_tls = "none"'
+        stack = Stack(self, delivery=delivery, clock=wall_clock())
+        code, text = yield stack.submit("me@example.com", ["r@dest.test"], simple_message())
+        self.assertEqual(code, 250, text)
+        yield wait_until(lambda: factory.lines)
+        stack.clock.advance(client.REPLY_TIMEOUT - 1)
+        self.assertEqual(len(stack.delivery.scheduler.in_flight), 1)
+        stack.clock.advance(1)
+        message = yield stack.wait_status(queue_id(text), "deferred")
+        self.assertIn("Timeout", message["recipients"][0]["last_response"])
+        yield wait_until(lambda: not stack.delivery.relay.pool._all)
         self.assertEqual(factory.connections, 1)

@@ -100,7 +100,9 @@ class LostDatabaseTests(unittest.TestCase):
         user = _api(admin_port, "POST", "/api/v1/users", {"username": "keeper", "authorized_domains": ["example.com"]})
         ids = _send_all(smtp_port, user["password"], range(count))
 
-        for suffix in ("", "-wal", "-shm"):
+        # The WAL files go first: a new database opened while a stale WAL
+        # is still at its path would take the old rows back from it.
+        for suffix in ("-wal", "-shm", ""):
             try:
                 os.unlink(os.path.join(state_dir, "smtpplus.db" + suffix))
             except FileNotFoundError:

@@ -21,7 +21,23 @@ from tests.delivery_helpers import (
     simple_message,
     tls_context,
     wait_until,
+    wall_clock,
 )
+
+
+@inlineCallbacks
+def settled(stack: Stack) -> Any:
+    """Wait until no attempt is in flight (its result is stored)."""
+    yield wait_until(lambda: not stack.delivery.scheduler.in_flight)
+
+
+@inlineCallbacks
+def next_attempt(stack: Stack, seconds: float) -> Any:
+    """Move the stack's clock by C{seconds}, which must start one attempt, and wait for its end."""
+    started = stack.delivery.scheduler.started
+    stack.clock.advance(seconds)
+    assert stack.delivery.scheduler.started == started + 1, (started, stack.delivery.scheduler.started)
+    yield settled(stack)
 
 
 class SmarthostTests(unittest.TestCase):
@@ -101,15 +117,19 @@ class SmarthostTests(unittest.TestCase):
 
     @inlineCallbacks
     def test_retry_then_success(self) -> Any:
-        """A 451 defers the recipient; the retry after retry_schedule succeeds (attempts 2)."""
-        stack = Stack(self, delivery="retry_schedule = [1]")
+        """A 451 defers the recipient; the retry comes after retry_schedule, not before, and succeeds (attempts 2)."""
+        stack = Stack(self, delivery="retry_schedule = [60]", clock=wall_clock())
         stack.smarthost.replies["r@dest.test"] = ["451 4.3.0 try later", "250 2.1.5 OK"]
         code, text = yield stack.submit("me@example.com", ["r@dest.test"], simple_message())
         message_id = queue_id(text)
         deferred = yield stack.wait_status(message_id, "deferred")
         self.assertEqual(deferred["recipients"][0]["status"], "deferred")
         self.assertIn("451", deferred["recipients"][0]["last_response"])
-        sent = yield stack.wait_status(message_id, "sent", timeout=8)
+        yield settled(stack)
+        stack.clock.advance(59)
+        self.assertEqual(stack.delivery.scheduler.started, 1)
+        yield next_attempt(stack, 1)
+        sent = yield stack.wait_status(message_id, "sent")
         self.assertEqual(sent["recipients"][0]["attempts"], 2)
         self.assertEqual(len(stack.smarthost.received()), 1)
 
@@ -146,26 +166,43 @@ class SmarthostTests(unittest.TestCase):
 
     @inlineCallbacks
     def test_expiry_bounces(self) -> Any:
-        """A recipient still deferred at max_queue_lifetime bounces with 4.4.7 and a DSN."""
-        stack = Stack(self, delivery="retry_schedule = [1]\nmax_queue_lifetime = 1")
+        """
+        A recipient still deferred at max_queue_lifetime bounces with 4.4.7
+        and a DSN; the last retry is brought forward to the deadline.
+        """
+        stack = Stack(self, delivery="retry_schedule = [60]\nmax_queue_lifetime = 100", clock=wall_clock())
         stack.smarthost.replies["slow@dest.test"] = ["451 4.3.0 busy"]
         code, text = yield stack.submit("me@example.com", ["slow@dest.test"], simple_message())
-        message = yield stack.wait_status(queue_id(text), "bounced", timeout=8)
+        message_id = queue_id(text)
+        yield stack.wait_status(message_id, "deferred")
+        yield settled(stack)
+        yield next_attempt(stack, 60)
+        message = yield stack.message(message_id)
+        self.assertEqual((message["status"], message["recipients"][0]["attempts"]), ("deferred", 2))
+        yield next_attempt(stack, 40)
+        message = yield stack.wait_status(message_id, "bounced")
         self.assertIn("4.4.7", message["recipients"][0]["last_response"])
+        self.assertEqual(message["recipients"][0]["attempts"], 3)
         yield wait_until(lambda: any(m["mail_from"] == "" for m in stack.smarthost.received()))
 
     @inlineCallbacks
     def test_delivery_delay_event_once(self) -> Any:
-        """A delivery failing past delivery_delay_threshold records exactly one delivery_delay event."""
-        stack = Stack(self, delivery="retry_schedule = [1]", notifications_threshold=1)
+        """
+        A delivery still failing once delivery_delay_threshold has passed
+        records exactly one delivery_delay event, none before.
+        """
+        stack = Stack(self, delivery="retry_schedule = [60]", notifications_threshold=100, clock=wall_clock())
         stack.smarthost.replies["slow@dest.test"] = ["451 4.3.0 busy"]
         code, text = yield stack.submit("me@example.com", ["slow@dest.test"], simple_message())
         message_id = queue_id(text)
-
-        def attempts() -> Any:
-            return stack.message(message_id).addCallback(lambda m: m["recipients"][0]["attempts"] >= 4)
-
-        yield wait_until(attempts, timeout=10)
+        yield stack.wait_status(message_id, "deferred")
+        yield settled(stack)
+        yield next_attempt(stack, 60)
+        self.assertEqual(stack.recorder.of("delivery_delay"), [])
+        yield next_attempt(stack, 60)
+        yield next_attempt(stack, 60)
+        message = yield stack.message(message_id)
+        self.assertEqual(message["recipients"][0]["attempts"], 4)
         delays = stack.recorder.of("delivery_delay")
         self.assertEqual([(e[1], e[2]) for e in delays], [("alice", message_id)])
 
@@ -174,7 +211,7 @@ class SmarthostTests(unittest.TestCase):
         """Connection refused defers every message but records one send_problem per outage; success ends it."""
         dead = FakeSmarthost()
         dead.stop()
-        stack = Stack(self, smarthost=dead, delivery="retry_schedule = [1]")
+        stack = Stack(self, smarthost=dead, clock=wall_clock())
         ids = []
         for n in range(2):
             code, text = yield stack.submit("me@example.com", [f"r{n}@dest.test"], simple_message())
@@ -236,7 +273,7 @@ class MXTests(unittest.TestCase):
         from tests.delivery_helpers import make_config
 
         config = make_config("unused", f'mode = "mx"\ndns_servers = ["127.0.0.1:{port}"]')
-        relay = Relay(reactor, config.delivery, "relay.test", mx_port=stack_smarthost.port)
+        relay = Relay(reactor, reactor, config.delivery, "relay.test", mx_port=stack_smarthost.port)
         stack = Stack(self, smarthost=stack_smarthost, delivery=f'mode = "mx"\ndns_servers = ["127.0.0.1:{port}"]', relay=relay)
         code, text = yield stack.submit("me@example.com", ["a@dest.test", "b@nomx.test", "c@missing.test"], simple_message())
         self.assertEqual(code, 250)
@@ -248,74 +285,40 @@ class MXTests(unittest.TestCase):
         self.assertEqual(got, [("a@dest.test",), ("b@nomx.test",)])
 
 
-class StoreTests(unittest.TestCase):
-    def test_recover_resets_sending(self) -> None:
-        """recover() puts 'sending' messages and recipients back to queued (or deferred after attempts)."""
-        import sqlite3
-
-        conn = sqlite3.connect(":memory:", isolation_level=None)
-        conn.row_factory = sqlite3.Row
-        conn.executescript(queue.MIGRATIONS[0])
-        message = queue.NewMessage("ID1", "u", "a@b.c", "", "", 3, ("x@y.z", "w@y.z"), None, None, None, 1, False, 0.0)
-        queue.insert_messages(conn, [message])
-        queue.mark_sending(conn, "ID1", 1.0)
-        conn.execute("UPDATE queue_recipients SET attempts = 1 WHERE idx = 1")
-        rows = queue.recover(conn, 2.0)
-        self.assertEqual([r["id"] for r in rows], ["ID1"])
-        loaded = queue.load_message(conn, "ID1")
-        self.assertEqual(loaded["status"], "queued")
-        self.assertEqual([r["status"] for r in loaded["recipients"]], ["queued", "deferred"])
-
-    def test_as_row_matches_load(self) -> None:
-        """The in-memory row of a fresh message equals what the database gives back for it."""
-        import sqlite3
-
-        conn = sqlite3.connect(":memory:", isolation_level=None)
-        conn.row_factory = sqlite3.Row
-        conn.executescript(queue.MIGRATIONS[0])
-        message = queue.NewMessage("ID2", "u", "a@b.c", "A <a@b.c>", "s", 2, ("x@y.z", "w@y.z"), "n", "c", None, 9, True, 5.0)
-        [seq] = queue.insert_messages(conn, [message])
-        self.assertEqual({**queue.as_row(message), "seq": seq}, queue.load_message(conn, "ID2"))
-
-
 class StateWriterTests(unittest.TestCase):
-    def setUp(self) -> None:
-        from smtpplus.storage.database import Database
-
-        self.database = Database(reactor, os.path.join(os.path.abspath(self.mktemp()) + ".db"))
-        self.addCleanup(self.database.stop)
-        self.database.migrate(queue.COMPONENT, queue.MIGRATIONS)
-        messages = [
-            queue.NewMessage(f"M{n}", "u", "a@b.c", "", "", 3, ("x@y.z",), None, None, None, 1, False, 0.0) for n in range(50)
-        ]
-        self.database.run_sync(queue.insert_messages, messages)
-
     @inlineCallbacks
     def test_changes_share_transactions(self) -> Any:
         """State changes made while a batch commits are committed together in the next one."""
-        writer = queue.StateWriter(self.database)
-        yield gatherResults([writer.write(queue.mark_sending, f"M{n}", 1.0) for n in range(50)])
+        from smtpplus.storage.database import Database
+
+        database = Database(reactor, os.path.join(os.path.abspath(self.mktemp()) + ".db"))
+        self.addCleanup(database.stop)
+        store = queue.SQLiteQueueStore(database)
+        store.migrate()
+        messages = [
+            queue.NewMessage(f"M{n}", "u", "a@b.c", "", "", 3, ("x@y.z",), None, None, None, 1, False, 0.0) for n in range(50)
+        ]
+        database.run_sync(queue.insert_messages, messages)
+        writer = queue.StateWriter(store)
+        yield gatherResults([writer.write(queue.MarkSending(f"M{n}", 1.0)) for n in range(50)])
         self.assertLessEqual(writer.batches, 2)
-        statuses = self.database.run_sync(lambda c: {r[0] for r in c.execute("SELECT status FROM queue_messages")})
+        statuses = database.run_sync(lambda c: {r[0] for r in c.execute("SELECT status FROM queue_messages")})
         self.assertEqual(statuses, {"sending"})
 
-    @inlineCallbacks
-    def test_failing_change_alone_is_undone(self) -> Any:
-        """A change that fails is rolled back by itself; the others of its batch are committed."""
-        import sqlite3
+    def test_refused_change_fails_alone(self) -> None:
+        """A change the store refuses fails its own Deferred with that error; the others are written."""
+        from smtpplus.delivery.memory import MemoryQueueStore, QueueStoreError
 
-        def broken(conn: Any, message_id: str) -> None:
-            conn.execute("UPDATE queue_messages SET status = 'sending' WHERE id = ?", (message_id,))
-            raise sqlite3.OperationalError("boom")
-
-        writer = queue.StateWriter(self.database)
-        results = yield gatherResults(
-            [
-                writer.write(queue.mark_sending, "M1", 1.0),
-                writer.write(broken, "M2").addErrback(lambda f: f.trap(sqlite3.OperationalError) and "failed"),
-                writer.write(queue.mark_sending, "M3", 1.0),
-            ]
-        )
-        self.assertEqual(results, [None, "failed", None])
-        rows = self.database.run_sync(lambda c: dict(c.execute("SELECT id, status FROM queue_messages WHERE id IN ('M1', 'M2', 'M3')").fetchall()))
-        self.assertEqual(rows, {"M1": "sending", "M2": "queued", "M3": "sending"})
+        store = MemoryQueueStore()
+        new = [queue.NewMessage(f"M{n}", "u", "a@b.c", "", "", 3, ("x@y.z",), None, None, None, 1, False, 0.0) for n in (1, 3)]
+        self.successResultOf(store.insert(new))
+        broken = queue.as_row(queue.NewMessage("M2", "u", "a@b.c", "", "", 3, ("x@y.z", "w@y.z"), None, None, None, 1, False, 0.0))
+        broken["recipients"][1]["idx"] = 0
+        writer = queue.StateWriter(store)
+        first = writer.write(queue.MarkSending("M1", 1.0))
+        refused = writer.write(queue.FinishAttempt(broken, "sent", None, [], False, 1.0))
+        last = writer.write(queue.MarkSending("M3", 1.0))
+        self.assertIsNone(self.successResultOf(first))
+        self.failureResultOf(refused, QueueStoreError)
+        self.assertIsNone(self.successResultOf(last))
+        self.assertEqual(self.successResultOf(store.statuses(["M1", "M2", "M3"])), {"M1": "sending", "M3": "sending"})

@@ -106,6 +106,25 @@ class SchedulerTests(unittest.TestCase):
         self.clock.advance(1)
         self.assertEqual(self.deliveries.started, ["m", "m"])
 
+    def test_added_again_during_its_attempt(self) -> None:
+        """
+        A job added again while its attempt is in flight (the queue was
+        rebuilt) starts again when that attempt ends without a retry time,
+        and only once when it ends with one.
+        """
+        scheduler = self._scheduler()
+        scheduler.add(Job("m", 3, 0, "u"))
+        scheduler.add(Job("m", 3, 0, "u"))
+        self.deliveries.finish("m")
+        self.assertEqual(self.deliveries.started, ["m", "m"])
+        scheduler.add(Job("m", 3, 0, "u"), not_before=30.0)
+        self.deliveries.finish("m", retry_at=60.0)
+        self.clock.advance(60)
+        self.assertEqual(self.deliveries.started, ["m", "m", "m"])
+        self.deliveries.finish("m")
+        self.clock.advance(60)
+        self.assertEqual(self.deliveries.started, ["m", "m", "m"])
+
     def test_stop_cancels_timers(self) -> None:
         """stop() starts nothing more, cancels timers and fires when attempts in flight end."""
         scheduler = self._scheduler()

@@ -12,20 +12,21 @@ import stat
 from typing import Any
 
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred, fail, inlineCallbacks, maybeDeferred, succeed
+from twisted.internet.defer import Deferred, fail, inlineCallbacks, succeed
 from twisted.internet.task import Clock
 from twisted.logger import globalLogPublisher
-from twisted.python.failure import Failure
 from twisted.trial import unittest
 
 from smtpplus.delivery import queue
 from smtpplus.delivery import spool as spool_module
 from smtpplus.delivery.agent import DeliveryAgent
+from smtpplus.delivery.memory import MemoryQueueStore
 from smtpplus.delivery.relay import HopOutcome, wire_address
 from smtpplus.delivery.scheduler import Job, Scheduler
 from smtpplus.delivery.spool import EnvelopeError, Spool, envelope_record
-from smtpplus.storage.database import Database, DatabaseLost, apply_migrations, connect
-from tests.delivery_helpers import Stack, queue_id, simple_message, wait_until
+from smtpplus.delivery.threads import run_synchronously
+from smtpplus.storage.database import Database, DatabaseLost
+from tests.delivery_helpers import Stack, queue_id, simple_message, wait_until, wall_clock
 
 
 def _message(message_id: str = "M1", recipients: tuple[str, ...] = ("a@dest.test", "b@dest.test")) -> queue.NewMessage:
@@ -60,47 +61,19 @@ class _Logged:
         testcase.addCleanup(globalLogPublisher.removeObserver, observe)
 
 
-class _SyncPool:
-    """A thread pool that runs its work at once, on the calling thread."""
+class _FlakyStore(MemoryQueueStore):
+    """A memory queue store whose state writes fail (disk full) while C{failing} is set."""
 
-    def callInThreadWithCallback(self, on_result: Any, fn: Any, *args: Any, **kwargs: Any) -> None:
-        try:
-            result = fn(*args, **kwargs)
-        except Exception:
-            on_result(False, Failure())
-        else:
-            on_result(True, result)
-
-
-class _ClockReactor(Clock):
-    """A Clock whose "threads" run synchronously: the agent's spool work in a unit test."""
-
-    def getThreadPool(self) -> _SyncPool:
-        return _SyncPool()
-
-    def callFromThread(self, fn: Any, *args: Any, **kwargs: Any) -> None:
-        fn(*args, **kwargs)
-
-
-class _FlakyStore:
-    """
-    A database on a real SQLite connection, run synchronously, whose writes
-    fail with SQLITE_FULL while C{failing} is set.
-    """
-
-    def __init__(self, path: str) -> None:
-        self.conn = connect(path)
+    def __init__(self) -> None:
+        super().__init__()
         self.failing = False
         self.failed_writes = 0
 
-    def run(self, fn: Any, *args: Any) -> Deferred[Any]:
-        return maybeDeferred(fn, self.conn, *args)
-
-    def write(self, fn: Any, *args: Any) -> Deferred[Any]:
+    def write_state(self, changes: list[Any]) -> Deferred[list[BaseException | None]]:
         if self.failing:
             self.failed_writes += 1
             return fail(sqlite3.OperationalError("database or disk is full"))
-        return self.run(fn, *args)
+        return super().write_state(changes)
 
 
 class _CountingRelay:
@@ -123,18 +96,16 @@ class UnstoredResultTests(unittest.TestCase):
         outage is logged once (a result still unstored at shutdown is named),
         and the stored result is the real one.
         """
-        clock = _ClockReactor()
-        state = os.path.abspath(self.mktemp())
-        os.makedirs(state)
-        store = _FlakyStore(os.path.join(state, "q.db"))
-        self.addCleanup(store.conn.close)
-        apply_migrations(store.conn, queue.COMPONENT, queue.MIGRATIONS)
+        clock = Clock()
+        store = _FlakyStore()
         message = _message()
-        with store.conn:
-            queue.insert_messages(store.conn, [message])
+        self.successResultOf(store.insert([message]))
         relay = _CountingRelay()
-        spool = Spool(os.path.join(state, "spool"))
-        agent = DeliveryAgent(clock, store, spool, relay, None, None, [60], 86400, 3600, "relay.test", lambda *a: fail(Exception()))
+        spool = Spool(os.path.abspath(self.mktemp()))
+        agent = DeliveryAgent(
+            clock, run_synchronously, store, spool, relay, None, None, [60], 86400, 3600, "relay.test",
+            lambda *a: fail(Exception()),
+        )
         scheduler = Scheduler(clock, agent.deliver, 5)
         errors = _Logged(self, "error")
 
@@ -157,8 +128,7 @@ class UnstoredResultTests(unittest.TestCase):
         clock.advance(60)
         self.assertEqual(scheduler.in_flight, {})
         self.assertEqual(agent.unrecorded, {})
-        stored = queue.load_message(store.conn, message.id)
-        assert stored is not None
+        stored = self.successResultOf(store.load_message(message.id))
         self.assertEqual(stored["status"], "sent")
         self.assertEqual([(r["status"], r["attempts"]) for r in stored["recipients"]], [("sent", 1), ("sent", 1)])
         for _ in range(10):
@@ -170,18 +140,13 @@ class UnstoredResultTests(unittest.TestCase):
         Once the store works again (a new database was opened), a held
         result is written at once instead of sleeping out its backoff.
         """
-        clock = _ClockReactor()
-        state = os.path.abspath(self.mktemp())
-        os.makedirs(state)
-        store = _FlakyStore(os.path.join(state, "q.db"))
-        self.addCleanup(store.conn.close)
-        apply_migrations(store.conn, queue.COMPONENT, queue.MIGRATIONS)
+        clock = Clock()
+        store = _FlakyStore()
         message = _message()
-        with store.conn:
-            queue.insert_messages(store.conn, [message])
+        self.successResultOf(store.insert([message]))
         agent = DeliveryAgent(
-            clock, store, Spool(os.path.join(state, "spool")), _CountingRelay(), None, None, [60], 86400, 3600,
-            "relay.test", lambda *a: fail(Exception()),
+            clock, run_synchronously, store, Spool(os.path.abspath(self.mktemp())), _CountingRelay(), None, None,
+            [60], 86400, 3600, "relay.test", lambda *a: fail(Exception()),
         )
         scheduler = Scheduler(clock, agent.deliver, 5)
         _Logged(self, "error")
@@ -196,20 +161,6 @@ class UnstoredResultTests(unittest.TestCase):
         agent.wake_held_results()
         self.assertEqual(agent.unrecorded, {})
         self.assertEqual(scheduler.in_flight, {})
-
-    def test_result_recreates_a_lost_row(self) -> None:
-        """An attempt that ends after its queue row vanished (database lost) stores its result as a new row."""
-        conn = connect(os.path.join(os.path.abspath(self.mktemp())))
-        self.addCleanup(conn.close)
-        apply_migrations(conn, queue.COMPONENT, queue.MIGRATIONS)
-        message = queue.as_row(_message())
-        update = [queue.RecipientUpdate(0, "sent", 1, "250 ok", None), queue.RecipientUpdate(1, "deferred", 1, "451 later", 2000.0)]
-        with conn:
-            queue.finish_attempt(conn, message, "deferred", 2000.0, update, False, 1500.0)
-        stored = queue.load_message(conn, "M1")
-        assert stored is not None
-        self.assertEqual((stored["status"], stored["user"], stored["priority"]), ("deferred", "alice", 2))
-        self.assertEqual([r["status"] for r in stored["recipients"]], ["sent", "deferred"])
 
 
 class EnvelopeRecordTests(unittest.TestCase):
@@ -334,7 +285,7 @@ class LostDatabaseTests(unittest.TestCase):
         what the spool holds, and delivers it once; new mail is accepted
         again.
         """
-        stack = Stack(self, delivery="retry_schedule = [1]\n", start=False)
+        stack = Stack(self, start=False, clock=wall_clock())
         code, text = yield stack.submit("me@example.com", ["held@dest.test"], simple_message(subject="held"))
         self.assertEqual(code, 250, text)
         held = queue_id(text)

@@ -19,7 +19,7 @@ from smtpplus.address import normalize_address, normalize_domain
 from smtpplus.delivery import queue
 from smtpplus.delivery import spool as spool_module
 from smtpplus.model import User
-from tests.delivery_helpers import PASSWORD, Stack, queue_id, simple_message
+from tests.delivery_helpers import PASSWORD, Stack, queue_id, simple_message, wall_clock
 
 CONTRACT_MESSAGE_KEYS = {
     "id", "user", "mail_from", "header_from", "subject", "priority", "status",
@@ -400,7 +400,13 @@ class SpoolTests(unittest.TestCase):
                     if f.readline().startswith(b"354"):
                         break
                 s.sendall(b"Subject: cut\r\n\r\n" + b"x" * 100000)
-                time.sleep(0.2)
+                # Hang up only once the server has the message on disk in tmp/.
+                for _ in range(1000):
+                    if os.listdir(stack.delivery.spool.tmp_dir):
+                        break
+                    time.sleep(0.01)
+                else:
+                    raise AssertionError("the message never reached tmp/")
 
         yield deferToThread(run)
         yield _wait(lambda: not os.listdir(stack.delivery.spool.tmp_dir))
@@ -435,15 +441,18 @@ class SpoolTests(unittest.TestCase):
     @inlineCallbacks
     def test_schedule_holds_message(self) -> Any:
         """A Schedule in the future keeps the message 'scheduled' and undelivered until its time."""
-        stack = Stack(self)
-        when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() + 1.5))
+        stack = Stack(self, clock=wall_clock())
+        when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(stack.clock.seconds() + 3600))
         data = simple_message(extra=f"X-SMTPAPI: {json.dumps({'Schedule': when})}\r\n")
         code, text = yield stack.submit("me@example.com", ["r@dest.test"], data)
         self.assertEqual(code, 250)
         message = yield stack.message(queue_id(text))
         self.assertEqual(message["status"], "scheduled")
-        self.assertEqual(stack.smarthost.received(), [])
-        yield stack.wait_status(queue_id(text), "sent", timeout=8)
+        stack.clock.advance(3599)
+        self.assertEqual(stack.delivery.scheduler.started, 0)
+        stack.clock.advance(1)
+        self.assertEqual(stack.delivery.scheduler.started, 1)
+        yield stack.wait_status(queue_id(text), "sent")
         self.assertEqual(len(stack.smarthost.received()), 1)
 
 

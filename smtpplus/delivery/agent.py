@@ -17,15 +17,16 @@ from typing import Any
 
 from twisted.internet.defer import Deferred, inlineCallbacks, maybeDeferred
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
-from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 
 from smtpplus.delivery import queue
 from smtpplus.delivery.batching import Batcher
 from smtpplus.delivery.dsn import build_dsn, read_headers
+from smtpplus.delivery.interfaces import IQueueStore, IRelay, RunInThread
 from smtpplus.delivery.query import iso
 from smtpplus.delivery.relay import HopOutcome
 from smtpplus.delivery.spool import Spool
+from smtpplus.interfaces import IEventRecorder, IStatsRecorder
 
 log = Logger()
 
@@ -42,27 +43,33 @@ class DeliveryAgent:
     """
     Runs attempts; L{deliver} is the scheduler's callback.
 
+    @param clock: times the attempts (created_at, retries, expiry) and the
+        backoff of results that could not be stored.
+    @param run_in_thread: reads and removes spool files off the reactor.
+    @param events: where events are recorded; None records nothing.
+    @param stats: where recipient results are counted; None counts nothing.
     @param submit_internal: queues a message of the daemon's own (the DSNs):
         C{(mail_from, recipients, data, priority, user) -> Deferred[id]}.
     """
 
     def __init__(
         self,
-        reactor: Any,
-        database: Any,
+        clock: IReactorTime,
+        run_in_thread: RunInThread,
+        store: IQueueStore,
         spool: Spool,
-        relay: Any,
-        events: Any,
-        stats: Any,
+        relay: IRelay,
+        events: IEventRecorder | None,
+        stats: IStatsRecorder | None,
         retry_schedule: Sequence[int],
         max_queue_lifetime: float,
         delay_threshold: float,
         hostname: str,
         submit_internal: Callable[..., Deferred[str]],
     ) -> None:
-        self._reactor = reactor
-        self._clock: IReactorTime = reactor
-        self._database = database
+        self._clock = clock
+        self._in_thread = run_in_thread
+        self._queue = store
         self._spool = spool
         self._relay = relay
         self._events = events
@@ -75,7 +82,7 @@ class DeliveryAgent:
         # Next hops that failed since their last success: one send_problem
         # event per outage.
         self.outages: set[str] = set()
-        self.writer = queue.StateWriter(database)
+        self.writer = queue.StateWriter(store)
         # Held results waiting out their backoff before the next write.
         self._sleepers: list[tuple[Deferred[None], IDelayedCall]] = []
         # Fresh messages as committed, so that their first attempt need not
@@ -85,10 +92,10 @@ class DeliveryAgent:
         self._removals: Batcher[str] = Batcher(self._remove)
         # Message id -> what its unstored result says, while it waits.
         self.unrecorded: dict[str, str] = {}
+        # Messages whose attempt holds their row: whatever happens to the
+        # store, the attempt writes that row back with its result.
+        self.attempting: set[str] = set()
         self._store_error: str | None = None
-
-    def _in_thread(self, fn: Callable[..., Any], *args: Any) -> Deferred[Any]:
-        return deferToThreadPool(self._reactor, self._reactor.getThreadPool(), fn, *args)
 
     def _remove(self, message_ids: list[str]) -> Deferred[list[None]]:
         d = self._in_thread(self._spool.remove, message_ids)
@@ -123,33 +130,37 @@ class DeliveryAgent:
         if content is not None:
             self._fresh_bytes -= len(content)
         if message is None:
-            message = yield self._database.run(queue.load_message, message_id)
+            message = yield self._queue.load_message(message_id)
         if message is None or message["status"] not in queue.ACTIVE:
             return None
-        # Not waited for: only the admin API sees "sending"; after a crash
-        # the message is active either way and is tried again.
-        self.writer.write(queue.mark_sending, message_id, self._clock.seconds()).addErrback(
-            lambda f: self._store_failed(f.value)
-        )
-        pending = [r for r in message["recipients"] if r["status"] not in queue.FINAL_RECIPIENT]
-        addresses = list(dict.fromkeys(r["address"] for r in pending))
-        length = None
+        self.attempting.add(message_id)
         try:
-            if content is None:
-                content, length = yield self._in_thread(self._spool.read_small, message_id)
-            path = self._spool.path(message_id)
-            outcomes = yield self._relay.send(message["mail_from"], addresses, path, content, length)
-        except Exception:
-            log.failure("relaying {id} failed unexpectedly", id=message_id)
-            outcomes = []
-        results: dict[str, tuple[int, str]] = {}
-        problem = "no result from the next hop"
-        for outcome in outcomes:
-            results.update(outcome.results)
-            if outcome.problem:
-                problem = outcome.problem
-            self._track_hop(outcome, message)
-        return (yield self._conclude(message, pending, results, problem))
+            # Not waited for: only the admin API sees "sending"; after a crash
+            # the message is active either way and is tried again.
+            self.writer.write(queue.MarkSending(message_id, self._clock.seconds())).addErrback(
+                lambda f: self._store_failed(f.value)
+            )
+            pending = [r for r in message["recipients"] if r["status"] not in queue.FINAL_RECIPIENT]
+            addresses = list(dict.fromkeys(r["address"] for r in pending))
+            length = None
+            try:
+                if content is None:
+                    content, length = yield self._in_thread(self._spool.read_small, message_id)
+                path = self._spool.path(message_id)
+                outcomes = yield self._relay.send(message["mail_from"], addresses, path, content, length)
+            except Exception:
+                log.failure("relaying {id} failed unexpectedly", id=message_id)
+                outcomes = []
+            results: dict[str, tuple[int, str]] = {}
+            problem = "no result from the next hop"
+            for outcome in outcomes:
+                results.update(outcome.results)
+                if outcome.problem:
+                    problem = outcome.problem
+                self._track_hop(outcome, message)
+            return (yield self._conclude(message, pending, results, problem))
+        finally:
+            self.attempting.discard(message_id)
 
     def _track_hop(self, outcome: HopOutcome, message: dict[str, Any]) -> None:
         if outcome.problem is None:
@@ -241,7 +252,7 @@ class DeliveryAgent:
         delay = RESULT_RETRY_FIRST
         while True:
             try:
-                yield self.writer.write(queue.finish_attempt, message, status, next_attempt, updates, notify_delay, now)
+                yield self.writer.write(queue.FinishAttempt(message, status, next_attempt, updates, notify_delay, now))
             except Exception as e:
                 self._store_failed(e)
                 self.unrecorded[message["id"]] = ", ".join(
@@ -339,7 +350,7 @@ def _message_status(statuses: Sequence[str]) -> str:
 
 
 def _stats_message(message: dict[str, Any]) -> dict[str, Any]:
-    """The message dict L{smtpplus.notify.interfaces.IStatsRecorder} expects."""
+    """The message dict L{smtpplus.interfaces.IStatsRecorder} expects."""
     return {
         "id": message["id"],
         "user": message["user"],

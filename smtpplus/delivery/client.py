@@ -21,8 +21,9 @@ from typing import Any
 
 import attrs
 from twisted.internet.defer import Deferred, DeferredList
-from twisted.internet.interfaces import IDelayedCall
+from twisted.internet.interfaces import IDelayedCall, IReactorTCP, IReactorTime
 from twisted.internet.protocol import ClientFactory, connectionDone
+from twisted.internet.ssl import CertificateOptions
 from twisted.logger import Logger
 from twisted.mail.smtp import (
     SUCCESS,
@@ -379,7 +380,8 @@ class _ClientFactory(ClientFactory):
 
     def buildProtocol(self, addr: Any) -> RelayClient:
         proto = RelayClient(self.pool, self.destination, self.transfer)
-        proto.callLater = self.pool.reactor.callLater
+        # The reply timeouts (TimeoutMixin) run on the pool's clock.
+        proto.callLater = self.pool.clock.callLater
         proto.factory = self
         self.pool.opened(proto)
         return proto
@@ -403,11 +405,28 @@ class _Slot:
 class Pool:
     """
     Connections by L{Destination}.  L{send} gives a transfer to an idle
-    connection, or to one about to be free, or opens a new one.
+    connection, or to one about to be free, or opens a new one through
+    C{connector}; C{clock} times replies and idle connections.
+
+    @ivar idle_seconds: how long a connection may wait for the next message.
+    @ivar max_messages: messages per connection, then a fresh one.
     """
 
-    def __init__(self, reactor: Any, hostname: str, username: str, password: str, context: Any) -> None:
-        self.reactor = reactor
+    def __init__(
+        self,
+        clock: IReactorTime,
+        connector: IReactorTCP,
+        hostname: str,
+        username: str,
+        password: str,
+        context: CertificateOptions,
+        idle_seconds: float = IDLE_SECONDS,
+        max_messages: int = MAX_MESSAGES,
+    ) -> None:
+        self.clock = clock
+        self.connector = connector
+        self.idle_seconds = idle_seconds
+        self.max_messages = max_messages
         self.hostname = hostname
         self.username = username
         self.password = password
@@ -437,7 +456,7 @@ class Pool:
     def _connect(self, destination: Destination, transfer: Transfer) -> None:
         self.connections_opened += 1
         factory = _ClientFactory(self, destination, transfer)
-        self.reactor.connectTCP(destination.host, destination.port, factory, timeout=CONNECT_TIMEOUT)
+        self.connector.connectTCP(destination.host, destination.port, factory, timeout=CONNECT_TIMEOUT)
 
     def opened(self, conn: RelayClient) -> None:
         self._all.add(conn)
@@ -450,7 +469,7 @@ class Pool:
         """C{conn} may carry another message: give it one, park it or retire it."""
         slot = self._slots[conn.destination]
         slot.resetting.discard(conn)
-        if self._closing or conn.sent >= MAX_MESSAGES:
+        if self._closing or conn.sent >= self.max_messages:
             conn.quit()
             self._rescue(conn.destination)
             return
@@ -459,7 +478,7 @@ class Pool:
             return
         conn.park()
         slot.idle.append(conn)
-        slot.timers[conn] = self.reactor.callLater(IDLE_SECONDS, self._expire, slot, conn)
+        slot.timers[conn] = self.clock.callLater(self.idle_seconds, self._expire, slot, conn)
 
     def _expire(self, slot: _Slot, conn: RelayClient) -> None:
         slot.timers.pop(conn, None)

@@ -7,7 +7,7 @@ from typing import Any
 from twisted.internet.defer import Deferred
 from zope.interface import implementer
 
-from smtpplus.delivery import queue
+from smtpplus.delivery.interfaces import IQueueStore
 from smtpplus.interfaces import IMessageQuery
 from smtpplus.model import iso_utc
 
@@ -44,15 +44,15 @@ def render(row: dict[str, Any]) -> dict[str, Any]:
 
 @implementer(IMessageQuery)
 class MessageQuery:
-    """Reads messages from the queue tables."""
+    """Reads messages from the queue store."""
 
-    def __init__(self, database: Any) -> None:
-        self._database = database
+    def __init__(self, store: IQueueStore) -> None:
+        self._store = store
 
     def list_messages(self, user: str | None, status: str | None, limit: int) -> Deferred[list[dict[str, Any]]]:
-        d = self._database.run(queue.list_messages, user, status, limit)
+        d = self._store.list_messages(user, status, limit)
         return d.addCallback(lambda rows: [render(row) for row in rows])
 
     def get_message(self, message_id: str) -> Deferred[dict[str, Any] | None]:
-        d = self._database.run(queue.load_message, message_id)
+        d = self._store.load_message(message_id)
         return d.addCallback(lambda row: None if row is None else render(row))

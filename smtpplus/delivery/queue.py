@@ -1,24 +1,29 @@
 """
-The queue records in SQLite (component C{"queue"}) and the group committer
-that makes an accepted message durable before its queue id is given out.
+The queue records: their SQLite implementation of
+L{smtpplus.delivery.interfaces.IQueueStore} (component C{"queue"}), the
+batched writer of delivery state, and the group committer that makes an
+accepted message durable before its queue id is given out.
 
 Functions taking C{conn} run on the database thread via
-L{smtpplus.storage.database.Database}.
+L{smtpplus.storage.database.Database}; L{SQLiteQueueStore} is their one
+caller.  The in-memory store is L{smtpplus.delivery.memory}.
 """
 
 from __future__ import annotations
 
 import sqlite3
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import attrs
 from twisted.internet.defer import Deferred, inlineCallbacks
-from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
+from zope.interface import implementer
 
 from smtpplus.delivery.batching import Batcher
+from smtpplus.delivery.interfaces import IQueueStore, RunInThread
 from smtpplus.delivery.spool import Envelope, Spool, TempMessage, local_failure
+from smtpplus.storage.database import Database
 
 log = Logger()
 
@@ -140,6 +145,11 @@ def as_row(m: NewMessage) -> dict[str, Any]:
     }
 
 
+def schedule_row(m: NewMessage, seq: int) -> dict[str, Any]:
+    """The scheduling row of C{m} once inserted as number C{seq}."""
+    return {"id": m.id, "seq": seq, "user": m.user, "priority": m.priority, "next_attempt": m.schedule_at}
+
+
 def recover(conn: sqlite3.Connection, now: float) -> list[dict[str, Any]]:
     """
     At start-up: whatever was in flight when the daemon died goes back to
@@ -171,24 +181,6 @@ def statuses(conn: sqlite3.Connection, message_ids: Sequence[str]) -> dict[str, 
         rows = conn.execute(f"SELECT id, status FROM queue_messages WHERE id IN ({marks})", chunk).fetchall()
         found.update((row[0], row[1]) for row in rows)
     return found
-
-
-def requeue(conn: sqlite3.Connection, messages: Sequence[NewMessage]) -> list[dict[str, Any]]:
-    """
-    Queue again messages rebuilt from their spool files (all recipients
-    pending, no attempt made); returns their scheduling data.
-    """
-    conn.execute("BEGIN IMMEDIATE")
-    try:
-        seqs = insert_messages(conn, messages)
-    except BaseException:
-        conn.execute("ROLLBACK")
-        raise
-    conn.execute("COMMIT")
-    return [
-        {"id": m.id, "seq": seq, "user": m.user, "priority": m.priority, "next_attempt": m.schedule_at}
-        for m, seq in zip(messages, seqs, strict=True)
-    ]
 
 
 def _recipients(conn: sqlite3.Connection, message_id: str) -> list[dict[str, Any]]:
@@ -310,19 +302,51 @@ def _reinsert(
     )
 
 
-def apply_changes(conn: sqlite3.Connection, changes: Sequence[tuple[Callable[..., None], tuple[Any, ...]]]) -> list[Exception | None]:
+# State changes are named tuples rather than attrs classes: two are made
+# per delivered message, and a tuple costs the fewest calls to build.
+class MarkSending(NamedTuple):
+    """A state change: an attempt of C{message_id} started at C{now}."""
+
+    message_id: str
+    now: float
+
+
+class FinishAttempt(NamedTuple):
+    """A state change: the outcome of one attempt (see L{finish_attempt})."""
+
+    message: dict[str, Any]
+    status: str
+    next_attempt: float | None
+    updates: Sequence[RecipientUpdate]
+    delay_notified: bool
+    now: float
+
+
+StateChange = MarkSending | FinishAttempt
+
+
+def apply_change(conn: sqlite3.Connection, change: StateChange) -> None:
+    """Write one state change."""
+    if isinstance(change, MarkSending):
+        mark_sending(conn, change.message_id, change.now)
+    else:
+        finish_attempt(
+            conn, change.message, change.status, change.next_attempt, change.updates, change.delay_notified, change.now
+        )
+
+
+def apply_changes(conn: sqlite3.Connection, changes: Sequence[StateChange]) -> list[BaseException | None]:
     """
-    Apply C{(fn, args)} changes in one transaction, each in a savepoint so
-    that one failing change is undone alone.  Returns its error or None
-    per change.
+    Apply C{changes} in one transaction, each in a savepoint so that one
+    failing change is undone alone.  Returns its error or None per change.
     """
-    errors: list[Exception | None] = []
+    errors: list[BaseException | None] = []
     conn.execute("BEGIN IMMEDIATE")
     try:
-        for fn, args in changes:
+        for change in changes:
             conn.execute("SAVEPOINT change")
             try:
-                fn(conn, *args)
+                apply_change(conn, change)
             except sqlite3.Error as e:
                 conn.execute("ROLLBACK TO change")
                 errors.append(e)
@@ -337,6 +361,39 @@ def apply_changes(conn: sqlite3.Connection, changes: Sequence[tuple[Callable[...
     return errors
 
 
+@implementer(IQueueStore)
+class SQLiteQueueStore:
+    """The queue tables of the daemon's SQLite database."""
+
+    def __init__(self, database: Database) -> None:
+        self._database = database
+
+    def migrate(self) -> None:
+        """Create or upgrade the tables; synchronous, at start-up."""
+        self._database.migrate(COMPONENT, MIGRATIONS)
+
+    def recover(self, now: float) -> list[dict[str, Any]]:
+        return self._database.run_sync(recover, now)
+
+    def insert(self, messages: list[NewMessage]) -> Deferred[list[int]]:
+        return self._database.transaction(insert_messages, messages)
+
+    def statuses(self, message_ids: list[str]) -> Deferred[dict[str, str]]:
+        return self._database.run(statuses, message_ids)
+
+    def load_message(self, message_id: str) -> Deferred[dict[str, Any] | None]:
+        return self._database.run(load_message, message_id)
+
+    def list_messages(self, user: str | None, status: str | None, limit: int) -> Deferred[list[dict[str, Any]]]:
+        return self._database.run(list_messages, user, status, limit)
+
+    def write_state(self, changes: list[StateChange]) -> Deferred[list[BaseException | None]]:
+        return self._database.write(apply_changes, changes)
+
+    def on_reset(self, listener: Callable[[], object]) -> None:
+        self._database.on_reopen(listener)
+
+
 class StateWriter:
     """
     Writes delivery state changes (attempt started, attempt finished) in
@@ -347,18 +404,18 @@ class StateWriter:
     message active on disk, and it is tried again (at least once).
     """
 
-    def __init__(self, database: Any) -> None:
-        self._database = database
-        self._batcher: Batcher[tuple[Callable[..., None], tuple[Any, ...]]] = Batcher(self._apply)
+    def __init__(self, store: IQueueStore) -> None:
+        self._store = store
+        self._batcher: Batcher[StateChange] = Batcher(self._apply)
         self.batches = 0
 
-    def _apply(self, changes: list[tuple[Callable[..., None], tuple[Any, ...]]]) -> Deferred[list[Exception | None]]:
+    def _apply(self, changes: list[StateChange]) -> Deferred[list[BaseException | None]]:
         self.batches += 1
-        return self._database.write(apply_changes, changes)
+        return self._store.write_state(changes)
 
-    def write(self, fn: Callable[..., None], *args: Any) -> Deferred[None]:
-        """Queue C{fn(conn, *args)}; fires once it is committed."""
-        return self._batcher.add((fn, args))
+    def write(self, change: StateChange) -> Deferred[None]:
+        """Queue C{change}; fires once it is committed, fails with its own error."""
+        return self._batcher.add(change)
 
 
 class Committer:
@@ -374,18 +431,23 @@ class Committer:
 
     def __init__(
         self,
-        reactor: Any,
-        database: Any,
+        run_in_thread: RunInThread,
+        store: IQueueStore,
         spool: Spool,
         on_queued: Callable[[NewMessage, int, bytes | None], None],
     ) -> None:
-        self._reactor = reactor
-        self._database = database
+        self._in_thread = run_in_thread
+        self._store = store
         self._spool = spool
         self._on_queued = on_queued
         self._waiting: list[tuple[TempMessage, NewMessage, Deferred[str]]] = []
+        self._current: list[tuple[TempMessage, NewMessage, Deferred[str]]] = []
         self._busy = False
         self.batches = 0
+
+    def committing(self) -> set[str]:
+        """The ids of the messages being committed: their files may be in C{msg/} before their rows exist."""
+        return {message.id for _, message, _ in self._current + self._waiting}
 
     def commit(self, temp: TempMessage, message: NewMessage) -> Deferred[str]:
         """Fires with the queue id once file and record are durable."""
@@ -396,17 +458,15 @@ class Committer:
             self._flush()
         return d
 
-    def _in_thread(self, fn: Callable[..., Any], *args: Any) -> Deferred[Any]:
-        return deferToThreadPool(self._reactor, self._reactor.getThreadPool(), fn, *args)
-
     @inlineCallbacks
     def _flush(self) -> Any:
         self._busy = True
         try:
             while self._waiting:
-                batch, self._waiting = self._waiting, []
-                yield self._commit_batch(batch)
+                self._current, self._waiting = self._waiting, []
+                yield self._commit_batch(self._current)
         finally:
+            self._current = []
             self._busy = False
 
     @inlineCallbacks
@@ -423,7 +483,7 @@ class Committer:
         if not synced:
             return
         try:
-            seqs = yield self._database.transaction(insert_messages, [message for _, message, _ in synced])
+            seqs = yield self._store.insert([message for _, message, _ in synced])
         except Exception as e:
             log.error("cannot record {n} messages: {error}", n=len(synced), error=e)
             try:

@@ -16,13 +16,16 @@ from typing import Any
 import attrs
 import idna
 from twisted.internet.defer import Deferred, DeferredList, inlineCallbacks, succeed
+from twisted.internet.interfaces import IReactorTCP, IReactorTime, IResolver
 from twisted.internet.ssl import CertificateOptions
 from twisted.logger import Logger
 from twisted.names import client, dns
 from twisted.names.error import DNSNameError
+from zope.interface import implementer
 
 from smtpplus.config import DeliveryConfig
 from smtpplus.delivery.client import Destination, Pool, Transfer
+from smtpplus.delivery.interfaces import IRelay
 
 log = Logger()
 
@@ -78,37 +81,51 @@ class _PermanentRoute(Exception):
     """The domain cannot receive mail at all: its recipients bounce."""
 
 
+def make_resolver(config: DeliveryConfig, reactor: Any) -> IResolver:
+    """
+    The DNS resolver of C{[delivery] dns_servers} on C{reactor} (which needs
+    UDP, TCP and time), or the system's (Twisted's C{createResolver} takes
+    no reactor: it uses the global one).
+    """
+    if config.dns_servers:
+        servers = [_server_address(s, 53) for s in config.dns_servers]
+        return client.Resolver(servers=servers, reactor=reactor, timeout=(2, 5, 10))
+    return client.createResolver()
+
+
+@implementer(IRelay)
 class Relay:
     """
     Delivers spooled messages per C{[delivery]}: to the smarthost, or by MX.
 
+    @param clock: times replies and idle kept connections.
+    @param connector: opens the outbound connections.
+    @param resolver: looks up MX and address records; when None in MX
+        mode, one from L{make_resolver} on C{connector}, which must then be
+        a whole reactor.
     @param mx_port: the port MX hosts are contacted on (25; tests change it).
     """
 
     def __init__(
         self,
-        reactor: Any,
+        clock: IReactorTime,
+        connector: IReactorTCP,
         config: DeliveryConfig,
         hostname: str,
-        resolver: Any = None,
+        resolver: IResolver | None = None,
         mx_port: int = 25,
     ) -> None:
-        self.reactor = reactor
         self.config = config
         self.hostname = hostname
         self.mx_port = mx_port
         if resolver is None and config.mode == "mx":
-            if config.dns_servers:
-                servers = [_server_address(s, 53) for s in config.dns_servers]
-                resolver = client.Resolver(servers=servers, reactor=reactor, timeout=(2, 5, 10))
-            else:
-                resolver = client.createResolver()
+            resolver = make_resolver(config, connector)
         self.resolver = resolver
         # Opportunistic and "required" TLS both encrypt without verifying the
         # peer, like Postfix's "may" and "encrypt" levels: MX and smarthost
         # certificates are often self-signed or for another name.
         context = CertificateOptions(verify=False)
-        self.pool = Pool(reactor, hostname, config.smarthost_username, config.smarthost_password, context)
+        self.pool = Pool(clock, connector, hostname, config.smarthost_username, config.smarthost_password, context)
 
     def send(
         self, mail_from: str, recipients: Sequence[str], path: str, content: bytes | None = None, length: int | None = None

@@ -93,6 +93,8 @@ class Scheduler:
         self._jobs: dict[str, Job] = {}
         self._timers: dict[str, IDelayedCall] = {}
         self.in_flight: dict[str, Deferred[Any]] = {}
+        # Jobs added again while their attempt was in flight -> not_before.
+        self._queued_again: dict[str, float | None] = {}
         self._next_start = 0.0
         self._wakeup: IDelayedCall | None = None
         self._running = False
@@ -101,8 +103,15 @@ class Scheduler:
         self.started = 0
 
     def add(self, job: Job, not_before: float | None = None) -> None:
-        """Queue C{job}, now or at C{not_before}; a job already known is ignored."""
-        if job.id in self._jobs or job.id in self.in_flight:
+        """
+        Queue C{job}, now or at C{not_before}; a job already queued is
+        ignored.  A job whose attempt is in flight is queued again when that
+        attempt ends without a retry time (the queue was rebuilt meanwhile).
+        """
+        if job.id in self._jobs:
+            return
+        if job.id in self.in_flight:
+            self._queued_again[job.id] = not_before
             return
         self._jobs[job.id] = job
         delay = (not_before - self._clock.seconds()) if not_before is not None else 0.0
@@ -177,11 +186,16 @@ class Scheduler:
 
     def _finished(self, result: float | None | Failure, job: Job) -> None:
         self.in_flight.pop(job.id, None)
+        again = job.id in self._queued_again
+        not_before = self._queued_again.pop(job.id, None) if again else None
         if isinstance(result, Failure):
             log.failure("delivery attempt of {id} failed", result, id=job.id)
             result = self._clock.seconds() + FAILED_ATTEMPT_RETRY
-        if result is not None and self._running:
-            self.add(job, result)
+        if self._running:
+            if result is not None:
+                self.add(job, result)
+            elif again:
+                self.add(job, not_before)
         self._pump()
 
 

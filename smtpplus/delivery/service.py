@@ -10,13 +10,15 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred, fail, maybeDeferred
+from twisted.internet.defer import Deferred, fail, inlineCallbacks, maybeDeferred
+from twisted.internet.interfaces import IReactorTCP, IReactorTime
 from twisted.logger import Logger
 
 from smtpplus.auth.store import Standing
-from smtpplus.config import Config
+from smtpplus.config import DeliveryConfig
 from smtpplus.delivery import queue
 from smtpplus.delivery.agent import DeliveryAgent
+from smtpplus.delivery.interfaces import IQueueStore, IRelay, RunInThread
 from smtpplus.delivery.query import MessageQuery, iso
 from smtpplus.delivery.queue import Committer, NewMessage
 from smtpplus.delivery.relay import Relay
@@ -24,6 +26,8 @@ from smtpplus.delivery.rules import Refusals
 from smtpplus.delivery.scheduler import Job, Scheduler
 from smtpplus.delivery.spool import EnvelopeError, Spool, local_failure, new_queue_id
 from smtpplus.delivery.submitter import Intake, Submitter
+from smtpplus.interfaces import IEventRecorder, IStatsRecorder
+from smtpplus.model import User
 from smtpplus.smtp.interfaces import ISubmitter
 
 log = Logger()
@@ -34,36 +38,67 @@ STOP_GRACE = 3.0
 
 
 class Delivery:
-    """Everything delivery holds, wired together."""
+    """
+    Everything delivery holds, wired together.
 
-    def __init__(self, config: Config, reactor: Any, database: Any, events: Any, stats: Any, relay: Any = None) -> None:
-        d = config.delivery
-        self.reactor = reactor
-        self.database = database
+    @param config: the C{[delivery]} section.
+    @param hostname: this server's name (EHLO towards next hops, DSNs,
+        generated Message-IDs).
+    @param state_dir: the spool lives in its C{spool} directory.
+    @param delay_threshold: seconds queued before a C{delivery_delay} event.
+    @param clock: every timer and timestamp of delivery.
+    @param run_in_thread: where fsyncs and spool reads run.
+    @param connector: opens connections to the next hops.
+    @param store: the queue records.
+    @param relay: the next hop; None: a L{Relay} for C{config}.
+    """
+
+    def __init__(
+        self,
+        config: DeliveryConfig,
+        *,
+        hostname: str,
+        state_dir: str,
+        delay_threshold: float,
+        clock: IReactorTime,
+        run_in_thread: RunInThread,
+        connector: IReactorTCP,
+        store: IQueueStore,
+        events: IEventRecorder | None,
+        stats: IStatsRecorder | None,
+        relay: IRelay | None = None,
+    ) -> None:
+        self.clock = clock
+        self.store = store
         self.stats = stats
-        self.spool = Spool(os.path.join(config.server.state_dir, "spool"))
-        self.relay = relay if relay is not None else Relay(reactor, d, config.server.hostname)
-        self.committer = Committer(reactor, database, self.spool, self._queued)
-        self.intake = Intake(reactor, self.spool, self.committer.commit, Refusals(events, stats), config.server.hostname)
+        self._in_thread = run_in_thread
+        self.spool = Spool(os.path.join(state_dir, "spool"))
+        self.relay = relay if relay is not None else Relay(clock, connector, config, hostname)
+        self.committer = Committer(run_in_thread, store, self.spool, self._queued)
+        self.intake = Intake(clock, run_in_thread, self.spool, self.committer.commit, Refusals(events, stats), hostname)
         self.agent = DeliveryAgent(
-            reactor,
-            database,
+            clock,
+            run_in_thread,
+            store,
             self.spool,
             self.relay,
             events,
             stats,
-            d.retry_schedule,
-            d.max_queue_lifetime,
-            config.notifications.delivery_delay_threshold,
-            config.server.hostname,
+            config.retry_schedule,
+            config.max_queue_lifetime,
+            delay_threshold,
+            hostname,
             self.submit_internal,
         )
-        self.scheduler = Scheduler(reactor, self.agent.deliver, d.max_concurrency, d.rate_limit)
-        self.query = MessageQuery(database)
-        database.on_reopen(self._rebuild)
+        self.scheduler = Scheduler(clock, self.agent.deliver, config.max_concurrency, config.rate_limit)
+        self.query = MessageQuery(store)
+        # Accepted files found without a queue row at start-up, queued
+        # again once the daemon runs.
+        self._orphans: list[str] = []
+        store.on_reset(self._rebuild)
 
-    def avatar(self, user: dict[str, Any], standing: Standing | None = None) -> ISubmitter:
-        """The L{ISubmitter} for an authenticated user (its user dict and the session's L{Standing})."""
+    def avatar(self, user: User, standing: Standing | None = None) -> ISubmitter:
+        """The L{ISubmitter} for an authenticated user and the session's L{Standing}."""
         return Submitter(user, self.intake, standing)
 
     def submit_internal(
@@ -79,7 +114,7 @@ class Delivery:
         C{data} is the complete message with CRLF line endings.  Fires with
         the queue id once it is durable.
         """
-        now = self.reactor.seconds()
+        now = self.clock.seconds()
         message_id = new_queue_id(now)
         try:
             temp = self.spool.create(message_id)
@@ -123,54 +158,77 @@ class Delivery:
     def recover(self) -> None:
         """
         At start-up, before the reactor runs: put interrupted attempts back
-        in the queue, clean the spool, queue again every accepted file that
-        has no queue row (the database was lost), and load the ready set.
+        in the queue, clean the spool, load the ready set, and note the
+        accepted files that have no active queue row (for L{start}).
         """
         self.spool.secure()
-        rows = self.database.run_sync(queue.recover, self.reactor.seconds())
+        rows = self.store.recover(self.clock.seconds())
         partial, names = self.spool.recover()
         active = {row["id"] for row in rows}
-        rebuilt = self.database.run_sync(self._requeue, [name for name in names if name not in active], set())
-        for row in rows + rebuilt:
-            self.scheduler.add(Job(row["id"], row["priority"], row["seq"], row["user"]), row["next_attempt"])
+        self._orphans = [name for name in names if name not in active]
+        self._schedule(rows)
         log.info(
-            "queue recovered: {n} messages waiting ({requeued} of them queued again from the spool), "
+            "queue recovered: {n} messages waiting, {orphans} spool files without an active queue entry to check, "
             "{partial} partial spool files removed",
-            n=len(rows) + len(rebuilt),
-            requeued=len(rebuilt),
+            n=len(rows),
+            orphans=len(self._orphans),
             partial=partial,
         )
 
+    def start(self) -> None:
+        """
+        Start delivering, and queue again the accepted files that
+        L{recover} found without a queue row (the database was lost).
+        """
+        self.scheduler.start()
+        orphans, self._orphans = self._orphans, []
+        if orphans:
+            self._requeue(orphans, set()).addCallbacks(
+                self._rebuilt, lambda f: log.failure("queueing spool files again failed", f)
+            )
+
+    def _schedule(self, rows: list[dict[str, Any]]) -> None:
+        for row in rows:
+            self.scheduler.add(Job(row["id"], row["priority"], row["seq"], row["user"]), row["next_attempt"])
+
     def _rebuild(self) -> None:
-        """After the database file was replaced by a new one: queue again what only the spool still knows."""
-        # Attempts in flight store their result into the new file
-        # themselves (see queue.finish_attempt): not queued twice.
-        busy = set(self.scheduler.in_flight)
+        """After the store lost its rows (a new database file): queue again what only the spool still knows."""
+        # Attempts holding their message's row store it into the new file
+        # with their result (see queue.finish_attempt): not queued twice.
+        # An attempt that asked for its row only after the file was
+        # replaced found none and ends without a result: its file is
+        # queued again here, and the scheduler keeps the new entry.
+        busy = set(self.agent.attempting)
+        d = self._in_thread(os.listdir, self.spool.msg_dir)
+        # A file listed was renamed into msg/ before the listing: if its
+        # row is not written yet, the committer still holds it.
+        d.addCallback(lambda names: self._requeue(names, busy | self.committer.committing()))
+        d.addCallbacks(self._rebuilt, lambda f: log.failure("rebuilding the queue from the spool failed", f))
 
-        def requeue(conn: Any) -> list[dict[str, Any]]:
-            return self._requeue(conn, os.listdir(self.spool.msg_dir), busy)
+    def _rebuilt(self, rows: list[dict[str, Any]]) -> None:
+        self._schedule(rows)
+        log.info("queue rebuilt from the spool: {n} messages queued again", n=len(rows))
+        self.agent.wake_held_results()
 
-        def schedule(rows: list[dict[str, Any]]) -> None:
-            for row in rows:
-                self.scheduler.add(Job(row["id"], row["priority"], row["seq"], row["user"]), row["next_attempt"])
-            log.info("queue rebuilt from the spool: {n} messages queued again", n=len(rows))
-            self.agent.wake_held_results()
-
-        self.database.write(requeue).addCallbacks(
-            schedule, lambda f: log.failure("rebuilding the queue from the spool failed", f)
-        )
-
-    def _requeue(self, conn: Any, names: list[str], busy: set[str]) -> list[dict[str, Any]]:
+    @inlineCallbacks
+    def _requeue(self, names: list[str], busy: set[str]) -> Any:
         """
         Of the accepted files C{names}: remove those whose message is
         finished (their removal was cut short), queue again those without a
         queue row from their envelope record, set aside those whose record
-        cannot be read.  Returns the scheduling data of those queued again
-        (database thread, or start-up).
+        cannot be read.  Fires with the scheduling rows of those queued
+        again.
         """
-        known = queue.statuses(conn, names)
-        finished = [name for name, status in known.items() if status not in queue.ACTIVE]
-        self.spool.remove(finished)
+        known = yield self.store.statuses(names)
+        messages = yield self._in_thread(self._sort_spool_files, names, known, busy)
+        if not messages:
+            return []
+        seqs = yield self.store.insert(messages)
+        return [queue.schedule_row(m, seq) for m, seq in zip(messages, seqs, strict=True)]
+
+    def _sort_spool_files(self, names: list[str], known: dict[str, str], busy: set[str]) -> list[NewMessage]:
+        """The file work of L{_requeue} (worker thread): the messages to queue again."""
+        self.spool.remove([name for name, status in known.items() if status not in queue.ACTIVE])
         messages = []
         for name in names:
             if name in known or name in busy:
@@ -199,7 +257,7 @@ class Delivery:
                 priority=message.priority,
             )
             messages.append(message)
-        return queue.requeue(conn, messages) if messages else []
+        return messages
 
 
 def _call_logged(fn: Callable[..., Any], *args: Any) -> None:
@@ -216,11 +274,11 @@ class DeliveryService(Service):
 
     def startService(self) -> None:
         Service.startService(self)
-        self.delivery.scheduler.start()
+        self.delivery.start()
 
     def stopService(self) -> Deferred[None]:
         Service.stopService(self)
-        clock = self.delivery.reactor
+        clock = self.delivery.clock
         finished: Deferred[None] = Deferred()
         timer = clock.callLater(STOP_GRACE, lambda: done(None))
 
@@ -231,24 +289,45 @@ class DeliveryService(Service):
                 self.delivery.agent.report_unrecorded()
                 finished.callback(None)
 
-        def close_connections(_: object) -> Deferred[None] | None:
-            close = getattr(self.delivery.relay, "close", None)
-            return maybeDeferred(close) if close is not None else None
+        def close_connections(_: object) -> Deferred[None]:
+            return maybeDeferred(self.delivery.relay.close)
 
         self.delivery.scheduler.stop().addBoth(close_connections).addBoth(done)
         return finished
 
 
 def build_delivery(
-    config: Config, reactor: Any, database: Any, events: Any, stats: Any, relay: Any = None
+    config: DeliveryConfig,
+    *,
+    hostname: str,
+    state_dir: str,
+    delay_threshold: float,
+    clock: IReactorTime,
+    run_in_thread: RunInThread,
+    connector: IReactorTCP,
+    store: IQueueStore,
+    events: IEventRecorder | None,
+    stats: IStatsRecorder | None,
+    relay: IRelay | None = None,
 ) -> tuple[DeliveryService, Callable[[dict[str, Any]], ISubmitter], MessageQuery, Callable[..., Deferred[str]]]:
     """
-    Build delivery for the daemon: migrates its tables and recovers the
-    queue synchronously (start-up, before the reactor runs).  Returns the
-    service, the avatar factory for the realm, the admin read model and the
-    internal submission function.
+    Build delivery for the daemon (the arguments are L{Delivery}'s) and
+    recover the queue synchronously (start-up, before the reactor runs;
+    C{store} is ready).  Returns the service, the avatar factory for the
+    realm, the admin read model and the internal submission function.
     """
-    database.migrate(queue.COMPONENT, queue.MIGRATIONS)
-    delivery = Delivery(config, reactor, database, events, stats, relay)
+    delivery = Delivery(
+        config,
+        hostname=hostname,
+        state_dir=state_dir,
+        delay_threshold=delay_threshold,
+        clock=clock,
+        run_in_thread=run_in_thread,
+        connector=connector,
+        store=store,
+        events=events,
+        stats=stats,
+        relay=relay,
+    )
     delivery.recover()
     return DeliveryService(delivery), delivery.avatar, delivery.query, delivery.submit_internal

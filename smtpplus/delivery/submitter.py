@@ -6,11 +6,9 @@ sender rules and streams each accepted message into the spool.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
 
 from twisted.internet.defer import Deferred, fail
 from twisted.internet.interfaces import IReactorTime
-from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from zope.interface import implementer
 
@@ -28,6 +26,7 @@ from smtpplus.delivery.headers import (
     parse_smtpapi,
     rewrite,
 )
+from smtpplus.delivery.interfaces import RunInThread
 from smtpplus.delivery.queue import NewMessage
 from smtpplus.delivery.rules import Refusals, SenderRules, header_from_addresses, unauthorized
 from smtpplus.delivery.spool import Spool, TempMessage, local_failure, new_queue_id
@@ -38,18 +37,23 @@ log = Logger()
 
 
 class Intake:
-    """What every submitter shares: the spool, the committer and the clock."""
+    """
+    What every submitter shares: the clock (queue ids, C{Date:},
+    C{created_at}), a way to remove files off the reactor, the spool, the
+    committer, the refusal recorder and the hostname.
+    """
 
     def __init__(
         self,
-        reactor: Any,
+        clock: IReactorTime,
+        run_in_thread: RunInThread,
         spool: Spool,
         commit: Callable[[TempMessage, NewMessage], Deferred[str]],
         refusals: Refusals,
         hostname: str,
     ) -> None:
-        self.reactor = reactor
-        self.clock: IReactorTime = reactor
+        self.clock = clock
+        self.run_in_thread = run_in_thread
         self.spool = spool
         self.commit = commit
         self.refusals = refusals
@@ -57,7 +61,7 @@ class Intake:
 
     def discard(self, temp: TempMessage) -> None:
         """Delete a refused or abandoned message off the reactor thread."""
-        deferToThreadPool(self.reactor, self.reactor.getThreadPool(), temp.discard).addErrback(
+        self.run_in_thread(temp.discard).addErrback(
             lambda f: log.failure("discarding message {id} failed", f, id=temp.id)
         )
 

@@ -1,0 +1,96 @@
+"""
+What delivery needs from its collaborators, owned by delivery (the consumer):
+the queue store, the next hop, and a way to run blocking work off the
+reactor thread.  The wiring (L{smtpplus.tap}, the tests) picks the
+implementations: SQLite or memory, a real relay or a fake, a thread pool or
+synchronous calls.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, Protocol
+
+from twisted.internet.defer import Deferred
+from zope.interface import Interface
+
+
+class RunInThread(Protocol):
+    """
+    C{run_in_thread(fn, *args)}: call C{fn(*args)} where it may block (a
+    worker thread) and fire the Deferred with its result on the reactor
+    thread.  See L{smtpplus.delivery.threads}.
+    """
+
+    def __call__(self, fn: Callable[..., Any], *args: Any) -> Deferred[Any]: ...
+
+
+class IQueueStore(Interface):
+    """
+    The queue records: one row per accepted message with its recipients.
+
+    Messages are given as L{smtpplus.delivery.queue.NewMessage}; stored
+    messages come back as dicts with the columns of C{queue_messages} and a
+    C{recipients} list of dicts (C{idx}, C{address}, C{status},
+    C{attempts}, C{last_response}, C{next_attempt}), in index order.
+    Scheduling rows are dicts with C{id}, C{seq}, C{user}, C{priority} and
+    C{next_attempt}.
+
+    Writes are batched by the callers: L{insert} and L{write_state} each
+    take one transaction for the whole batch (one sync for every message
+    finishing together), never one per message.
+    """
+
+    def recover(now: float) -> list[dict[str, Any]]:
+        """
+        Synchronous, at start-up before the reactor runs: what was
+        C{sending} goes back to C{queued} (or C{deferred} after attempts),
+        and the scheduling rows of every active message are returned in
+        arrival order.
+        """
+
+    def insert(messages: list[Any]) -> Deferred[list[int]]:
+        """
+        Insert new messages in one transaction (all or none); fires with
+        their arrival sequence numbers, in order.
+        """
+
+    def statuses(message_ids: list[str]) -> Deferred[dict[str, str]]:
+        """The status of each of C{message_ids} that has a queue row."""
+
+    def load_message(message_id: str) -> Deferred[dict[str, Any] | None]:
+        """One message with its recipients, or None."""
+
+    def list_messages(user: str | None, status: str | None, limit: int) -> Deferred[list[dict[str, Any]]]:
+        """Messages newest first, optionally of one user and/or status."""
+
+    def write_state(changes: list[Any]) -> Deferred[list[BaseException | None]]:
+        """
+        Apply delivery state changes (L{smtpplus.delivery.queue.MarkSending},
+        L{smtpplus.delivery.queue.FinishAttempt}) in one transaction, each
+        undone alone if it fails; fires with its error or None per change.
+        The Deferred fails as a whole when the store cannot be written.
+        """
+
+    def on_reset(listener: Callable[[], object]) -> None:
+        """
+        Call C{listener()} on the reactor thread after the store lost its
+        rows and starts again empty (the database file was replaced):
+        whoever holds the truth elsewhere (the spool) writes it back.
+        """
+
+
+class IRelay(Interface):
+    """Hands spooled messages to their next hops."""
+
+    def send(
+        mail_from: str, recipients: list[str], path: str, content: bytes | None = None, length: int | None = None
+    ) -> Deferred[list[Any]]:
+        """
+        Offer the message at C{path} (its first C{length} bytes, or
+        C{content} when read already); fires with one
+        L{smtpplus.delivery.relay.HopOutcome} per next hop tried.
+        """
+
+    def close() -> Deferred[None]:
+        """Close kept connections at shutdown; fires when they are gone."""

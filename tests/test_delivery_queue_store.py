@@ -1,0 +1,227 @@
+"""
+The queue store contract: one mixin of tests run against the SQLite store
+and the in-memory one, so that the fake the unit tests use cannot drift
+from the store the daemon uses.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred, inlineCallbacks, succeed
+from twisted.trial import unittest
+from zope.interface.verify import verifyObject
+
+from smtpplus.delivery import queue
+from smtpplus.delivery.interfaces import IQueueStore
+from smtpplus.delivery.memory import MemoryQueueStore
+from smtpplus.delivery.queue import FinishAttempt, MarkSending, NewMessage, RecipientUpdate, SQLiteQueueStore
+from smtpplus.storage.database import Database
+from tests.delivery_helpers import wait_until
+
+
+def _message(message_id: str, user: str = "u", recipients: tuple[str, ...] = ("x@y.z", "w@y.z"), **changes: Any) -> NewMessage:
+    fields: dict[str, Any] = {
+        "id": message_id,
+        "user": user,
+        "mail_from": "a@b.c",
+        "header_from": "A <a@b.c>",
+        "subject": "Grüße",
+        "priority": 2,
+        "recipients": recipients,
+        "campaign_name": "n",
+        "campaign_code": "c",
+        "schedule_at": None,
+        "size": 9,
+        "internal": False,
+        "created_at": 5.0,
+    }
+    fields.update(changes)
+    return NewMessage(**fields)
+
+
+class QueueStoreContract:
+    """What every L{IQueueStore} does; mixed into a TestCase with L{make_store} and L{lose_rows}."""
+
+    def make_store(self) -> Any:
+        raise NotImplementedError
+
+    def lose_rows(self, store: Any) -> Deferred[None]:
+        """Make C{store} lose every row, as a replaced database file does."""
+        raise NotImplementedError
+
+    def setUp(self) -> None:
+        self.store = self.make_store()
+
+    def test_provides_interface(self) -> None:
+        """The store provides IQueueStore with the declared signatures."""
+        self.assertTrue(verifyObject(IQueueStore, self.store))
+
+    @inlineCallbacks
+    def test_insert_then_load(self) -> Any:
+        """Inserted messages get rising sequence numbers and load back as queue.as_row describes them."""
+        first, second = _message("M1"), _message("M2", internal=True, schedule_at=50.0)
+        seqs = yield self.store.insert([first, second])
+        self.assertEqual(len(seqs), 2)
+        self.assertLess(seqs[0], seqs[1])
+        loaded = yield self.store.load_message("M1")
+        self.assertEqual(loaded, {**queue.as_row(first), "seq": seqs[0]})
+        loaded = yield self.store.load_message("M2")
+        self.assertEqual(loaded, {**queue.as_row(second), "seq": seqs[1]})
+        self.assertEqual(loaded["status"], "scheduled")
+        missing = yield self.store.load_message("NONE")
+        self.assertIsNone(missing)
+
+    @inlineCallbacks
+    def test_insert_is_all_or_none(self) -> Any:
+        """A batch holding an id that is queued already is refused as a whole."""
+        yield self.store.insert([_message("M1")])
+        d = self.store.insert([_message("M2"), _message("M1")])
+        yield self.assertFailure(d, Exception)
+        found = yield self.store.statuses(["M1", "M2"])
+        self.assertEqual(found, {"M1": "queued"})
+
+    @inlineCallbacks
+    def test_statuses(self) -> Any:
+        """statuses() names the status of each known id and leaves unknown ones out."""
+        yield self.store.insert([_message("M1"), _message("M2", schedule_at=60.0)])
+        found = yield self.store.statuses(["M1", "M2", "M3"])
+        self.assertEqual(found, {"M1": "queued", "M2": "scheduled"})
+
+    @inlineCallbacks
+    def test_list_messages(self) -> Any:
+        """Messages are listed newest first, filtered by user and status, cut at the limit."""
+        yield self.store.insert([_message("M1", "ann"), _message("M2", "bob"), _message("M3", "ann")])
+        yield self.store.write_state([MarkSending("M3", 6.0)])
+        everything = yield self.store.list_messages(None, None, 10)
+        self.assertEqual([m["id"] for m in everything], ["M3", "M2", "M1"])
+        self.assertEqual(len(everything[0]["recipients"]), 2)
+        anns = yield self.store.list_messages("ann", None, 10)
+        self.assertEqual([m["id"] for m in anns], ["M3", "M1"])
+        sending = yield self.store.list_messages(None, "sending", 10)
+        self.assertEqual([m["id"] for m in sending], ["M3"])
+        limited = yield self.store.list_messages(None, None, 1)
+        self.assertEqual([m["id"] for m in limited], ["M3"])
+
+    @inlineCallbacks
+    def test_mark_sending(self) -> Any:
+        """An attempt's start marks the message and its unfinished recipients sending; finished ones stay."""
+        yield self.store.insert([_message("M1")])
+        done = RecipientUpdate(0, "sent", 1, "250 ok", None)
+        later = RecipientUpdate(1, "deferred", 1, "451 later", 100.0)
+        yield self.store.write_state([FinishAttempt(queue.as_row(_message("M1")), "deferred", 100.0, [done, later], False, 7.0)])
+        errors = yield self.store.write_state([MarkSending("M1", 8.0), MarkSending("UNKNOWN", 8.0)])
+        self.assertEqual(errors, [None, None])
+        loaded = yield self.store.load_message("M1")
+        self.assertEqual((loaded["status"], loaded["updated_at"]), ("sending", 8.0))
+        self.assertEqual([r["status"] for r in loaded["recipients"]], ["sent", "sending"])
+
+    @inlineCallbacks
+    def test_finish_attempt(self) -> Any:
+        """An attempt's outcome sets the message status, next attempt, recipients and the delay flag for good."""
+        yield self.store.insert([_message("M1")])
+        row = queue.as_row(_message("M1"))
+        updates = [RecipientUpdate(0, "sent", 1, "250 ok", None), RecipientUpdate(1, "deferred", 1, "451 later", 70.0)]
+        yield self.store.write_state([FinishAttempt(row, "deferred", 70.0, updates, True, 10.0)])
+        yield self.store.write_state([FinishAttempt(row, "deferred", 90.0, updates[1:], False, 11.0)])
+        loaded = yield self.store.load_message("M1")
+        self.assertEqual(
+            (loaded["status"], loaded["next_attempt"], loaded["delay_notified"], loaded["updated_at"]),
+            ("deferred", 90.0, 1, 11.0),
+        )
+        self.assertEqual(
+            [(r["status"], r["attempts"], r["last_response"], r["next_attempt"]) for r in loaded["recipients"]],
+            [("sent", 1, "250 ok", None), ("deferred", 1, "451 later", 70.0)],
+        )
+
+    @inlineCallbacks
+    def test_finish_attempt_recreates_a_lost_row(self) -> Any:
+        """An attempt that ends after its queue row vanished (database lost) stores its result as a new row."""
+        row = queue.as_row(_message("M1", user="alice"))
+        updates = [RecipientUpdate(0, "sent", 1, "250 ok", None), RecipientUpdate(1, "deferred", 1, "451 later", 2000.0)]
+        errors = yield self.store.write_state([FinishAttempt(row, "deferred", 2000.0, updates, False, 1500.0)])
+        self.assertEqual(errors, [None])
+        stored = yield self.store.load_message("M1")
+        self.assertEqual((stored["status"], stored["user"], stored["priority"]), ("deferred", "alice", 2))
+        self.assertEqual((stored["created_at"], stored["updated_at"], stored["subject"]), (5.0, 1500.0, "Grüße"))
+        self.assertEqual([r["status"] for r in stored["recipients"]], ["sent", "deferred"])
+        found = yield self.store.statuses(["M1"])
+        self.assertEqual(found, {"M1": "deferred"})
+
+    @inlineCallbacks
+    def test_failing_change_alone_is_undone(self) -> Any:
+        """A change that fails is undone by itself and reported; the others of its batch are written."""
+        yield self.store.insert([_message("M1"), _message("M3")])
+        broken = queue.as_row(_message("M2"))
+        # Two recipients with one index cannot be stored.
+        broken["recipients"][1]["idx"] = 0
+        errors = yield self.store.write_state(
+            [MarkSending("M1", 1.0), FinishAttempt(broken, "sent", None, [], False, 1.0), MarkSending("M3", 1.0)]
+        )
+        self.assertIsNone(errors[0])
+        self.assertIsInstance(errors[1], Exception)
+        self.assertIsNone(errors[2])
+        found = yield self.store.statuses(["M1", "M2", "M3"])
+        self.assertEqual(found, {"M1": "sending", "M3": "sending"})
+
+    @inlineCallbacks
+    def test_recover(self) -> Any:
+        """
+        recover() puts sending messages back to queued, their recipients to
+        queued (or deferred after attempts), and lists the active messages
+        in arrival order with their scheduling data.
+        """
+        yield self.store.insert([_message("M1"), _message("M2", schedule_at=80.0), _message("M3")])
+        row = queue.as_row(_message("M1"))
+        yield self.store.write_state(
+            [
+                FinishAttempt(row, "deferred", 60.0, [RecipientUpdate(1, "deferred", 1, "451 x", 60.0)], False, 6.0),
+                MarkSending("M1", 7.0),
+                FinishAttempt(queue.as_row(_message("M3")), "sent", None, [], False, 7.0),
+            ]
+        )
+        rows = self.store.recover(9.0)
+        self.assertEqual([r["id"] for r in rows], ["M1", "M2"])
+        self.assertEqual(rows[1], {"id": "M2", "seq": rows[1]["seq"], "user": "u", "priority": 2, "next_attempt": 80.0})
+        self.assertEqual((rows[0]["next_attempt"], rows[0]["seq"] < rows[1]["seq"]), (None, True))
+        loaded = yield self.store.load_message("M1")
+        self.assertEqual((loaded["status"], loaded["updated_at"]), ("queued", 9.0))
+        self.assertEqual([r["status"] for r in loaded["recipients"]], ["queued", "deferred"])
+
+    @inlineCallbacks
+    def test_reset_tells_listeners(self) -> Any:
+        """When the store loses its rows, each on_reset listener is told, and the store answers empty."""
+        yield self.store.insert([_message("M1")])
+        told: list[bool] = []
+        self.store.on_reset(lambda: told.append(True))
+        yield self.lose_rows(self.store)
+        yield wait_until(lambda: told)
+        self.assertEqual(told, [True])
+        loaded = yield self.store.load_message("M1")
+        self.assertIsNone(loaded)
+        yield self.store.insert([_message("M1")])
+
+
+class SQLiteQueueStoreTests(QueueStoreContract, unittest.TestCase):
+    def make_store(self) -> SQLiteQueueStore:
+        self.database = Database(reactor, os.path.abspath(self.mktemp()))
+        self.addCleanup(self.database.stop)
+        store = SQLiteQueueStore(self.database)
+        store.migrate()
+        return store
+
+    def lose_rows(self, store: SQLiteQueueStore) -> Deferred[None]:
+        os.unlink(self.database.path)
+        # The next write notices the file is gone and opens a new one.
+        return self.assertFailure(store.write_state([]), Exception).addCallback(lambda _: None)
+
+
+class MemoryQueueStoreTests(QueueStoreContract, unittest.TestCase):
+    def make_store(self) -> MemoryQueueStore:
+        return MemoryQueueStore()
+
+    def lose_rows(self, store: MemoryQueueStore) -> Deferred[None]:
+        store.reset()
+        return succeed(None)
