@@ -333,6 +333,8 @@ class NotificationsConfig:
 
     recipients: tuple[str, ...] = _key((), _recipients, converter=tuple)
     webhook_url: str = _key("", _url)
+    webhook_secret: str = _key("", secret=True)
+    message_webhooks: bool = _key(False)
     delivery_delay_threshold: int = _key(3600, _positive)
     templates_dir: str = _key("", _directory)
     frequency: Mapping[str, str] = _key(MappingProxyType({}), _check_frequency, kinds=(dict,), converter=_frequency)
@@ -499,4 +501,9 @@ def config_warnings(config: Config) -> list[str]:
             " the banner and the Received: host; when unset, the machine's FQDN);"
             ' set it in the config file, e.g. [server] hostname = "mail.example.com"'
         )
+    notifications = config.notifications
+    if notifications.message_webhooks and not notifications.webhook_url:
+        warnings.append("[notifications] message_webhooks: true has no effect without webhook_url")
+    if notifications.webhook_secret and not notifications.webhook_url:
+        warnings.append("[notifications] webhook_secret: set, but there is no webhook_url to sign for")
     return warnings

@@ -71,6 +71,35 @@ USERNAME_PATTERN = r"[A-Za-z0-9][A-Za-z0-9._@+-]{0,63}"
 USERNAME_RE = re.compile(USERNAME_PATTERN)
 MIN_PRIORITY, MAX_PRIORITY, DEFAULT_PRIORITY = 1, 5, 3
 MAX_NOTES = 10000
+MAX_LIST_ITEMS = 1000
+
+# What a user's lists hold, as regular expressions that mean the same to
+# Python's re.fullmatch (the API's check) and anchored in the OpenAPI
+# document (ECMA-262, what clients and schema fuzzers read): ASCII only, an
+# international domain as its IDNA A-labels, an optional final dot.
+_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+DOMAIN_PATTERN = rf"{_LABEL}(?:\.{_LABEL})*\.?"
+_ATOM = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
+# A local part: a dot-atom, or a quoted string of printable ASCII but ";",
+# which separates the items of a list given as one string.
+_LOCAL = rf'(?:{_ATOM}(?:\.{_ATOM})*|"(?:[ !#-:<-\[\]-~]|\\[ -:<-~])*")'
+ADDRESS_PATTERN = rf"{_LOCAL}@{DOMAIN_PATTERN}"
+
+
+def list_item_pattern(item: str) -> str:
+    """One item of a list on input: C{item}, blanks around it allowed, or blanks alone (ignored)."""
+    return rf"[ \t]*(?:{item})?[ \t]*"
+
+
+def list_text_pattern(item: str) -> str:
+    """A list given as one string: items as in L{list_item_pattern}, separated by C{;}."""
+    one = list_item_pattern(item)
+    return rf"{one}(?:;{one})*"
+
+
+def anchored(pattern: str) -> str:
+    """C{pattern} for a JSON Schema C{pattern}, which matches anywhere unless anchored."""
+    return f"^(?:{pattern})$"
 
 
 def iso_utc(seconds: float) -> str:
@@ -78,11 +107,28 @@ def iso_utc(seconds: float) -> str:
     return datetime.fromtimestamp(int(seconds), UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def _schema(schema: dict[str, Any]) -> dict[str, Any]:
-    return {"schema": schema}
+def _schema(schema: dict[str, Any], input: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Field metadata: its JSON schema, and the one its API input takes when that differs."""
+    return {"schema": schema} if input is None else {"schema": schema, "input": input}
 
 
-_STRINGS = {"type": "array", "items": {"type": "string"}}
+def _list(item: str, what: str) -> dict[str, Any]:
+    return _schema(
+        {"type": "array", "items": {"type": "string", "pattern": anchored(item)}},
+        input={
+            "oneOf": [
+                {
+                    "type": "array",
+                    "maxItems": MAX_LIST_ITEMS,
+                    "items": {"type": "string", "pattern": anchored(list_item_pattern(item))},
+                },
+                {"type": "string", "pattern": anchored(list_text_pattern(item))},
+            ],
+            "description": f'{what}: a list, or one string of items separated by ";"; blanks around items are'
+            " stripped and empty items ignored. ASCII only: an international domain in its IDNA A-label"
+            " form (xn--...).",
+        },
+    )
 
 
 @attrs.frozen
@@ -109,9 +155,15 @@ class User:
             }
         ),
     )
-    notes: str = attrs.field(default="", metadata=_schema({"type": "string"}))
-    authorized_domains: tuple[str, ...] = attrs.field(default=(), converter=tuple, metadata=_schema(_STRINGS))
-    authorized_senders: tuple[str, ...] = attrs.field(default=(), converter=tuple, metadata=_schema(_STRINGS))
+    notes: str = attrs.field(
+        default="", metadata=_schema({"type": "string", "maxLength": MAX_NOTES, "pattern": "^[^\\u0000]*$"})
+    )
+    authorized_domains: tuple[str, ...] = attrs.field(
+        default=(), converter=tuple, metadata=_list(DOMAIN_PATTERN, "Domain names")
+    )
+    authorized_senders: tuple[str, ...] = attrs.field(
+        default=(), converter=tuple, metadata=_list(ADDRESS_PATTERN, "Email addresses")
+    )
     aggregation: Aggregation = attrs.field(
         default=Aggregation.DAY,
         converter=Aggregation,

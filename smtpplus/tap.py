@@ -182,6 +182,7 @@ def build_service(config: Config, reactor: Any) -> MultiService:
     delivery_service.setServiceParent(top)
     notifier = build_notifier(config.notifications, config.server.hostname, reactor, submit_internal)
     events.sink = notifier
+    delivery_service.delivery.agent.results = notifier
     notifier.setServiceParent(top)
 
     throttle = LoginThrottle(reactor, config.security, events)

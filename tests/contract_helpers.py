@@ -235,15 +235,17 @@ class Sink:
 
 
 class WebhookReceiver:
-    """An HTTP server in a thread that keeps every POST body."""
+    """An HTTP server in a thread that keeps every POST body (and, in C{headers}, each one's headers)."""
 
     def __init__(self, port: int) -> None:
         self.bodies: list[tuple[str, bytes]] = []
+        self.headers: list[dict[str, str]] = []
         receiver = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
             def do_POST(self) -> None:  # noqa: N802 - http.server naming
                 length = int(self.headers.get("Content-Length") or 0)
+                receiver.headers.append({k.lower(): v for k, v in self.headers.items()})
                 receiver.bodies.append((self.headers.get("Content-Type") or "", self.rfile.read(length)))
                 self.send_response(204)
                 self.end_headers()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import jsonschema_rs
 import treq
 from twisted.internet import reactor
 from twisted.internet.defer import inlineCallbacks, succeed
@@ -243,6 +244,24 @@ class UserTests(APITestCase):
         self.assertEqual((yield self.call("GET", "/api/v1/users/app1"))[1]["priority"], 1)
 
     @inlineCallbacks
+    def test_patch_body_required(self) -> Any:
+        """PATCH without a body is 400 (the document requires one); an empty object changes nothing."""
+        yield self.call("POST", "/api/v1/users", body={"username": "app1", "notes": "keep"})
+        self.assertError((yield self.call("PATCH", "/api/v1/users/app1", content_type=None)), 400, "body")
+        code, user = yield self.call("PATCH", "/api/v1/users/app1", body={})
+        self.assertEqual((code, user["notes"]), (200, "keep"))
+
+    @inlineCallbacks
+    def test_patch_never_takes_username(self) -> Any:
+        """The path names the user: a username in a PATCH body is refused even when it repeats the current one."""
+        yield self.call("POST", "/api/v1/users", body={"username": "app1"})
+        for name in ("app1", "APP1"):
+            self.assertError(
+                (yield self.call("PATCH", "/api/v1/users/app1", body={"username": name, "notes": "x"})), 400, "username"
+            )
+        self.assertEqual((yield self.call("GET", "/api/v1/users/app1"))[1]["notes"], "")
+
+    @inlineCallbacks
     def test_delete(self) -> Any:
         """DELETE answers 204 with an empty body; the user is then 404."""
         yield self.call("POST", "/api/v1/users", body={"username": "app1"})
@@ -345,6 +364,55 @@ class OpenAPITests(APITestCase):
         self.assertEqual(served, documented)
         for name in ("User", "Message", "Event", "Stats", "Error", "Settings"):
             self.assertIn(name, document["components"]["schemas"])
+
+
+# Values at the edges of what the user lists admit, each either side of the line.
+LIST_SAMPLES = {
+    "authorized_domains": [
+        "example.com", " Example.COM. ", "ab--cd.example", "xn--bcher-kva.example", "a" * 63 + ".test", "localhost",
+        "a;b", "Bücher.example", "-a.example", "a-.example", "a..b", "a" * 64 + ".test", "a_b.example", "[1.2.3.4]",
+        "a.example\n", "\u00a0a.example", "",
+    ],
+    "authorized_senders": [
+        "x@example.com", "\t First.Last+tag@Example.COM ", '"a b"@example.com', '"a\\"b"@example.com', "a@b",
+        '"a;b"@example.com', "a b@example.com", "a@", "@example.com", "a@[1.2.3.4]", "jörg@example.com",
+        "a@bücher.example", "a..b@example.com", ".a@example.com", "a@example.com\n", "",
+    ],
+}
+
+
+class SchemaAgreementTests(APITestCase):
+    """The served document and the API agree on every sample: admitted values are accepted, the others refused."""
+
+    @inlineCallbacks
+    def test_lists_agree(self) -> Any:
+        """
+        For each list value (alone, in a list, and as the ";"-separated
+        string), the document's UserPatch schema, checked by an ECMA-262
+        JSON Schema validator, admits it exactly when the API accepts it.
+        """
+        yield self.call("POST", "/api/v1/users", body={"username": "app1"})
+        code, document = yield self.call("GET", "/api/v1/openapi.json")
+        validator = jsonschema_rs.Draft4Validator(document["components"]["schemas"]["UserPatch"])
+        disagreements = []
+        outcomes = set()
+        for field, samples in LIST_SAMPLES.items():
+            for value in [*([sample] for sample in samples), *samples, ";".join(samples[:3])]:
+                body = {field: value}
+                admitted = validator.is_valid(body)
+                code, answer = yield self.call("PATCH", "/api/v1/users/app1", body=body)
+                outcomes.add(code)
+                if (code == 200) != admitted or code not in (200, 400):
+                    disagreements.append((body, admitted, code, answer))
+        self.assertEqual(disagreements, [])
+        self.assertEqual(outcomes, {200, 400})
+
+    @inlineCallbacks
+    def test_unicode_domain_named_in_ascii(self) -> Any:
+        """A Unicode domain is refused with the IDNA form to write instead."""
+        yield self.call("POST", "/api/v1/users", body={"username": "app1"})
+        result = yield self.call("PATCH", "/api/v1/users/app1", body={"authorized_domains": ["Bücher.Example"]})
+        self.assertError(result, 400, "xn--bcher-kva.example")
 
 
 class UnexpectedErrorTests(APITestCase):

@@ -175,7 +175,11 @@ class AdminAPI:
 
     # request parsing
 
-    def _read_json(self, request: Any) -> Any:
+    def _read_json(self, request: Any, required: bool) -> Any:
+        """
+        The decoded JSON body.  No body at all (nor a Content-Type) is C{{}}
+        when the body is optional, else a 400, as the document says.
+        """
         length = request.getHeader(b"Content-Length")
         size = getattr(request, "body_size", 0)
         if size > MAX_BODY or (length is not None and length.strip().isdigit() and int(length) > MAX_BODY):
@@ -185,6 +189,8 @@ class AdminAPI:
             raise HTTPError(413, "payload_too_large", f"request body larger than {MAX_BODY} bytes")
         content_type = (request.getHeader(b"Content-Type") or b"").split(b";")[0].strip().lower()
         if not content_type and not raw.strip():
+            if required:
+                raise HTTPError(400, "validation_error", "the request body is required: a JSON object")
             # "curl -X POST" with no body: all fields take their defaults.
             return {}
         if content_type != b"application/json":
@@ -240,7 +246,7 @@ class AdminAPI:
     @app.route("/api/v1/users", methods=["POST"])
     @authenticated
     async def create_user(self, request: Any) -> bytes:
-        data = self._read_json(request)
+        data = self._read_json(request, required=False)
         candidate = _validated(new_user, data)
         named = isinstance(data, dict) and "username" in data
         password = generate_password()
@@ -268,11 +274,11 @@ class AdminAPI:
     @app.route("/api/v1/users/<username>", methods=["PATCH"])
     @authenticated
     async def update_user(self, request: Any, username: str) -> bytes:
-        fields = _validated(validate_fields, self._read_json(request))
+        data = self._read_json(request, required=True)
+        if isinstance(data, dict) and "username" in data:
+            raise HTTPError(400, "validation_error", "username: cannot be changed (the path names the user)")
+        fields = _validated(validate_fields, data)
         current = await self._existing(username)
-        new_name = fields.pop("username", current.username)
-        if new_name.casefold() != current.username.casefold():
-            raise HTTPError(400, "validation_error", "username: cannot be changed")
         if not fields:
             return json_body(request, 200, current.to_json())
         user = await self._users.update(current.username, fields)

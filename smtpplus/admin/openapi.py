@@ -1,7 +1,14 @@
 """
 The OpenAPI 3.0 description of the admin API, served at
-C{GET /api/v1/openapi.json}.  Enumerations come from the code that enforces
-them, so the document cannot drift from the validation.
+C{GET /api/v1/openapi.json}.
+
+It is built from the declarations the API enforces, so that it cannot
+drift from them: the user fields' schemas (patterns and bounds included)
+come from L{smtpplus.model.User}, whose checks in L{smtpplus.auth.users}
+admit exactly those values; enumerations from the enums the code uses.  A
+schema fuzz run against the real daemon (tests.test_admin_schemathesis)
+holds both sides to it: every answer validates, every admitted request is
+accepted, every other one refused.
 """
 
 from __future__ import annotations
@@ -11,20 +18,12 @@ from typing import Any
 
 import attrs
 
-from smtpplus.model import USER_LISTS, USER_TIMESTAMPS, Aggregation, EventType, MessageStatus, User
+from smtpplus.model import USER_TIMESTAMPS, Aggregation, EventType, MessageStatus, RecipientStatus, User
 
 MAX_LIMIT = 1000
 # A user object nests two levels; anything far deeper is an attack on the
 # parser (the stdlib decoder recurses and would end in RecursionError).
 MAX_DEPTH = 32
-
-_STRING_LIST_INPUT = {
-    "oneOf": [
-        {"type": "array", "items": {"type": "string"}},
-        {"type": "string", "description": 'Items separated by ";"; blanks are stripped, empty items ignored.'},
-    ]
-}
-
 
 def _values(choices: type[StrEnum]) -> list[str]:
     return [choice.value for choice in choices]
@@ -69,13 +68,17 @@ _USERNAME_PARAM = {
     "description": "The username (case-insensitive).",
 }
 
-_USER_PROPERTIES: dict[str, Any] = {field.name: field.metadata["schema"] for field in attrs.fields(User)}
+_USER_PROPERTIES: dict[str, Any] = {field.name: dict(field.metadata["schema"]) for field in attrs.fields(User)}
 
+# What a create request may hold: the writable fields, each as its input
+# takes it (a list also as one ";"-separated string).
 _USER_INPUT_PROPERTIES: dict[str, Any] = {
-    name: _STRING_LIST_INPUT if name in USER_LISTS else schema
-    for name, schema in _USER_PROPERTIES.items()
-    if name not in USER_TIMESTAMPS
+    field.name: dict(field.metadata.get("input", field.metadata["schema"]))
+    for field in attrs.fields(User)
+    if field.name not in USER_TIMESTAMPS
 }
+# The username is the key: a change request names the user in its path only.
+_USER_PATCH_PROPERTIES = {name: schema for name, schema in _USER_INPUT_PROPERTIES.items() if name != "username"}
 
 SCHEMAS: dict[str, Any] = {
     "Error": {
@@ -125,8 +128,8 @@ SCHEMAS: dict[str, Any] = {
     "UserPatch": {
         "type": "object",
         "additionalProperties": False,
-        "description": "The fields to change; username may only repeat the current one.",
-        "properties": _USER_INPUT_PROPERTIES,
+        "description": "The fields to change; the username cannot change.",
+        "properties": _USER_PATCH_PROPERTIES,
     },
     "UserWithPassword": {
         "type": "object",
@@ -156,7 +159,7 @@ SCHEMAS: dict[str, Any] = {
         "required": ["address", "status", "attempts", "last_response"],
         "properties": {
             "address": {"type": "string"},
-            "status": {"type": "string"},
+            "status": {"type": "string", "enum": _values(RecipientStatus)},
             "attempts": {"type": "integer", "minimum": 0},
             "last_response": {"type": "string", "nullable": True},
         },
@@ -178,8 +181,12 @@ SCHEMAS: dict[str, Any] = {
         ],
         "properties": {
             "id": {"type": "string"},
-            "user": {"type": "string"},
-            "mail_from": {"type": "string"},
+            "user": {
+                "type": "string",
+                "nullable": True,
+                "description": "Null for the daemon's own mail (notification mail); a bounce has its sender's.",
+            },
+            "mail_from": {"type": "string", "description": 'Empty for the null sender "<>" of a bounce.'},
             "header_from": {"type": "string", "nullable": True},
             "subject": {"type": "string", "nullable": True},
             "priority": {"type": "integer", "minimum": 1, "maximum": 5},
@@ -239,7 +246,8 @@ _USER_FILTER = _query("user", {"type": "string"}, "Only this user's.")
 
 def openapi_document() -> dict[str, Any]:
     """The whole OpenAPI 3.0 document."""
-    user_body = {"required": True, "content": {"application/json": {"schema": _ref("UserCreate")}}}
+    # No body at all creates a user with every default ("curl -X POST").
+    user_body = {"required": False, "content": {"application/json": {"schema": _ref("UserCreate")}}}
     return {
         "openapi": "3.0.3",
         "info": {

@@ -2,21 +2,28 @@
 User fields: validation and normalization of what the REST API receives,
 before it becomes a L{User} or a change of one.  Pure functions, no I/O.
 
-The fields themselves are declared once, by L{smtpplus.model.User}; this
-module holds one check per writable field.  Domains are stored as
-lower-case IDNA A-labels so that the sender check can compare them byte for
-byte with a normalized sender domain (see
-L{smtpplus.address.normalize_domain}).
+The fields themselves are declared once, by L{smtpplus.model.User}, with
+the JSON schema the OpenAPI document shows; this module holds one check per
+writable field, which admits exactly what that schema admits (the lists by
+the very patterns the schema holds) and never refuses a value it admits.
+Domains are stored lower-case, international ones as their IDNA A-labels,
+so that the sender check can compare them byte for byte with a normalized
+sender domain (see L{smtpplus.address.normalize_domain}).
 """
 
 from __future__ import annotations
 
+import re
 import secrets
 from collections.abc import Callable
 from typing import Any
 
-from smtpplus.address import normalize_address, normalize_domain
+import idna
+
 from smtpplus.model import (
+    ADDRESS_PATTERN,
+    DOMAIN_PATTERN,
+    MAX_LIST_ITEMS,
     MAX_NOTES,
     MAX_PRIORITY,
     MIN_PRIORITY,
@@ -27,7 +34,9 @@ from smtpplus.model import (
 )
 
 READ_ONLY = (*USER_TIMESTAMPS, "password")
-MAX_LIST_ITEMS = 1000
+_DOMAIN_RE = re.compile(DOMAIN_PATTERN)
+_ADDRESS_RE = re.compile(ADDRESS_PATTERN)
+_BLANKS = " \t"
 _AGGREGATIONS = frozenset(a.value for a in Aggregation)
 
 _GENERATED_ALPHABET = "abcdefghijklmnopqrstuvwxyz0123456789"
@@ -77,22 +86,45 @@ def _string_list(field: str, value: Any) -> list[str]:
     if isinstance(value, str):
         items = value.split(";")
     elif isinstance(value, list) and all(isinstance(item, str) for item in value):
+        if len(value) > MAX_LIST_ITEMS:
+            raise ValidationError(field, f"must not have more than {MAX_LIST_ITEMS} items")
         items = value
     else:
         raise ValidationError(field, 'must be a list of strings or one ";"-separated string')
-    result = [item.strip() for item in items if item.strip()]
-    if len(result) > MAX_LIST_ITEMS:
-        raise ValidationError(field, f"must not have more than {MAX_LIST_ITEMS} items")
-    return result
+    return [item.strip(_BLANKS) for item in items if item.strip(_BLANKS)]
 
 
-def _normalized_list(field: str, value: Any, normalize: Any) -> list[str]:
+def _lower_domain(domain: str) -> str:
+    return domain.rstrip(".").lower()
+
+
+def _ascii_hint(item: str) -> str:
+    """For an item that is not ASCII: the A-label form to write instead, when there is one."""
+    domain = item.rpartition("@")[2]
+    if not domain.isascii():
+        try:
+            return f"; write the domain as {idna.encode(domain, uts46=True).decode('ascii')!r}"
+        except idna.IDNAError:
+            pass
+    return ""
+
+
+def _domains(field: str, value: Any) -> list[str]:
     seen: dict[str, None] = {}
     for item in _string_list(field, value):
-        try:
-            seen[normalize(item)] = None
-        except ValueError as e:
-            raise ValidationError(field, str(e)) from None
+        if not _DOMAIN_RE.fullmatch(item):
+            raise ValidationError(field, f"{item!r} is not an ASCII domain name{_ascii_hint(item)}")
+        seen[_lower_domain(item)] = None
+    return list(seen)
+
+
+def _senders(field: str, value: Any) -> list[str]:
+    seen: dict[str, None] = {}
+    for item in _string_list(field, value):
+        if not _ADDRESS_RE.fullmatch(item):
+            raise ValidationError(field, f"{item!r} is not an ASCII email address{_ascii_hint(item)}")
+        local, _, domain = item.rpartition("@")
+        seen[f"{local}@{_lower_domain(domain)}"] = None
     return list(seen)
 
 
@@ -113,6 +145,8 @@ def _notes(field: str, value: Any) -> str:
         raise ValidationError(field, "must be a string")
     if len(value) > MAX_NOTES:
         raise ValidationError(field, f"must not be longer than {MAX_NOTES} characters")
+    if "\0" in value:
+        raise ValidationError(field, "must not hold NUL characters")
     return value
 
 
@@ -128,8 +162,8 @@ CHECKS: dict[str, Callable[[str, Any], Any]] = {
     "enabled": _enabled,
     "priority": _priority,
     "notes": _notes,
-    "authorized_domains": lambda field, value: _normalized_list(field, value, normalize_domain),
-    "authorized_senders": lambda field, value: _normalized_list(field, value, normalize_address),
+    "authorized_domains": _domains,
+    "authorized_senders": _senders,
     "aggregation": _aggregation,
 }
 

@@ -50,6 +50,9 @@ class DeliveryAgent:
     @param stats: where recipient results are counted; None counts nothing.
     @param submit_internal: queues a message of the daemon's own (the DSNs):
         C{(mail_from, recipients, data, priority, user) -> Deferred[id]}.
+    @param results: told each recipient's stored result,
+        C{results.message_result(status, message_id, user, recipient, response)}
+        (the notifier's message webhooks); None: nobody.
     """
 
     def __init__(
@@ -66,6 +69,7 @@ class DeliveryAgent:
         delay_threshold: float,
         hostname: str,
         submit_internal: Callable[..., Deferred[str]],
+        results: Any = None,
     ) -> None:
         self._clock = clock
         self._in_thread = run_in_thread
@@ -79,6 +83,7 @@ class DeliveryAgent:
         self._delay_threshold = delay_threshold
         self._hostname = hostname
         self._submit_internal = submit_internal
+        self.results = results
         # Next hops that failed since their last success: one send_problem
         # event per outage.
         self.outages: set[str] = set()
@@ -216,6 +221,9 @@ class DeliveryAgent:
         if bounced and message["mail_from"]:
             yield self._bounce(message, bounced, now)
         yield self._store(message, status, next_attempt, updates, notify_delay, now)
+        if self.results is not None:
+            for r, u in zip(_by_idx(message, updates), updates, strict=True):
+                self.results.message_result(u.status, message["id"], message["user"], r["address"], u.last_response)
         if not message["internal"]:
             summary = _stats_message(message)
             previous = {r["idx"]: r["status"] for r in pending}

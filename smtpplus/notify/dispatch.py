@@ -1,6 +1,7 @@
 """
 Delivery of stored notification events: mail to the configured admins
-through the daemon's own queue, and a JSON POST per event to a webhook.
+through the daemon's own queue, and a JSON POST per event to a webhook;
+with C{message_webhooks}, a POST per recipient result too.
 
 Nothing here makes an SMTP session wait: L{Notifier.dispatch} only files the
 event and schedules work on the reactor.
@@ -8,6 +9,8 @@ event and schedules work on the reactor.
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -238,12 +241,28 @@ class WebhookError(Exception):
     """The endpoint answered with a status other than 2xx."""
 
 
+def signature(secret: str, timestamp: str, body: bytes) -> str:
+    """The C{X-Smtpplus-Signature} value: C{sha256=} and the hex HMAC-SHA256 of C{"<timestamp>.<body>"}."""
+    mac = hmac.new(secret.encode("utf-8"), timestamp.encode("ascii") + b"." + body, hashlib.sha256)
+    return "sha256=" + mac.hexdigest()
+
+
+def _label(document: dict[str, Any]) -> str:
+    """How the log names a POSTed document: an event by its id, a recipient result by message and address."""
+    if "id" in document:
+        return f"event {document['id']}"
+    return f"{document['type']} result of {document['message_id']} for {document['recipient']}"
+
+
 class WebhookSender:
     """
-    POSTs each event as one JSON object.  A failed POST (connection error,
-    timeout, non-2xx) is retried after doubling delays for about an hour,
-    then dropped with an error in the log.  At most C{max_in_flight} POSTs
-    run at once; at most C{max_backlog} events wait, the oldest dropped first.
+    POSTs each document (an event or a recipient result) as one JSON
+    object, signed when a C{secret} is set.  A failed POST (connection
+    error, timeout, non-2xx) is retried after doubling delays for about an
+    hour, then dropped with an error in the log; each retry is signed anew
+    with its own timestamp, so that receivers may refuse old timestamps.
+    At most C{max_in_flight} POSTs run at once; at most C{max_backlog}
+    documents wait, the oldest dropped first.
     """
 
     def __init__(
@@ -256,6 +275,7 @@ class WebhookSender:
         max_in_flight: int = 4,
         max_backlog: int = 10000,
         pool: HTTPConnectionPool | None = None,
+        secret: str = "",
     ) -> None:
         self._url = url.encode("ascii")
         self._clock = clock
@@ -268,25 +288,30 @@ class WebhookSender:
         self._waiting: set[IDelayedCall] = set()
         self._stopped = False
         self._pool = pool
+        self._secret = secret
 
-    def post(self, event: dict[str, Any]) -> None:
-        """Queue one event for POSTing."""
+    def post(self, document: dict[str, Any]) -> None:
+        """Queue one document for POSTing."""
         if self._ready.maxlen is not None and len(self._ready) == self._ready.maxlen:
-            log.warn("webhook backlog full: dropping event {id}", id=self._ready[0][0]["id"])
-        self._ready.append((event, 0))
+            log.warn("webhook backlog full: dropping {what}", what=_label(self._ready[0][0]))
+        self._ready.append((document, 0))
         self._pump()
 
     def _pump(self) -> None:
         while not self._stopped and self._ready and len(self._in_flight) < self._max_in_flight:
-            event, attempt = self._ready.popleft()
-            d = self._request(event)
+            document, attempt = self._ready.popleft()
+            d = self._request(document)
             self._in_flight.add(d)
-            d.addErrback(self._failed, event, attempt)
+            d.addErrback(self._failed, document, attempt)
             d.addBoth(self._finished, d)
 
-    def _request(self, event: dict[str, Any]) -> Deferred[None]:
-        body = json.dumps(event).encode("utf-8")
+    def _request(self, document: dict[str, Any]) -> Deferred[None]:
+        body = json.dumps(document).encode("utf-8")
         headers = Headers({b"Content-Type": [b"application/json"], b"User-Agent": [b"smtpplus"]})
+        if self._secret:
+            timestamp = str(int(self._clock.seconds()))
+            headers.setRawHeaders(b"X-Smtpplus-Timestamp", [timestamp.encode("ascii")])
+            headers.setRawHeaders(b"X-Smtpplus-Signature", [signature(self._secret, timestamp, body).encode("ascii")])
         d = self._agent.request(b"POST", self._url, headers, FileBodyProducer(BytesIO(body)))
         d.addCallback(self._check)
         d.addTimeout(self._timeout, self._clock)
@@ -303,22 +328,22 @@ class WebhookSender:
 
         return d.addCallback(judge)
 
-    def _failed(self, failure: Any, event: dict[str, Any], attempt: int) -> None:
+    def _failed(self, failure: Any, document: dict[str, Any], attempt: int) -> None:
         if self._stopped:
             return
         if attempt >= len(self._delays):
-            log.error("webhook: giving up on event {id} after {n} attempts: {error}",
-                      id=event["id"], n=attempt + 1, error=failure.getErrorMessage())
+            log.error("webhook: giving up on {what} after {n} attempts: {error}",
+                      what=_label(document), n=attempt + 1, error=failure.getErrorMessage())
             return
         delay = self._delays[attempt]
-        log.info("webhook: POST of event {id} failed ({error}); retrying in {delay}s",
-                 id=event["id"], error=failure.getErrorMessage(), delay=delay)
-        call = self._clock.callLater(delay, self._retry, event, attempt + 1)
+        log.info("webhook: POST of {what} failed ({error}); retrying in {delay}s",
+                 what=_label(document), error=failure.getErrorMessage(), delay=delay)
+        call = self._clock.callLater(delay, self._retry, document, attempt + 1)
         self._waiting.add(call)
 
-    def _retry(self, event: dict[str, Any], attempt: int) -> None:
+    def _retry(self, document: dict[str, Any], attempt: int) -> None:
         self._waiting = {c for c in self._waiting if c.active()}
-        self._ready.append((event, attempt))
+        self._ready.append((document, attempt))
         self._pump()
 
     def _finished(self, result: Any, d: Deferred[Any]) -> None:
@@ -340,17 +365,55 @@ class WebhookSender:
         return None
 
 
+# A recipient's status after an attempt -> the "type" of its message webhook.
+RESULT_TYPES = {"sent": "delivered", "deferred": "deferred", "bounced": "bounced"}
+
+
 class Notifier(Service):
     """
     The event sink of L{smtpplus.notify.events.EventStore}: mails and webhook
-    POSTs.  Stopping sends the collected summaries and digests.
+    POSTs; with C{message_webhooks}, also the sink of the delivery agent's
+    recipient results (a POST each, not stored as events).  Stopping sends
+    the collected summaries and digests.
     """
 
     name = "notifier"
 
-    def __init__(self, mail: MailNotifier | None, webhook: WebhookSender | None) -> None:
+    def __init__(
+        self,
+        mail: MailNotifier | None,
+        webhook: WebhookSender | None,
+        clock: IReactorTime | None = None,
+        message_webhooks: bool = False,
+    ) -> None:
         self.mail = mail
         self.webhook = webhook
+        # Recipient results need the clock for their created_at.
+        self._results: tuple[WebhookSender, IReactorTime] | None = None
+        if message_webhooks and webhook is not None and clock is not None:
+            self._results = (webhook, clock)
+
+    def message_result(self, status: str, message_id: str, user: str | None, recipient: str, response: str) -> None:
+        """
+        POST one recipient's result of a delivery attempt when message
+        webhooks are on.  C{status} is the recipient's new status (C{sent},
+        C{deferred} or C{bounced}; others are no result and are ignored),
+        C{response} the next hop's whole reply line.
+        """
+        kind = RESULT_TYPES.get(status)
+        if self._results is None or kind is None:
+            return
+        webhook, clock = self._results
+        webhook.post(
+            {
+                "type": kind,
+                "message_id": message_id,
+                "user": user,
+                "recipient": recipient,
+                "response": response,
+                "created_at": iso_utc(clock.seconds()),
+            }
+        )
 
     def dispatch(self, event: dict[str, Any]) -> None:
         """Hand one stored event to both channels."""
@@ -379,7 +442,9 @@ def build_notifier(
     """
     A L{Notifier} for C{[notifications]}: mail when recipients are set, a
     webhook when a URL is set (POSTed by C{agent}, by default an L{Agent} on
-    C{reactor} with a small pool of persistent connections).
+    C{reactor} with a small pool of persistent connections; signed with
+    C{webhook_secret} when set), recipient results to it when
+    C{message_webhooks} is true.
     """
     mail = None
     if config.recipients:
@@ -391,5 +456,5 @@ def build_notifier(
         if agent is None:
             pool = HTTPConnectionPool(reactor)
             agent = Agent(reactor, connectTimeout=30, pool=pool)
-        webhook = WebhookSender(config.webhook_url, reactor, agent, pool=pool)
-    return Notifier(mail, webhook)
+        webhook = WebhookSender(config.webhook_url, reactor, agent, pool=pool, secret=config.webhook_secret)
+    return Notifier(mail, webhook, reactor, config.message_webhooks)
