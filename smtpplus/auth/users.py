@@ -94,37 +94,38 @@ def _string_list(field: str, value: Any) -> list[str]:
     return [item.strip(_BLANKS) for item in items if item.strip(_BLANKS)]
 
 
-def _lower_domain(domain: str) -> str:
+def _stored_domain(domain: str) -> str:
+    """A domain as it is stored and compared: lower-case, without a final dot."""
     return domain.rstrip(".").lower()
 
 
-def _ascii_hint(item: str) -> str:
-    """For an item that is not ASCII: the A-label form to write instead, when there is one."""
-    domain = item.rpartition("@")[2]
+def _a_labels(item: str) -> str:
+    """C{item} with a domain written in Unicode as its IDNA A-labels, when it is valid IDNA."""
+    local, at, domain = item.rpartition("@")
     if not domain.isascii():
         try:
-            return f"; write the domain as {idna.encode(domain, uts46=True).decode('ascii')!r}"
+            return local + at + idna.encode(domain.rstrip("."), uts46=True).decode("ascii")
         except idna.IDNAError:
             pass
-    return ""
+    return item
 
 
 def _domains(field: str, value: Any) -> list[str]:
     seen: dict[str, None] = {}
-    for item in _string_list(field, value):
+    for item in map(_a_labels, _string_list(field, value)):
         if not _DOMAIN_RE.fullmatch(item):
-            raise ValidationError(field, f"{item!r} is not an ASCII domain name{_ascii_hint(item)}")
-        seen[_lower_domain(item)] = None
+            raise ValidationError(field, f"{item!r} is not a domain name")
+        seen[_stored_domain(item)] = None
     return list(seen)
 
 
 def _senders(field: str, value: Any) -> list[str]:
     seen: dict[str, None] = {}
-    for item in _string_list(field, value):
+    for item in map(_a_labels, _string_list(field, value)):
         if not _ADDRESS_RE.fullmatch(item):
-            raise ValidationError(field, f"{item!r} is not an ASCII email address{_ascii_hint(item)}")
+            raise ValidationError(field, f"{item!r} is not an email address (its local part must be ASCII)")
         local, _, domain = item.rpartition("@")
-        seen[f"{local}@{_lower_domain(domain)}"] = None
+        seen[f"{local}@{_stored_domain(domain)}"] = None
     return list(seen)
 
 
