@@ -10,7 +10,6 @@ works on whole chunks with C{bytes} methods, never line by line in Python.
 from __future__ import annotations
 
 import re
-from typing import NamedTuple
 
 # Without a CRLF in this much DATA input the line is passed on in pieces so
 # that no single line can make the session buffer grow without bound.
@@ -20,30 +19,23 @@ DATA_FLUSH_SIZE = 65536
 _BARE_NEWLINE_RE = re.compile(rb"\r(?!\n)|(?<!\r)\n")
 
 
-class DataStep(NamedTuple):
-    """
-    What one call of L{decode_data} made of the input.
-
-    @ivar body: message bytes, dot-unstuffed and with CRLF line breaks only
-        (possibly empty); None once the message is larger than the limit,
-        from then on until its end.
-    @ivar rest: the input not consumed: the start of a line still incomplete,
-        or, after the end of the message, the commands pipelined behind it.
-    @ivar line_start: whether C{rest} starts at the beginning of a line.
-    @ivar size: the size of the message so far, C{body} included.
-    @ivar end: the line with the lone dot has been consumed.
-    """
-
-    body: bytes | None
-    rest: bytes
-    line_start: bool
-    size: int
-    end: bool
+# What one call of decode_data made of the input, as a plain tuple (a
+# NamedTuple costs 0.3 microseconds more to build, on every read of DATA):
+#   body: message bytes, dot-unstuffed and with CRLF line breaks only
+#       (possibly empty); None once the message is larger than the limit,
+#       from then on until its end;
+#   rest: the input not consumed: the start of a line still incomplete, or,
+#       after the end of the message, the commands pipelined behind it;
+#   line_start: whether rest starts at the beginning of a line;
+#   size: the size of the message so far, body included;
+#   end: the line with the lone dot has been consumed.
+DataStep = tuple[bytes | None, bytes, bool, int, bool]
 
 
 def decode_data(buffer: bytes, line_start: bool, size: int, limit: int) -> DataStep:
     """
-    Decode the DATA input in C{buffer}, as far as it is complete.
+    Decode the DATA input in C{buffer}, as far as it is complete; return
+    C{(body, rest, line_start, size, end)}, see L{DataStep}.
 
     Input is consumed up to the end of the message, else up to the last
     CRLF; a line longer than L{DATA_FLUSH_SIZE} is passed on in pieces, and
@@ -72,11 +64,11 @@ def decode_data(buffer: bytes, line_start: bool, size: int, limit: int) -> DataS
                 piece_end = len(buffer) - 1 if buffer.endswith(b"\r") else len(buffer)
                 chunk, rest, next_line_start = buffer[:piece_end], buffer[piece_end:], False
             else:
-                return DataStep(None if size > limit else b"", buffer, line_start, size, False)
+                return (None if size > limit else b""), buffer, line_start, size, False
     if chunk:
         chunk = _unstuff(chunk, line_start)
         size += len(chunk)
-    return DataStep(None if size > limit else chunk, rest, next_line_start, size, end)
+    return (None if size > limit else chunk), rest, next_line_start, size, end
 
 
 def _unstuff(chunk: bytes, line_start: bool) -> bytes:

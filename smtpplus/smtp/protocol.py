@@ -712,17 +712,16 @@ class SMTPSession(PipelinedLineReceiver):
         return header.encode("utf-8", "replace")
 
     def _data_step(self) -> bool:
-        step = decode_data(self._buffer, self._data_line_start, self._data_size, self.settings.max_message_size)
-        self._buffer = step.rest
-        self._data_line_start = step.line_start
-        self._data_size = step.size
-        if step.body is None:
-            # Over the size limit: keep reading up to the end, store nothing.
+        body, self._buffer, self._data_line_start, self._data_size, end = decode_data(
+            self._buffer, self._data_line_start, self._data_size, self.settings.max_message_size
+        )
+        if body is None:
+            # Over the size limit: read on up to the end, store nothing.
             self._abandon_message()
-        elif step.body:
+        elif body:
             assert self._writer is not None
-            self._writer.write(step.body)
-        if step.end:
+            self._writer.write(body)
+        if end:
             self._deliver()
             return True
         return len(self._buffer) > DATA_FLUSH_SIZE
