@@ -163,3 +163,12 @@ class CloseTests(unittest.TestCase):
         self.assertEqual(receiver.state, SessionState.CLOSED)
         receiver.pending[0].callback(None)
         self.assertEqual((receiver.lines, receiver.state), ([b"wait"], SessionState.CLOSED))
+
+    def test_close_after_connection_lost(self) -> None:
+        """Closing a connection already gone (a late reply's hang-up) neither touches the transport nor sets a timer."""
+        receiver, transport = connected()
+        receiver.connectionLost(None)
+        receiver._close()
+        self.assertEqual(receiver.state, SessionState.CLOSED)
+        self.assertFalse(transport.disconnecting)
+        self.assertEqual(receiver.clock.getDelayedCalls(), [])

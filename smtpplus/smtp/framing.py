@@ -121,7 +121,9 @@ class PipelinedLineReceiver(Protocol, TimeoutMixin):
 
     def _close(self, abort: bool = False) -> None:
         """Close the connection after the replies written so far (or at once, with C{abort})."""
-        registered = self.state is not CLOSING and self.state is not CLOSED
+        if self.state is CLOSED:
+            return
+        registered = self.state is not CLOSING
         self.state = CLOSING
         self._buffer = b""
         if registered:

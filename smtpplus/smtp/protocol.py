@@ -315,7 +315,7 @@ class SMTPSession(PipelinedLineReceiver):
 
     def _hang_up(self, outcome: str, text: str) -> None:
         """Say C{421 4.7.0 text} and close: the client is misbehaving."""
-        if self.state is CLOSING:
+        if self.state is CLOSING or self.state is CLOSED:
             return
         self.outcome = outcome
         self.reply(421, "4.7.0", text)
