@@ -14,19 +14,20 @@ from twisted.internet.testing import StringTransport
 from twisted.trial import unittest
 
 from smtpplus.smtp.framing import AUTH_LINE_MAX, PipelinedLineReceiver, SessionState
+from smtpplus.smtp.registry import SessionRegistry
+from tests.test_smtp_protocol import settings
 
 
 class Recorder(PipelinedLineReceiver):
     """Records lines; a line C{wait} answers with a Deferred the test fires."""
 
     def __init__(self) -> None:
-        super().__init__(idle_timeout=30)
         self.clock = Clock()
+        super().__init__(SessionRegistry(settings(idle_timeout=30), self.clock))
         self.callLater = self.clock.callLater
         self.lines: list[bytes] = []
         self.pending: list[Deferred[None]] = []
         self.too_long = 0
-        self.draining = False
         self.shutdowns = 0
 
     def _line_received(self, line: bytes) -> Deferred[Any] | None:
@@ -41,9 +42,6 @@ class Recorder(PipelinedLineReceiver):
 
     def _line_too_long(self) -> None:
         self.too_long += 1
-
-    def _draining(self) -> bool:
-        return self.draining
 
     def shutdown(self) -> None:
         self.shutdowns += 1
@@ -122,7 +120,7 @@ class PipeliningTests(unittest.TestCase):
     def test_draining_starts_no_command(self) -> None:
         """While the daemon drains, buffered commands are not started and the subclass is told to shut down."""
         receiver, _ = connected()
-        receiver.draining = True
+        receiver.registry.draining = True
         receiver.dataReceived(b"NOOP\r\n")
         self.assertEqual((receiver.lines, receiver.shutdowns), ([], 1))
 

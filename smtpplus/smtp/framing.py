@@ -6,7 +6,7 @@ flow control, beneath the commands of L{smtpplus.smtp.protocol}.
 from __future__ import annotations
 
 import enum
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IPushProducer
@@ -15,6 +15,9 @@ from twisted.logger import Logger
 from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure
 from zope.interface import implementer
+
+if TYPE_CHECKING:
+    from smtpplus.smtp.registry import SessionRegistry
 
 log = Logger()
 
@@ -71,13 +74,16 @@ class PipelinedLineReceiver(Protocol, TimeoutMixin):
     must not enter it a second time).
 
     Subclasses implement L{_line_received}, L{_data_step},
-    L{_line_too_long}, L{_draining} and L{shutdown}.
+    L{_line_too_long} and L{shutdown}.
 
     @ivar state: a L{SessionState}.
+    @ivar registry: the L{SessionRegistry}; while it drains, no further
+        command is started.
     """
 
-    def __init__(self, idle_timeout: float) -> None:
-        self.idle_timeout = idle_timeout
+    def __init__(self, registry: SessionRegistry) -> None:
+        self.registry = registry
+        self.idle_timeout = registry.settings.idle_timeout
         self.state = COMMAND
         self._buffer = b""
         self._write_blocked = False
@@ -99,10 +105,6 @@ class PipelinedLineReceiver(Protocol, TimeoutMixin):
 
     def _line_too_long(self) -> None:
         """Answer a line longer than L{AUTH_LINE_MAX}; the rest is skipped."""
-        raise NotImplementedError
-
-    def _draining(self) -> bool:
-        """Whether the daemon is stopping: no further command is started."""
         raise NotImplementedError
 
     def shutdown(self) -> None:
@@ -203,7 +205,7 @@ class PipelinedLineReceiver(Protocol, TimeoutMixin):
                         break
                     continue
                 if state is COMMAND:
-                    if self._draining():
+                    if self.registry.draining:
                         break
                 elif state is not AUTH and state is not DISCARDING:
                     break
@@ -227,7 +229,7 @@ class PipelinedLineReceiver(Protocol, TimeoutMixin):
                 if isinstance(result, Deferred):
                     self._wait(result)
             state = self.state
-            if (state is COMMAND or state is AUTH or state is DISCARDING) and self._draining():
+            if (state is COMMAND or state is AUTH or state is DISCARDING) and self.registry.draining:
                 # A message finished while the daemon stops: say goodbye now.
                 self.shutdown()
             self._sync_reading()

@@ -218,8 +218,7 @@ class SMTPSession(PipelinedLineReceiver):
         tls_options: Any,
         implicit_tls: bool,
     ) -> None:
-        super().__init__(registry.settings.idle_timeout)
-        self.registry = registry
+        super().__init__(registry)
         self.settings = registry.settings
         self.login_service = login_service
         self.tls_options = tls_options
@@ -309,9 +308,6 @@ class SMTPSession(PipelinedLineReceiver):
         self.outcome = "shutdown"
         self.reply(421, "4.3.2", "Service shutting down")
         self._close()
-
-    def _draining(self) -> bool:
-        return self.registry.draining
 
     def _hang_up(self, outcome: str, text: str) -> None:
         """Say C{421 4.7.0 text} and close: the client is misbehaving."""
