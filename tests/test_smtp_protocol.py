@@ -17,6 +17,7 @@ from twisted.internet.testing import StringTransport
 from twisted.trial import unittest
 from zope.interface import implementer
 
+from smtpplus.smtp.framing import SessionState
 from smtpplus.smtp.interfaces import SMTPReply
 from smtpplus.smtp.protocol import (
     AUTH_LINE_MAX,
@@ -902,3 +903,52 @@ class EnvelopeAddressTests(unittest.TestCase):
         self.assertEqual(d.send(f"RCPT TO:<{'x' * 10}@{domain}>\r\n"), ["501 5.1.3 Bad recipient address syntax"])
         self.assertEqual(d.send(f"RCPT TO:<{'x' * 8}@{domain}>\r\n"), ["250 2.1.5 Recipient ok"])
 
+
+class SessionStateTests(unittest.TestCase):
+    """The session's one state (smtpplus.smtp.framing.SessionState) follows the dialogue."""
+
+    def test_states_follow_the_dialogue(self) -> None:
+        """COMMAND, AUTH between challenges, DATA, WAITING while the message is stored, CLOSING, CLOSED."""
+        d = Dialogue(self)
+        stored: Deferred[str] = Deferred()
+        d.submitter.eom_result = stored
+        self.assertIs(d.session.state, SessionState.COMMAND)
+        d.send("EHLO client.test\r\nSTARTTLS\r\n")
+        d.send("EHLO client.test\r\nAUTH LOGIN\r\n")
+        self.assertIs(d.session.state, SessionState.AUTH)
+        d.send(base64.b64encode(b"alice") + b"\r\n")
+        self.assertIs(d.session.state, SessionState.AUTH)
+        self.assertEqual(d.send(base64.b64encode(b"secret") + b"\r\n"), ["235 2.7.0 Authentication successful"])
+        self.assertIs(d.session.state, SessionState.COMMAND)
+        d.send("MAIL FROM:<alice@example.test>\r\nRCPT TO:<bob@example.org>\r\nDATA\r\n")
+        self.assertIs(d.session.state, SessionState.DATA)
+        d.send("body\r\n.\r\n")
+        self.assertIs(d.session.state, SessionState.WAITING)
+        stored.callback("Q9")
+        self.assertIs(d.session.state, SessionState.COMMAND)
+        self.assertEqual(d.take(), ["250 2.0.0 Ok: queued as Q9"])
+        self.assertEqual(d.send("QUIT\r\n"), ["221 2.0.0 Bye"])
+        self.assertIs(d.session.state, SessionState.CLOSING)
+        d.session.connectionLost(None)
+        self.assertIs(d.session.state, SessionState.CLOSED)
+
+    def test_attributes_created_in_init(self) -> None:
+        """A whole session creates no attribute after construction, beyond those Twisted's own classes set."""
+        registry = SessionRegistry(settings(auth_requires_tls=False), Clock())
+        login = FakeLogin()
+        peer = IPv4Address("TCP", "192.0.2.7", 40000)
+        session = SMTPServerFactory(registry, login, None).buildProtocol(peer)
+        before = set(vars(session))
+        transport = TLSStringTransport(hostAddress=IPv4Address("TCP", "127.0.0.1", 587), peerAddress=peer)
+        session.makeConnection(transport)
+        session.dataReceived(
+            f"EHLO c\r\nAUTH PLAIN {PLAIN_ALICE}\r\nMAIL FROM:<alice@example.test>\r\n"
+            "RCPT TO:<bob@example.org>\r\nDATA\r\n".encode()
+        )
+        session.dataReceived(b"x" * 2000 + b"\r\n.\r\nAUTH LOGIN\r\n*\r\nBOGUS\r\nQUIT\r\n")
+        registry.clock.advance(400)
+        session.connectionLost(None)
+        self.assertIn(b"552 5.3.4", transport.value())
+        # Protocol.makeConnection sets transport and connected; TimeoutMixin.setTimeout its timer.
+        twisted_own = {"transport", "connected", "timeOut", "_TimeoutMixin__timeoutCall"}
+        self.assertEqual(set(vars(session)) - before - twisted_own, set())

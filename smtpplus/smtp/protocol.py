@@ -1,5 +1,6 @@
 """
-The ESMTP wire protocol: one L{SMTPSession} per connection.
+The ESMTP wire protocol: one L{SMTPSession} per connection, and the factory
+that builds it.
 
 Written on L{Protocol} rather than C{twisted.mail.smtp.ESMTP} because the
 stock class executes pipelined commands while an earlier asynchronous check
@@ -7,29 +8,48 @@ is still pending, keeps plaintext buffered across STARTTLS, offers AUTH
 before TLS, has no SIZE or enhanced status codes and fixes the final reply.
 The session only speaks the protocol; who may send what is the business of
 the L{ISubmitter} avatar that L{ILoginService} returns.
+
+The session is built from parts, each in its own module:
+L{smtpplus.smtp.framing} (command lines, pipelining, flow control, the
+session state), L{smtpplus.smtp.sasl} (AUTH mechanisms),
+L{smtpplus.smtp.data} (the DATA decoder) and L{smtpplus.smtp.registry}
+(connection limits and the drain); this module holds the commands.
 """
 
 from __future__ import annotations
 
-import base64
-import binascii
 import datetime
 import email.utils
 import re
 from collections.abc import Callable
 from typing import Any
 
-import attrs
 from twisted.cred.error import UnauthorizedLogin
 from twisted.internet.defer import Deferred, maybeDeferred
-from twisted.internet.interfaces import IPushProducer, IReactorTime, ITLSTransport
+from twisted.internet.interfaces import ITLSTransport
 from twisted.internet.protocol import Protocol, ServerFactory
 from twisted.logger import Logger
-from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure
-from zope.interface import implementer
 
-from smtpplus.address import BadAddressSyntax, BadInternationalDomain, NonASCIILocalPart, envelope_mailbox
+from smtpplus.address import (
+    BadAddressSyntax,
+    BadInternationalDomain,
+    NonASCIILocalPart,
+    envelope_mailbox,
+    parse_mailbox,
+)
+from smtpplus.smtp.data import DATA_FLUSH_SIZE, decode_data
+from smtpplus.smtp.framing import (
+    AUTH,
+    AUTH_LINE_MAX,
+    CLOSED,
+    CLOSING,
+    COMMAND,
+    COMMAND_LINE_MAX,
+    DATA,
+    WAITING,
+    PipelinedLineReceiver,
+)
 from smtpplus.smtp.interfaces import (
     Envelope,
     ILoginService,
@@ -39,13 +59,26 @@ from smtpplus.smtp.interfaces import (
     SessionInfo,
     SMTPReply,
 )
+from smtpplus.smtp.registry import SessionRegistry, SessionSettings
+from smtpplus.smtp.sasl import EXTENSION as AUTH_EXTENSION
+from smtpplus.smtp.sasl import MECHANISMS, SASLExchange
+
+# Importers of this module use these names from here.
+__all__ = [
+    "AUTH_LINE_MAX",
+    "COMMAND_LINE_MAX",
+    "DATA_FLUSH_SIZE",
+    "MAX_BAD_COMMANDS",
+    "MAX_JUNK_COMMANDS",
+    "SMTPServerFactory",
+    "SMTPSession",
+    "SessionRegistry",
+    "SessionSettings",
+    "parse_mailbox",
+]
 
 log = Logger()
 
-# RFC 5321 4.5.3.1.4: 512 octets for a command line with its CRLF; RFC 4954
-# section 4 allows 12288 for AUTH and its continuation lines.
-COMMAND_LINE_MAX = 512
-AUTH_LINE_MAX = 12288
 MAX_BAD_COMMANDS = 20
 # Replies that count towards MAX_BAD_COMMANDS: syntax and sequence errors,
 # and refused or failed authentication (a cheap brake on password guessing).
@@ -57,15 +90,16 @@ _BAD_COMMAND_CODES = frozenset((500, 501, 502, 503, 504, 530, 535, 555))
 # connection open and sends RSET between messages is not cut off.
 MAX_JUNK_COMMANDS = 100
 _JUNK_VERBS = frozenset(("NOOP", "RSET", "VRFY", "EXPN", "HELP"))
-# Without a CRLF in this much DATA input the line is passed on in pieces so
-# that no single line can make the session buffer grow without bound.
-DATA_FLUSH_SIZE = 65536
+_TOO_MUCH_JUNK = "Too many commands without a mail transaction, closing connection"
 
 _PATH_RE = re.compile(rb"^\s*(?:<(?P<bracketed>[^<>]*)>|(?P<bare>[^\s<>]+))(?:\s+(?P<params>.*))?$", re.S)
-# Bare CR or LF inside DATA; RFC 5321 2.3.8 allows line breaks only as CRLF.
-_BARE_NEWLINE_RE = re.compile(rb"\r(?!\n)|(?<!\r)\n")
 # Reply text must stay on its line: no control characters from callers.
 _CONTROL_RE = re.compile(r"[\x00-\x09\x0b-\x1f\x7f]")
+
+
+# --- Envelope addresses -----------------------------------------------------
+# The syntax and the IDNA conversion live in the leaf smtpplus.address; the
+# session only maps their errors to replies.
 
 
 # RFC 3463 enhanced status for a bad envelope address, by role.
@@ -99,83 +133,6 @@ def _address_literal(ip: str) -> str:
     return f"[IPv6:{ip}]" if ":" in ip else f"[{ip}]"
 
 
-@attrs.frozen
-class SessionSettings:
-    """The parts of the configuration a session needs."""
-
-    hostname: str
-    max_message_size: int
-    max_recipients: int
-    max_connections: int
-    max_connections_per_ip: int
-    idle_timeout: int
-    auth_requires_tls: bool
-
-
-class SessionRegistry:
-    """
-    Every live session across all listening ports: enforces the daemon-wide
-    and per-IP connection limits and drains sessions on shutdown.
-    """
-
-    def __init__(self, settings: SessionSettings, clock: IReactorTime) -> None:
-        self.settings = settings
-        self.clock = clock
-        self.sessions: set[SMTPSession] = set()
-        self.per_ip: dict[str, int] = {}
-        self.draining = False
-        self._drained: Deferred[None] | None = None
-
-    def admit(self, ip: str) -> str | None:
-        """Return why a new connection from C{ip} must be refused, or None."""
-        if self.draining:
-            return "421 4.3.2 Service shutting down"
-        if len(self.sessions) >= self.settings.max_connections:
-            return "421 4.7.0 Too many connections, try again later"
-        if self.per_ip.get(ip, 0) >= self.settings.max_connections_per_ip:
-            return "421 4.7.0 Too many connections from your address, try again later"
-        return None
-
-    def add(self, session: SMTPSession, ip: str) -> None:
-        self.sessions.add(session)
-        self.per_ip[ip] = self.per_ip.get(ip, 0) + 1
-
-    def remove(self, session: SMTPSession, ip: str) -> None:
-        if session not in self.sessions:
-            return
-        self.sessions.discard(session)
-        remaining = self.per_ip.get(ip, 1) - 1
-        if remaining:
-            self.per_ip[ip] = remaining
-        else:
-            self.per_ip.pop(ip, None)
-        if self.draining and not self.sessions and self._drained is not None:
-            drained, self._drained = self._drained, None
-            drained.callback(None)
-
-    def drain(self, grace: float) -> Deferred[None]:
-        """
-        Close idle sessions now with C{421}, let those receiving or storing a
-        message finish for up to C{grace} seconds, then cut the rest.
-        """
-        self.draining = True
-        drained: Deferred[None] = Deferred()
-        if not self.sessions:
-            drained.callback(None)
-            return drained
-        self._drained = drained
-        for session in list(self.sessions):
-            session.shutdown()
-
-        def cut() -> None:
-            for session in list(self.sessions):
-                session.transport.abortConnection()
-
-        timer = self.clock.callLater(grace, cut)
-        drained.addBoth(lambda r: (timer.cancel() if timer.active() else None, r)[1])
-        return drained
-
-
 class SMTPServerFactory(ServerFactory):
     """
     Builds sessions for one kind of port (STARTTLS or implicit TLS); all
@@ -200,8 +157,7 @@ class SMTPServerFactory(ServerFactory):
         refusal = self.registry.admit(getattr(addr, "host", str(addr)))
         if refusal is not None:
             return _Refuse(refusal)
-        session = SMTPSession(self.registry.settings, self.login_service, self.tls_options, self.implicit_tls)
-        session.registry = self.registry
+        session = SMTPSession(self.registry, self.login_service, self.tls_options, self.implicit_tls)
         session.factory = self
         return session
 
@@ -217,70 +173,70 @@ class _Refuse(Protocol):
         self.transport.loseConnection()
 
 
-_COMMAND, _AUTH, _DATA = "COMMAND", "AUTH", "DATA"
-_TOO_MUCH_JUNK = "Too many commands without a mail transaction, closing connection"
-
-
-@implementer(IPushProducer)
-class SMTPSession(Protocol, TimeoutMixin):
+class SMTPSession(PipelinedLineReceiver):
     """
-    One ESMTP session; see the module docstring.
-
-    The session is the streaming producer of its own transport: while the
-    client does not take its replies (the transport's write buffer is full)
-    it stops working through pipelined input and stops reading, so that a
-    client cannot make the daemon buffer replies without bound.
+    One ESMTP session: the commands, their replies and the session limits;
+    see the module docstring.  Input, pipelining and flow control are
+    L{PipelinedLineReceiver}'s.
     """
 
-    registry: SessionRegistry
-
-    def __init__(self, settings: SessionSettings, login_service: ILoginService, tls_options: Any, implicit_tls: bool) -> None:
-        self.settings = settings
+    def __init__(
+        self,
+        registry: SessionRegistry,
+        login_service: ILoginService,
+        tls_options: Any,
+        implicit_tls: bool,
+    ) -> None:
+        super().__init__(registry)
+        self.settings = registry.settings
         self.login_service = login_service
         self.tls_options = tls_options
         self.tls = implicit_tls
-        self._buffer = b""
-        self._state = _COMMAND
-        self._waiting = False
-        self._paused = False
-        self._write_blocked = False
-        self._registered = False
-        self._discarding = False
-        self._processing = False
-        self._closing = False
-        self._lost = False
+        # TimeoutMixin's timers run on the registry's clock.
+        self.callLater = registry.clock.callLater
+        # The connection, known from connectionMade on.
+        self.peer_ip = ""
+        self.peer_port = 0
+        self.local_port = 0
+        self.started = 0.0
+        # Limits.
         self._bad_commands = 0
         self._junk_commands = 0
         self._command = ""
+        # The greeting and the login.
         self._helo: str | None = None
         self._esmtp = False
+        self._sasl: SASLExchange | None = None
         self.avatar: ISubmitter | None = None
         self._logout: Callable[[], None] | None = None
         self.username: str | None = None
-        self._auth_step: Callable[[bytes], Any] | None = None
-        self._login_name = b""
+        # The mail transaction.
+        self._mail_from: str | None = None
+        self._recipients: list[str] = []
+        self._mt_priority: int | None = None
+        self._body = "7BIT"
+        # The message between DATA and its final dot.
+        self._writer: IMessageWriter | None = None
+        self._data_size = 0
+        self._data_line_start = True
+        # For the log line at the end.
         self.messages = 0
         self.outcome = "disconnected"
-        self._reset_transaction()
 
     # connection lifecycle
 
     def connectionMade(self) -> None:
-        self.callLater = self.registry.clock.callLater
         peer = self.transport.getPeer()
         self.peer_ip = getattr(peer, "host", str(peer))
         self.peer_port = getattr(peer, "port", 0)
         self.local_port = getattr(self.transport.getHost(), "port", 0)
         self.started = self.registry.clock.seconds()
         self.registry.add(self, self.peer_ip)
-        self.transport.registerProducer(self, True)
-        self._registered = True
-        self.setTimeout(self.settings.idle_timeout)
+        super().connectionMade()
         self.reply(220, "", f"{self.settings.hostname} ESMTP smtpplus")
 
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
-        self._lost = True
-        self.setTimeout(None)
+        super().connectionLost(reason)
         self._abandon_message()
         if self._logout is not None:
             self._logout()
@@ -300,11 +256,11 @@ class SMTPSession(Protocol, TimeoutMixin):
         )
 
     def timeoutConnection(self) -> None:
-        if self._closing:
+        if self.state is CLOSING:
             # The client has not taken our last replies within the idle time.
             self.transport.abortConnection()
             return
-        if self._waiting:
+        if self.state is WAITING:
             # It is us who is slow (a command's check or the commit): the
             # client gets its full idle time again once answered.
             self.setTimeout(self.settings.idle_timeout)
@@ -316,67 +272,19 @@ class SMTPSession(Protocol, TimeoutMixin):
 
     def shutdown(self) -> None:
         """The daemon is stopping: hang up now unless a message is in progress."""
-        if self._state == _DATA or self._waiting:
+        if self.state in (DATA, WAITING, CLOSING, CLOSED):
             return
         self.outcome = "shutdown"
         self.reply(421, "4.3.2", "Service shutting down")
         self._close()
 
-    def _close(self, abort: bool = False) -> None:
-        self._closing = True
-        self._buffer = b""
-        if self._registered:
-            # loseConnection waits for a registered producer to go away.
-            self._registered = False
-            self.transport.unregisterProducer()
-        if abort:
-            self.transport.abortConnection()
-            return
-        self.transport.loseConnection()
-        # loseConnection first sends what is buffered; the idle time bounds that too.
-        self.setTimeout(self.settings.idle_timeout)
-
     def _hang_up(self, outcome: str, text: str) -> None:
         """Say C{421 4.7.0 text} and close: the client is misbehaving."""
-        if self._closing:
+        if self.state is CLOSING or self.state is CLOSED:
             return
         self.outcome = outcome
         self.reply(421, "4.7.0", text)
         self._close()
-
-    # flow control: IPushProducer, called by the transport
-
-    def pauseProducing(self) -> None:
-        """The transport's write buffer is full: hold input until it drains."""
-        self._write_blocked = True
-        self._sync_reading()
-
-    def resumeProducing(self) -> None:
-        """The transport's write buffer has drained: go on with the input."""
-        self._write_blocked = False
-        self._process()
-
-    def stopProducing(self) -> None:
-        """The connection is gone; connectionLost follows."""
-        self._closing = True
-        self._buffer = b""
-
-    def _sync_reading(self) -> None:
-        """
-        Read while all input read so far has been handled; stop while some
-        waits behind a pending command or behind replies the client has not
-        taken (and only then: during a TLS handshake the banner waits with
-        no input, and the handshake needs reading).
-        """
-        if self._closing or self._lost:
-            return
-        paused = bool(self._buffer) and (self._waiting or self._write_blocked)
-        if paused != self._paused:
-            self._paused = paused
-            if paused:
-                self.transport.pauseProducing()
-            else:
-                self.transport.resumeProducing()
 
     # output
 
@@ -401,85 +309,9 @@ class SMTPSession(Protocol, TimeoutMixin):
 
     # input
 
-    def dataReceived(self, data: bytes) -> None:
-        if self._closing:
-            return
-        if b"\n" in data:
-            # idle_timeout bounds each line: only a line's end resets it,
-            # not bytes trickling in.
-            self.resetTimeout()
-        self._buffer += data
-        self._process()
-
-    def _process(self) -> None:
-        if self._processing:
-            return
-        self._processing = True
-        try:
-            while self._buffer and not (self._waiting or self._write_blocked or self._closing):
-                if self._state == _DATA:
-                    if not self._data_step():
-                        break
-                    continue
-                if self.registry.draining and self._state == _COMMAND:
-                    break
-                end = self._buffer.find(b"\n", 0, AUTH_LINE_MAX + 1)
-                if self._discarding:
-                    # The rest of an over-long line, already answered.
-                    if end < 0:
-                        self._buffer = b""
-                        break
-                    self._discarding = False
-                    self._buffer = self._buffer[end + 1 :]
-                    continue
-                if end < 0:
-                    if len(self._buffer) > AUTH_LINE_MAX:
-                        self._buffer = b""
-                        self._discarding = True
-                        self._state = _COMMAND
-                        self._auth_step = None
-                        self.reply(500, "5.5.2", "Line too long")
-                    break
-                line = self._buffer[:end].rstrip(b"\r")
-                self._buffer = self._buffer[end + 1 :]
-                result = self._line_received(line)
-                if isinstance(result, Deferred):
-                    self._wait(result)
-            if self.registry.draining and not (self._waiting or self._closing or self._state == _DATA):
-                # A message finished while the daemon stops: say goodbye now.
-                self.shutdown()
-            self._sync_reading()
-        finally:
-            self._processing = False
-
-    def _wait(self, d: Deferred[Any]) -> None:
-        """
-        Hold later pipelined commands until C{d}, the current one, has
-        answered, so that replies go out once each and in order (RFC 2920).
-        """
-        # While it is pending, input behind it stays buffered and reading
-        # stops (see _sync_reading).  Without input behind it (the usual wait
-        # for the commit at the end of DATA) reading goes on, and pauses if
-        # the client sends meanwhile: that saves two epoll_ctl calls per
-        # message.
-        self._waiting = True
-        d.addBoth(self._resume)
-
-    def _resume(self, result: object) -> None:
-        if isinstance(result, Failure):
-            log.failure("a command's reply failed", result)
-        self._waiting = False
-        if self._lost or self._closing:
-            return
-        self.resetTimeout()
-        # Called synchronously from inside _process this returns at once and
-        # the running loop goes on; called later, it handles what was buffered.
-        self._process()
-
     def _line_received(self, line: bytes) -> Deferred[Any] | None:
-        if self._state == _AUTH:
-            assert self._auth_step is not None
-            return self._auth_continue(line)
+        if self.state is AUTH:
+            return self._auth_response(line)
         verb, _, rest = line.strip().partition(b" ")
         command = verb.upper().decode("ascii", "replace")
         self._command = command
@@ -498,6 +330,10 @@ class SMTPSession(Protocol, TimeoutMixin):
             return None
         return handler(rest.strip())
 
+    def _line_too_long(self) -> None:
+        self._sasl = None
+        self.reply(500, "5.5.2", "Line too long")
+
     # session commands
 
     def _extensions(self) -> list[str]:
@@ -505,7 +341,7 @@ class SMTPSession(Protocol, TimeoutMixin):
         if not self.tls and self.tls_options is not None and ITLSTransport.providedBy(self.transport):
             ext.append("STARTTLS")
         if self.tls or not self.settings.auth_requires_tls:
-            ext.append("AUTH PLAIN LOGIN")
+            ext.append(AUTH_EXTENSION)
         return ext
 
     def _client_name(self, rest: bytes, verb: str) -> str | None:
@@ -548,13 +384,8 @@ class SMTPSession(Protocol, TimeoutMixin):
             self.reply(454, "4.7.0", "TLS not available")
             return
         self.reply(220, "2.0.0", "Ready to start TLS")
-        # RFC 3207 section 4.2: forget everything learnt before TLS, and never
-        # execute plaintext that was pipelined behind STARTTLS.
-        self._buffer = b""
-        self.transport.startTLS(self.tls_options)
-        # startTLS registers this producer again with the TLS layer, which
-        # starts out unpaused.
-        self._write_blocked = False
+        self._start_tls(self.tls_options)
+        # RFC 3207 section 4.2: forget everything learnt before TLS.
         self.tls = True
         self._helo = None
         self._esmtp = False
@@ -605,58 +436,36 @@ class SMTPSession(Protocol, TimeoutMixin):
         if not mechanism:
             self.reply(501, "5.5.4", "Syntax: AUTH mechanism [initial-response]")
             return None
-        if mechanism == b"PLAIN":
-            self._auth_step = self._auth_plain
-            if initial:
-                return self._auth_continue(initial)
-            self._state = _AUTH
-            self.reply(334, "", "")
+        if mechanism not in MECHANISMS:
+            self.reply(504, "5.5.4", "Unrecognized authentication type")
             return None
-        if mechanism == b"LOGIN":
-            self._auth_step = self._auth_login_user
-            if initial:
-                return self._auth_continue(initial)
-            self._state = _AUTH
-            self.reply(334, "", base64.b64encode(b"Username:").decode())
-            return None
-        self.reply(504, "5.5.4", "Unrecognized authentication type")
+        self._sasl = SASLExchange(mechanism)
+        if initial:
+            # RFC 4954 4: the initial response answers the first challenge.
+            return self._auth_response(initial)
+        self.state = AUTH
+        self.reply(334, "", self._sasl.challenge)
         return None
 
-    def _auth_continue(self, line: bytes) -> Deferred[Any] | None:
-        self._state = _COMMAND
-        step = self._auth_step
-        assert step is not None
-        line = line.strip()
-        if line == b"*":
-            self._auth_step = None
-            self.reply(501, "5.0.0", "Authentication cancelled")
-            return None
+    def _auth_response(self, line: bytes) -> Deferred[Any] | None:
+        """The client's response to the current SASL challenge."""
+        self.state = COMMAND
+        exchange, self._sasl = self._sasl, None
+        assert exchange is not None
         try:
-            decoded = base64.b64decode(line, validate=True) if line != b"=" else b""
-        except (binascii.Error, ValueError):
-            self._auth_step = None
-            self.reply(501, "5.5.2", "Cannot decode response")
+            complete = exchange.respond(line)
+        except SMTPReply as e:
+            self._reply_error(e)
             return None
-        return step(decoded)
-
-    def _auth_plain(self, decoded: bytes) -> Deferred[Any] | None:
-        parts = decoded.split(b"\0")
-        if len(parts) != 3:
-            self.reply(501, "5.5.2", "Malformed PLAIN response")
+        if not complete:
+            self._sasl = exchange
+            self.state = AUTH
+            self.reply(334, "", exchange.challenge)
             return None
-        return self._login(parts[1], parts[2])
-
-    def _auth_login_user(self, decoded: bytes) -> None:
-        self._login_name = decoded
-        self._auth_step = self._auth_login_password
-        self._state = _AUTH
-        self.reply(334, "", base64.b64encode(b"Password:").decode())
-
-    def _auth_login_password(self, decoded: bytes) -> Deferred[Any]:
-        return self._login(self._login_name, decoded)
+        credentials = exchange.credentials
+        return self._login(credentials.username, credentials.password)
 
     def _login(self, username: bytes, password: bytes) -> Deferred[Any]:
-        self._auth_step = None
         name = username.decode("utf-8", "replace")
         d = maybeDeferred(
             self.login_service.login, name, password.decode("utf-8", "replace"), self.peer_ip
@@ -664,7 +473,7 @@ class SMTPSession(Protocol, TimeoutMixin):
 
         def succeeded(result: tuple[ISubmitter, Callable[[], None]]) -> None:
             avatar, logout = result
-            if self._closing or self._lost:
+            if self.state is CLOSING or self.state is CLOSED:
                 logout()
                 return
             self.avatar = avatar
@@ -694,9 +503,9 @@ class SMTPSession(Protocol, TimeoutMixin):
 
     def _reset_transaction(self) -> None:
         self._abandon_message()
-        self._mail_from: str | None = None
-        self._recipients: list[str] = []
-        self._mt_priority: int | None = None
+        self._mail_from = None
+        self._recipients = []
+        self._mt_priority = None
         self._body = "7BIT"
 
     def _session_info(self) -> SessionInfo:
@@ -846,11 +655,10 @@ class SMTPSession(Protocol, TimeoutMixin):
             log.failure("could not open a message")
             self.reply(451, "4.3.0", "Local error in processing, try again later")
             return
-        self._writer: IMessageWriter | None = writer
+        self._writer = writer
         self._data_size = 0
-        self._data_overflow = False
-        self._at_line_start = True
-        self._state = _DATA
+        self._data_line_start = True
+        self.state = DATA
         self.reply(354, "", "End data with <CR><LF>.<CR><LF>")
 
     def _received_header(self) -> bytes:
@@ -869,63 +677,28 @@ class SMTPSession(Protocol, TimeoutMixin):
         return header.encode("utf-8", "replace")
 
     def _data_step(self) -> bool:
-        """
-        Consume DATA input from the buffer; return False when more input is
-        needed to go on.
-        """
-        buf = self._buffer
-        if self._at_line_start and buf.startswith(b".\r\n"):
-            self._buffer = buf[3:]
-            self._deliver(b"")
-            return True
-        end = buf.find(b"\r\n.\r\n")
-        if end >= 0:
-            self._buffer = buf[end + 5 :]
-            self._deliver(buf[: end + 2])
-            return True
-        cut = buf.rfind(b"\r\n")
-        if cut >= 0:
-            # Keep a trailing "." (a possible terminator) for the next read.
-            chunk, self._buffer = buf[: cut + 2], buf[cut + 2 :]
-            self._feed(chunk)
-            self._at_line_start = True
-            return len(self._buffer) > DATA_FLUSH_SIZE
-        if len(buf) > DATA_FLUSH_SIZE:
-            keep = 1 if buf.endswith(b"\r") else 0
-            chunk, self._buffer = buf[: len(buf) - keep], buf[len(buf) - keep :]
-            self._feed(chunk)
-            self._at_line_start = False
-        return False
-
-    def _feed(self, chunk: bytes) -> None:
-        if self._at_line_start and chunk.startswith(b"."):
-            chunk = chunk[1:]
-        chunk = chunk.replace(b"\r\n.", b"\r\n")
-        # Store CRLF only, so that a bare LF or CR cannot turn into a line
-        # break (or an end-of-data) at a less careful next hop: SMTP smuggling.
-        # Chunks never split a CRLF (see _data_step).
-        crlf = chunk.count(b"\r\n")
-        if chunk.count(b"\r") != crlf or chunk.count(b"\n") != crlf:
-            chunk = _BARE_NEWLINE_RE.sub(b"\r\n", chunk)
-        if self._data_overflow:
-            return
-        self._data_size += len(chunk)
-        if self._data_size > self.settings.max_message_size:
-            self._data_overflow = True
+        body, self._buffer, self._data_line_start, self._data_size, end = decode_data(
+            self._buffer, self._data_line_start, self._data_size, self.settings.max_message_size
+        )
+        if body is None:
+            # Over the size limit: read on up to the end, store nothing.
             self._abandon_message()
-            return
-        assert self._writer is not None
-        self._writer.write(chunk)
+        elif body:
+            assert self._writer is not None
+            self._writer.write(body)
+        if end:
+            self._deliver()
+            return True
+        return len(self._buffer) > DATA_FLUSH_SIZE
 
-    def _deliver(self, last: bytes) -> None:
-        if last:
-            self._feed(last)
-        self._state = _COMMAND
+    def _deliver(self) -> None:
+        """The final dot arrived: have the message stored, then answer."""
+        self.state = COMMAND
         writer = self._writer
-        overflow = self._data_overflow
         self._writer = None
         self._reset_transaction()
-        if overflow or writer is None:
+        if writer is None:
+            # Dropped by _data_step: the message outgrew the limit.
             self.reply(552, "5.3.4", "Message size exceeds fixed maximum message size")
             return
         d = maybeDeferred(writer.eomReceived)
@@ -945,7 +718,7 @@ class SMTPSession(Protocol, TimeoutMixin):
         self._wait(d.addCallbacks(queued, failed))
 
     def _abandon_message(self) -> None:
-        writer = getattr(self, "_writer", None)
+        writer = self._writer
         self._writer = None
         if writer is not None:
             try:
