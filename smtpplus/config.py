@@ -349,6 +349,17 @@ class SecurityConfig:
     auth_lock_seconds: int = _key(900, _positive)
 
 
+LOG_LEVELS = ("debug", "info", "warn", "error")
+
+
+@attrs.frozen
+class LogConfig:
+    """C{[log]}: how each line is written and the least level written."""
+
+    format: str = _key("text", _one_of("text", "json"))
+    level: str = _key("info", _one_of(*LOG_LEVELS))
+
+
 @attrs.frozen
 class Config:
     """The whole daemon configuration, validated; one field per TOML section."""
@@ -360,6 +371,7 @@ class Config:
     admin: AdminConfig = attrs.field(factory=AdminConfig)
     notifications: NotificationsConfig = attrs.field(factory=NotificationsConfig)
     security: SecurityConfig = attrs.field(factory=SecurityConfig)
+    log: LogConfig = attrs.field(factory=LogConfig)
 
 
 def _smtp_ports_apart(smtp: SMTPConfig) -> None:

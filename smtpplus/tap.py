@@ -12,9 +12,10 @@ from typing import Any, NoReturn
 
 from twisted.application.service import IService, MultiService, Service
 from twisted.internet.defer import Deferred, inlineCallbacks
-from twisted.logger import Logger
+from twisted.logger import ILogObserver, Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python import usage
+from twisted.python.components import Componentized
 
 from smtpplus.admin.api import AdminAPI
 from smtpplus.admin.service import admin_service, admin_token
@@ -26,9 +27,11 @@ from smtpplus.config import Config, ConfigError, TLSConfig, config_from_text, co
 from smtpplus.delivery.queue import SQLiteQueueStore
 from smtpplus.delivery.service import build_delivery
 from smtpplus.delivery.threads import reactor_runner
+from smtpplus.log import DaemonLog, log_destination
 from smtpplus.notify.dispatch import build_notifier
 from smtpplus.notify.events import EventStore
 from smtpplus.notify.stats import Statistics
+from smtpplus.reload import Appliers, ReloadableTLS, Reloader
 from smtpplus.smtp.listeners import BindError, SMTPListeners, raise_open_files_limit
 from smtpplus.smtp.protocol import SessionRegistry, SessionSettings, SMTPServerFactory
 from smtpplus.smtp.tls import check_tls_files, server_context
@@ -78,17 +81,26 @@ class Options(usage.Options):
                 overrides.setdefault("admin", {})["port"] = int(self["admin-port"])
             else:
                 errors.append(f"--admin-port: {self['admin-port']!r} is not a port number")
-        checks = {TLSConfig: check_tls_files}
+        self.overrides = overrides
         try:
-            if self["config"] is None:
-                config = config_from_text("", overrides, checks)
-            else:
-                config = load_config(self["config"], overrides, checks)
+            config = self.load()
         except ConfigError as e:
             errors.extend(e.errors)
         if errors:
             _fail(*(f"configuration error: {line}" for line in errors))
         self.config: Config = config
+
+    def load(self) -> Config:
+        """
+        Read and check the configuration file (or the defaults without
+        one) with the command line's overrides: at start and on SIGHUP.
+
+        @raise ConfigError: one line per problem.
+        """
+        checks = {TLSConfig: check_tls_files}
+        if self["config"] is None:
+            return config_from_text("", self.overrides, checks)
+        return load_config(self["config"], self.overrides, checks)
 
 
 class DaemonService(MultiService):
@@ -96,7 +108,17 @@ class DaemonService(MultiService):
     The root of the tree.  Children start in order and stop one after the
     other in reverse, so that listeners close and sessions drain before the
     stores they write to go away.
+
+    @ivar log_observer: set as the application's L{ILogObserver} when the
+        tree joins it, for twistd to log through (see L{smtpplus.log}).
     """
+
+    log_observer: DaemonLog | None = None
+
+    def setServiceParent(self, parent: Any) -> None:
+        MultiService.setServiceParent(self, parent)
+        if self.log_observer is not None and isinstance(parent, Componentized):
+            parent.setComponent(ILogObserver, self.log_observer)
 
     def privilegedStartService(self) -> None:
         try:
@@ -132,9 +154,18 @@ class _CallableService(Service):
         return self._stop()
 
 
-def build_service(config: Config, reactor: Any) -> MultiService:
+def build_service(
+    config: Config,
+    reactor: Any,
+    load: Any = None,
+    source: str = "",
+    daemon_log: DaemonLog | None = None,
+) -> MultiService:
     """
     Build the daemon's service tree for C{config} on C{reactor}.
+
+    With C{load} (which reads the configuration file C{source} again),
+    SIGHUP reloads it and reopens C{daemon_log}'s file.
 
     Children start in this order and stop in reverse: the admin API and the
     listeners close first, sessions drain (still committing to the queue),
@@ -148,7 +179,7 @@ def build_service(config: Config, reactor: Any) -> MultiService:
     os.chmod(state_dir, 0o700)
     smtp = config.smtp
     raise_open_files_limit(len(smtp.ports) + len(smtp.tls_ports) + smtp.max_connections + 256)
-    tls_options = server_context(config.tls, config.server.hostname, state_dir)
+    tls_options = ReloadableTLS(server_context(config.tls, config.server.hostname, state_dir))
 
     top = DaemonService()
     database = Database(reactor, os.path.join(state_dir, "smtpplus.db"))
@@ -210,6 +241,41 @@ def build_service(config: Config, reactor: Any) -> MultiService:
     listeners.setName("smtp")
     listeners.setServiceParent(top)
 
+    if load is not None:
+        delivery = delivery_service.delivery
+
+        def reload_delivery(new: Config) -> None:
+            # delivery_delay_threshold is a [notifications] key the agent applies.
+            delivery.reconfigure(new.delivery, new.notifications.delivery_delay_threshold)
+
+        def reload_notifications(new: Config) -> None:
+            replacement = build_notifier(new.notifications, config.server.hostname, reactor, submit_internal)
+            notifier.take_over(replacement).addErrback(
+                lambda f: log.failure("stopping the previous notification channels failed", f)
+            )
+            reload_delivery(new)
+
+        def reload_tls(options: Any) -> None:
+            tls_options.options = options
+
+        appliers = Appliers(
+            tls=reload_tls,
+            delivery=reload_delivery,
+            notifications=reload_notifications,
+            security=lambda new: throttle.reconfigure(new.security),
+            log=lambda new: daemon_log.configure(new.log) if daemon_log is not None else None,
+        )
+        Reloader(
+            reactor,
+            config,
+            source,
+            load,
+            lambda new: server_context(new.tls, new.server.hostname, new.server.state_dir),
+            appliers,
+            daemon_log.reopen if daemon_log is not None else lambda: None,
+            reactor_runner(reactor),
+        ).setServiceParent(top)
+
     def client_settings() -> dict[str, Any]:
         return {
             "hostname": config.server.hostname,
@@ -254,10 +320,24 @@ def makeService(options: Options) -> IService:
     from twisted.internet import reactor
 
     config = options.config
+    parent = options.parent
+    try:
+        destination = log_destination(parent)
+    except ValueError as e:
+        _fail(str(e))
+    daemon_log = None
+    if destination is None:
+        log.warn("twistd --logger is given: it writes the log, and [log] format and level do not apply")
+    else:
+        try:
+            daemon_log = DaemonLog(destination, config.log)
+        except OSError as e:
+            _fail(f"cannot open the log file {destination.path}: {e.strerror or e}")
     for warning in config_warnings(config):
         log.warn("configuration warning: {warning}", warning=warning)
+    source = options["config"] or "(no file: the defaults)"
     try:
-        service = build_service(config, reactor)
+        service = build_service(config, reactor, options.load, source, daemon_log)
     except ConfigError as e:
         _fail(f"configuration error: {e}")
     except OSError as e:
@@ -266,7 +346,10 @@ def makeService(options: Options) -> IService:
     # collector from rescanning it while large API answers are built.
     gc.collect()
     gc.freeze()
-    parent = options.parent
+    if daemon_log is not None:
+        assert isinstance(service, DaemonService)
+        service.log_observer = daemon_log
+        daemon_log.rotate_on_usr1()
     if parent is not None:
         hand_over_state_dir(config.server.state_dir, parent.get("uid"), parent.get("gid"))
     return service

@@ -180,6 +180,15 @@ class LoginThrottle:
         self._lock_seconds = security.auth_lock_seconds
         self.known = KnownAddresses(clock)
 
+    def reconfigure(self, security: SecurityConfig) -> None:
+        """Apply a reloaded C{[security]}: counts already made are kept, locks in force run out."""
+        for tracker, limit in ((self._ips, security.auth_failures_per_ip), (self._users, security.auth_failures_per_user)):
+            tracker.limit = limit
+            tracker.lock_seconds = security.auth_lock_seconds
+            for key, times in tracker.failures.items():
+                tracker.failures[key] = deque(times, maxlen=limit)
+        self._lock_seconds = security.auth_lock_seconds
+
     def _trusted(self, username: str, ip: str) -> bool:
         return (username.casefold(), ip) in self.known
 

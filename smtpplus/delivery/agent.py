@@ -102,6 +102,16 @@ class DeliveryAgent:
         self.attempting: set[str] = set()
         self._store_error: str | None = None
 
+    def reconfigure(
+        self, retry_schedule: Sequence[int], max_queue_lifetime: float, delay_threshold: float, relay: IRelay | None
+    ) -> None:
+        """Apply reloaded settings to the attempts that start from now on; C{relay}: a new next hop, or None."""
+        self._retry_schedule = tuple(retry_schedule)
+        self._lifetime = max_queue_lifetime
+        self._delay_threshold = delay_threshold
+        if relay is not None:
+            self._relay = relay
+
     def _remove(self, message_ids: list[str]) -> Deferred[list[None]]:
         d = self._in_thread(self._spool.remove, message_ids)
         return d.addCallback(lambda _: [None] * len(message_ids))
@@ -158,12 +168,15 @@ class DeliveryAgent:
                 outcomes = []
             results: dict[str, tuple[int, str]] = {}
             problem = "no result from the next hop"
+            hops: dict[str, str] = {}
             for outcome in outcomes:
                 results.update(outcome.results)
+                hops.update((address, outcome.hop) for address in outcome.results)
                 if outcome.problem:
                     problem = outcome.problem
+                    hops.update((address, outcome.hop) for address in addresses if address not in hops)
                 self._track_hop(outcome, message)
-            return (yield self._conclude(message, pending, results, problem))
+            return (yield self._conclude(message, pending, results, problem, hops))
         finally:
             self.attempting.discard(message_id)
 
@@ -177,7 +190,12 @@ class DeliveryAgent:
 
     @inlineCallbacks
     def _conclude(
-        self, message: dict[str, Any], pending: list[dict[str, Any]], results: dict[str, tuple[int, str]], problem: str
+        self,
+        message: dict[str, Any],
+        pending: list[dict[str, Any]],
+        results: dict[str, tuple[int, str]],
+        problem: str,
+        hops: dict[str, str] | None = None,
     ) -> Any:
         now = self._clock.seconds()
         expired = now >= message["created_at"] + self._lifetime
@@ -241,10 +259,32 @@ class DeliveryAgent:
             self._removals.add(message["id"]).addErrback(
                 lambda f: log.failure("removing spooled message {id} failed", f, id=message["id"])
             )
-        log.info(
-            "delivery attempt id={id} status={status} next={next}", id=message["id"], status=status, next=next_attempt
-        )
+        self._log_attempt(message, updates, status, next_attempt, hops or {})
         return next_attempt
+
+    def _log_attempt(
+        self,
+        message: dict[str, Any],
+        updates: list[queue.RecipientUpdate],
+        status: str,
+        next_attempt: float | None,
+        hops: dict[str, str],
+    ) -> None:
+        """The attempt's log line: each recipient's next hop, reply and status, the message's status and next retry."""
+        recipients = [
+            {"address": r["address"], "hop": hops.get(r["address"], "-"), "reply": u.last_response, "status": u.status}
+            for r, u in zip(_by_idx(message, updates), updates, strict=True)
+        ]
+        log.info(
+            "delivery attempt id={id} status={status} next_retry={next_retry} {results}",
+            id=message["id"],
+            status=status,
+            next_retry=iso(next_attempt),
+            recipients=recipients,
+            results="; ".join(
+                f"to=<{r['address']}> hop={r['hop']} status={r['status']} reply={r['reply']!r}" for r in recipients
+            ),
+        )
 
     @inlineCallbacks
     def _store(

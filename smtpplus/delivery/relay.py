@@ -254,7 +254,7 @@ class Relay:
             if isinstance(outcome, dict):
                 return HopOutcome(hop, outcome)
             problem = f"{host}:{port}: {outcome}"
-            log.info("relay to {hop} via {host}:{port} failed: {problem}", hop=hop, host=host, port=port, problem=outcome)
+            log.debug("relay to {hop} via {host}:{port} failed: {problem}", hop=hop, host=host, port=port, problem=outcome)
         return HopOutcome(hop, {}, problem)
 
 

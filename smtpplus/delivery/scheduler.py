@@ -127,6 +127,12 @@ class Scheduler:
         self._levels[job.priority].push(job)
         self._pump()
 
+    def reconfigure(self, max_concurrency: int, rate_limit: float) -> None:
+        """Apply a reloaded C{max_concurrency} and C{rate_limit}; attempts in flight go on."""
+        self.max_concurrency = max_concurrency
+        self._interval = 1.0 / rate_limit if rate_limit else 0.0
+        self._pump()
+
     def ready_count(self) -> int:
         """How many messages wait for a delivery slot."""
         return sum(level.size for level in self._levels.values())

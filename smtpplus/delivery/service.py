@@ -9,6 +9,7 @@ import os
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import attrs
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, fail, inlineCallbacks, maybeDeferred
 from twisted.internet.interfaces import IReactorTCP, IReactorTime
@@ -73,6 +74,10 @@ class Delivery:
         self.stats = stats
         self._in_thread = run_in_thread
         self.spool = Spool(os.path.join(state_dir, "spool"))
+        self.config = config
+        self._connector = connector
+        self._hostname = hostname
+        self._own_relay = relay is None
         self.relay = relay if relay is not None else Relay(clock, connector, config, hostname)
         self.committer = Committer(run_in_thread, store, self.spool, self._queued)
         self.intake = Intake(clock, run_in_thread, self.spool, self.committer.commit, Refusals(events, stats), hostname)
@@ -96,6 +101,25 @@ class Delivery:
         # again once the daemon runs.
         self._orphans: list[str] = []
         store.on_reset(self._rebuild)
+
+    def reconfigure(self, config: DeliveryConfig, delay_threshold: float) -> None:
+        """
+        Apply a reloaded C{[delivery]} (its C{mode} excepted) and
+        C{delivery_delay_threshold} to the attempts that start from now on.
+        A changed next hop gets a new relay; the old one finishes the
+        messages it is sending, then closes its connections.
+        """
+        relay_keys = ("smarthost", "smarthost_username", "smarthost_password", "smarthost_tls", "dns_servers")
+        config = attrs.evolve(config, mode=self.config.mode)
+        new_relay = None
+        if self._own_relay and any(getattr(config, k) != getattr(self.config, k) for k in relay_keys):
+            new_relay = Relay(self.clock, self._connector, config, self._hostname)
+        self.config = config
+        self.agent.reconfigure(config.retry_schedule, config.max_queue_lifetime, delay_threshold, new_relay)
+        self.scheduler.reconfigure(config.max_concurrency, config.rate_limit)
+        if new_relay is not None:
+            old, self.relay = self.relay, new_relay
+            maybeDeferred(old.close).addErrback(lambda f: log.failure("closing the previous relay failed", f))
 
     def avatar(self, user: User, standing: Standing | None = None) -> ISubmitter:
         """The L{ISubmitter} for an authenticated user and the session's L{Standing}."""

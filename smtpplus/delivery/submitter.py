@@ -10,6 +10,7 @@ from collections.abc import Callable
 from twisted.internet.defer import Deferred, fail
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from smtpplus.auth.store import Standing
@@ -34,6 +35,23 @@ from smtpplus.model import User
 from smtpplus.smtp.interfaces import Envelope, IMessageWriter, ISubmitter, SessionInfo, SMTPReply
 
 log = Logger()
+
+# The refusal line's reason, by the reply's enhanced status code.
+_REASONS = {"5.3.4": "size", "5.4.6": "hops", "5.6.0": "smtpapi", "5.7.1": "sender", "5.7.13": "account"}
+
+
+def log_refusal(reply: SMTPReply, user: str, mail_from: str, peer: str, message_id: str | None = None) -> None:
+    """The log line of a refused sender or message: the reason and the reply."""
+    reason = _REASONS.get(reply.status, "storage" if reply.status.startswith("4.3.") else "other")
+    log.info(
+        "message refused id={id} user={user} mail_from=<{mail_from}> peer={peer} reason={reason} reply={reply}",
+        id=message_id or "-",
+        user=user,
+        mail_from=mail_from,
+        peer=peer,
+        reason=reason,
+        reply=f"{reply.code} {reply.status} {reply.text}",
+    )
 
 
 class Intake:
@@ -96,13 +114,19 @@ class Submitter:
             raise SMTPReply(550, "5.7.13", f"User account {self.username} has been {reason}")
 
     def validateFrom(self, session: SessionInfo, mail_from: str, mt_priority: int | None) -> None:
-        self.check_account()
+        try:
+            self.check_account()
+        except SMTPReply as e:
+            log_refusal(e, self.username, mail_from, session.peer_ip)
+            raise
         if not self.rules.authorizes(mail_from):
             sender = mail_from or "<>"
             self.intake.refusals.record(
                 self.username, mail_from, "", "", f"envelope sender {sender} is not authorized for user {self.username}"
             )
-            raise SMTPReply(550, "5.7.1", f"Sender address {sender} is not authorized for user {self.username}")
+            reply = SMTPReply(550, "5.7.1", f"Sender address {sender} is not authorized for user {self.username}")
+            log_refusal(reply, self.username, mail_from, session.peer_ip)
+            raise reply
 
     def validateTo(self, session: SessionInfo, mail_from: str, recipient: str) -> None:
         # An authenticated user may relay to anyone; the protocol already
@@ -227,14 +251,14 @@ class MessageWriter:
             self._submitter.check_account()
         except SMTPReply as e:
             self._intake.discard(temp)
-            return fail(e)
+            return fail(self._refused(e))
         refusal = self._refusal or self._sender_refusal()
         if refusal is None and temp.error is not None:
             log.error("cannot write message {id}: {error}", id=self._id, error=temp.error)
             refusal = local_failure(temp.error)
         if refusal is not None:
             self._intake.discard(temp)
-            return fail(refusal)
+            return fail(self._refused(refusal))
         envelope = self._envelope
         message = NewMessage(
             id=self._id,
@@ -251,7 +275,32 @@ class MessageWriter:
             internal=False,
             created_at=self._intake.clock.seconds(),
         )
-        return self._intake.commit(temp, message)
+
+        def accepted(queue_id: str) -> str:
+            log.info(
+                "message accepted id={id} user={user} mail_from=<{mail_from}> recipients={recipients} size={size}"
+                " priority={priority} peer={peer}",
+                id=queue_id,
+                user=message.user,
+                mail_from=message.mail_from,
+                recipients=len(message.recipients),
+                size=message.size,
+                priority=message.priority,
+                peer=envelope.session.peer_ip,
+            )
+            return queue_id
+
+        def not_stored(failure: Failure) -> Failure:
+            if failure.check(SMTPReply):
+                self._refused(failure.value)
+            return failure
+
+        return self._intake.commit(temp, message).addCallbacks(accepted, not_stored)
+
+    def _refused(self, reply: SMTPReply) -> SMTPReply:
+        envelope = self._envelope
+        log_refusal(reply, self._submitter.username, envelope.mail_from, envelope.session.peer_ip, self._id)
+        return reply
 
     def _sender_refusal(self) -> SMTPReply | None:
         user = self._submitter.username

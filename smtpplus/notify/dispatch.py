@@ -424,12 +424,25 @@ class Notifier(Service):
 
     def stopService(self) -> Deferred[Any] | None:
         Service.stopService(self)
+        return self._close_channels()
+
+    def _close_channels(self) -> Deferred[Any]:
         waits = []
         if self.webhook is not None:
             waits.append(self.webhook.stop())
         if self.mail is not None:
             waits.append(self.mail.flush())
         return DeferredList([d for d in waits if d is not None], consumeErrors=True)
+
+    def take_over(self, new: Notifier) -> Deferred[Any]:
+        """
+        Send through C{new}'s channels from now on (a reloaded
+        C{[notifications]}); the old ones send what they hold (the pending
+        summaries and digests, the webhook retries) and stop.
+        """
+        old = Notifier(self.mail, self.webhook)
+        self.mail, self.webhook, self._results = new.mail, new.webhook, new._results
+        return old._close_channels()
 
 
 def build_notifier(

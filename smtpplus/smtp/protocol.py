@@ -537,7 +537,7 @@ class SMTPSession(PipelinedLineReceiver):
                     self.reply(501, "5.5.4", "Bad SIZE parameter")
                     return None
                 if int(value) > self.settings.max_message_size:
-                    self.reply(552, "5.3.4", "Message size exceeds fixed maximum message size")
+                    self._refuse_size(address)
                     return None
             elif name == "BODY":
                 if value.upper() not in ("7BIT", "8BITMIME"):
@@ -696,10 +696,11 @@ class SMTPSession(PipelinedLineReceiver):
         self.state = COMMAND
         writer = self._writer
         self._writer = None
+        mail_from = self._mail_from or ""
         self._reset_transaction()
         if writer is None:
             # Dropped by _data_step: the message outgrew the limit.
-            self.reply(552, "5.3.4", "Message size exceeds fixed maximum message size")
+            self._refuse_size(mail_from)
             return
         d = maybeDeferred(writer.eomReceived)
 
@@ -716,6 +717,20 @@ class SMTPSession(PipelinedLineReceiver):
                 self.reply(451, "4.3.0", "Local error in processing, message not accepted; try again later")
 
         self._wait(d.addCallbacks(queued, failed))
+
+    def _refuse_size(self, mail_from: str) -> None:
+        """Refuse a message over C{max_message_size}, with its log line (as the submitter's refusals)."""
+        text = "Message size exceeds fixed maximum message size"
+        log.info(
+            "message refused id={id} user={user} mail_from=<{mail_from}> peer={peer} reason={reason} reply={reply}",
+            id="-",
+            user=self.username or "-",
+            mail_from=mail_from,
+            peer=self.peer_ip,
+            reason="size",
+            reply=f"552 5.3.4 {text}",
+        )
+        self.reply(552, "5.3.4", text)
 
     def _abandon_message(self) -> None:
         writer = self._writer
