@@ -24,10 +24,11 @@ from smtpplus.auth.login import build_login_service
 from smtpplus.auth.store import SQLiteUserStore
 from smtpplus.auth.throttle import LoginThrottle
 from smtpplus.config import Config, ConfigError, TLSConfig, config_from_text, config_warnings, load_config
-from smtpplus.delivery.queue import SQLiteQueueStore
+from smtpplus.delivery.queue import ACTIVE, SQLiteQueueStore
 from smtpplus.delivery.service import build_delivery
 from smtpplus.delivery.threads import reactor_runner
 from smtpplus.log import DaemonLog, log_destination
+from smtpplus.metrics import HealthCheck, daemon_metrics
 from smtpplus.notify.dispatch import build_notifier
 from smtpplus.notify.events import EventStore
 from smtpplus.notify.stats import Statistics
@@ -182,6 +183,7 @@ def build_service(
     tls_options = ReloadableTLS(server_context(config.tls, config.server.hostname, state_dir))
 
     top = DaemonService()
+    metrics = daemon_metrics()
     database = Database(reactor, os.path.join(state_dir, "smtpplus.db"))
     DatabaseService(database).setServiceParent(top)
 
@@ -214,10 +216,12 @@ def build_service(
     notifier = build_notifier(config.notifications, config.server.hostname, reactor, submit_internal)
     events.sink = notifier
     delivery_service.delivery.agent.results = notifier
+    delivery_service.delivery.agent.metrics = metrics
+    metrics.count_queue(reactor, queue_store.count_active, ACTIVE)
     notifier.setServiceParent(top)
 
     throttle = LoginThrottle(reactor, config.security, events)
-    login_service, _ = build_login_service(users, hasher, throttle, avatar_factory, reactor)
+    login_service, _ = build_login_service(users, hasher, throttle, avatar_factory, reactor, metrics)
     registry = SessionRegistry(
         SessionSettings(
             hostname=config.server.hostname,
@@ -229,7 +233,9 @@ def build_service(
             auth_requires_tls=smtp.auth_requires_tls,
         ),
         reactor,
+        metrics,
     )
+    metrics.count_sessions(lambda: len(registry.sessions))
     factory = SMTPServerFactory(registry, login_service, tls_options)
     tls_factory = None
     if smtp.tls_ports:
@@ -287,6 +293,10 @@ def build_service(
             "auth_mechanisms": ["PLAIN", "LOGIN"],
         }
 
+    def listening_ports() -> int:
+        # The lists outlive stopService; the admin API stops first anyway.
+        return len(listeners.bound) + len(listeners.bound_tls) if listeners.running else 0
+
     api = AdminAPI(
         admin_token(config.admin, state_dir),
         users,
@@ -295,6 +305,8 @@ def build_service(
         messages=message_query,
         events=events,
         stats=stats,
+        metrics=metrics,
+        health=HealthCheck(reactor, database.probe, listening_ports),
     )
     admin_service(reactor, config.admin, api, tls_options).setServiceParent(top)
     return top

@@ -1,9 +1,11 @@
 """
 The REST admin API (contract section 4): Klein routes over the user store
-and the read models of delivery and notifications.
+and the read models of delivery and notifications, and the operations
+endpoints of section 6 (C{/health}, C{/metrics}).
 
-Every request carries C{Authorization: Bearer <token>}, compared in
-constant time; every response, errors included, is JSON.
+Every request but C{/health} carries C{Authorization: Bearer <token>},
+compared in constant time; every response, errors included, is JSON, but
+the Prometheus text of C{/metrics}.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from typing import Any
 
 import attrs
 from klein import Klein
+from prometheus_client import CONTENT_TYPE_LATEST
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
@@ -30,6 +33,7 @@ from smtpplus.auth.hashing import PasswordHasher
 from smtpplus.auth.store import DuplicateUser
 from smtpplus.auth.users import ValidationError, generate_password, generate_username, new_user, validate_fields
 from smtpplus.interfaces import IEventQuery, IMessageQuery, IStatsQuery, IUserStore
+from smtpplus.metrics import HealthCheck, Metrics
 from smtpplus.model import Aggregation, EventType, MessageStatus, User
 
 log = Logger()
@@ -106,6 +110,8 @@ class AdminAPI:
     @param messages: the message read model, or None before delivery exists.
     @param events: the notification read model, or None.
     @param stats: the statistics read model, or None.
+    @param metrics: what C{/metrics} shows, or None (an empty exposition).
+    @param health: what C{/health} asks, or None (always healthy).
     """
 
     app = Klein()
@@ -119,6 +125,8 @@ class AdminAPI:
         messages: IMessageQuery | None = None,
         events: IEventQuery | None = None,
         stats: IStatsQuery | None = None,
+        metrics: Metrics | None = None,
+        health: HealthCheck | None = None,
     ) -> None:
         if not token:
             raise ValueError("the admin token must not be empty")
@@ -129,6 +137,8 @@ class AdminAPI:
         self._messages = messages
         self._events = events
         self._stats = stats
+        self._metrics = metrics
+        self._health = health
 
     def resource(self) -> IResource:
         """The API as a web resource that answers every request with JSON."""
@@ -227,6 +237,22 @@ class AdminAPI:
         return int(value)
 
     # routes
+
+    @app.route("/health", methods=["GET"])
+    async def health(self, request: Any) -> bytes:
+        # No token: load balancers and service managers ask.
+        problem = None if self._health is None else await self._health.problem()
+        if problem is None:
+            return json_body(request, 200, {"status": "ok"})
+        return json_body(request, 503, {"status": "unavailable", "reason": problem})
+
+    @app.route("/metrics", methods=["GET"])
+    @authenticated
+    async def metrics(self, request: Any) -> bytes:
+        body = b"" if self._metrics is None else await self._metrics.scrape()
+        request.setResponseCode(200)
+        request.setHeader(b"Content-Type", CONTENT_TYPE_LATEST.encode("ascii"))
+        return body
 
     @app.route("/api/v1/openapi.json", methods=["GET"])
     @authenticated

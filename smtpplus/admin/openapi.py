@@ -230,6 +230,15 @@ SCHEMAS: dict[str, Any] = {
             },
         },
     },
+    "Health": {
+        "type": "object",
+        "required": ["status"],
+        "additionalProperties": False,
+        "properties": {
+            "status": {"type": "string", "enum": ["ok", "unavailable"]},
+            "reason": {"type": "string", "description": "What is wrong, when unavailable."},
+        },
+    },
     "Stats": {
         "type": "object",
         "required": ["policy", "groups"],
@@ -254,7 +263,7 @@ def openapi_document() -> dict[str, Any]:
             "title": "smtpplus admin API",
             "version": "1",
             "description": "Users, messages, notifications and statistics of an smtpplus relay. "
-            "Every request needs Authorization: Bearer <token>.",
+            "Every request but GET /health needs Authorization: Bearer <token>.",
         },
         "servers": [{"url": "/"}],
         "security": [{"bearer": []}],
@@ -263,6 +272,30 @@ def openapi_document() -> dict[str, Any]:
             "schemas": SCHEMAS,
         },
         "paths": {
+            "/health": {
+                "get": {
+                    "operationId": "getHealth",
+                    "summary": "Whether the store answers and an SMTP port is listening; no token needed",
+                    "security": [],
+                    "responses": {
+                        "200": _json(_ref("Health"), 'Healthy: {"status": "ok"}.'),
+                        "503": _json(_ref("Health"), "Unavailable; reason says why."),
+                    },
+                }
+            },
+            "/metrics": {
+                "get": {
+                    "operationId": "getMetrics",
+                    "summary": "Prometheus metrics in the text exposition format",
+                    "responses": {
+                        "200": {
+                            "description": "The metrics, as prometheus_client writes them.",
+                            "content": {"text/plain": {"schema": {"type": "string"}}},
+                        },
+                        "401": _ERRORS["401"],
+                    },
+                }
+            },
             "/api/v1/settings": {
                 "get": {
                     "operationId": "getSettings",

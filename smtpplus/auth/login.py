@@ -22,6 +22,7 @@ from smtpplus.auth.hashing import PasswordHasher
 from smtpplus.auth.realm import AvatarFactory, SubmitterRealm
 from smtpplus.auth.throttle import LoginThrottle
 from smtpplus.interfaces import IUserStore
+from smtpplus.metrics import UNCOUNTED, Metrics
 from smtpplus.smtp.interfaces import ILoginService, ISubmitter, LoginThrottled
 
 log = Logger()
@@ -29,16 +30,24 @@ log = Logger()
 
 @implementer(ILoginService)
 class LoginService:
-    """Logs SMTP clients in through a cred portal, throttled per IP and username."""
+    """
+    Logs SMTP clients in through a cred portal, throttled per IP and
+    username; counts every refused login (wrong credentials or locked) in
+    C{metrics}.
+    """
 
-    def __init__(self, portal: Portal, throttle: LoginThrottle, clock: IReactorTime) -> None:
+    def __init__(
+        self, portal: Portal, throttle: LoginThrottle, clock: IReactorTime, metrics: Metrics = UNCOUNTED
+    ) -> None:
         self._portal = portal
         self._throttle = throttle
         self._clock = clock
+        self._metrics = metrics
 
     def login(self, username: str, password: str, peer_ip: str) -> Deferred[Any]:
         if self._throttle.refused(username, peer_ip):
             log.info("AUTH refused for {username!r} from {ip}: locked", username=username, ip=peer_ip)
+            self._metrics.auth_failed()
             return fail(LoginThrottled())
         d = self._portal.login(UsernamePassword(username, password), None, ISubmitter)
 
@@ -54,6 +63,7 @@ class LoginService:
                 return failure
             delay = self._throttle.failure_delay(username, peer_ip)
             self._throttle.failed(username, peer_ip, known_user=not failure.check(UnknownUser))
+            self._metrics.auth_failed()
             log.info("AUTH failure for {username!r} from {ip}", username=username, ip=peer_ip)
             # Answer the failure late, never holding the reactor.
             return deferLater(self._clock, delay, lambda: failure)
@@ -67,8 +77,9 @@ def build_login_service(
     throttle: LoginThrottle,
     avatar_factory: AvatarFactory,
     clock: IReactorTime,
+    metrics: Metrics = UNCOUNTED,
 ) -> tuple[LoginService, UserChecker]:
     """Wire checker, realm and portal; returns the service and its checker."""
     checker = UserChecker(store, hasher, clock)
     portal = Portal(SubmitterRealm(store, avatar_factory), [checker])
-    return LoginService(portal, throttle, clock), checker
+    return LoginService(portal, throttle, clock, metrics), checker

@@ -27,6 +27,7 @@ from smtpplus.delivery.query import iso
 from smtpplus.delivery.relay import HopOutcome
 from smtpplus.delivery.spool import Spool
 from smtpplus.interfaces import IEventRecorder, IStatsRecorder
+from smtpplus.metrics import UNCOUNTED, Metrics
 
 log = Logger()
 
@@ -53,6 +54,8 @@ class DeliveryAgent:
     @param results: told each recipient's stored result,
         C{results.message_result(status, message_id, user, recipient, response)}
         (the notifier's message webhooks); None: nobody.
+    @param metrics: counts each recipient's stored result, the daemon's own
+        mail included.
     """
 
     def __init__(
@@ -70,6 +73,7 @@ class DeliveryAgent:
         hostname: str,
         submit_internal: Callable[..., Deferred[str]],
         results: Any = None,
+        metrics: Metrics = UNCOUNTED,
     ) -> None:
         self._clock = clock
         self._in_thread = run_in_thread
@@ -84,6 +88,7 @@ class DeliveryAgent:
         self._hostname = hostname
         self._submit_internal = submit_internal
         self.results = results
+        self.metrics = metrics
         # Next hops that failed since their last success: one send_problem
         # event per outage.
         self.outages: set[str] = set()
@@ -239,6 +244,9 @@ class DeliveryAgent:
         if bounced and message["mail_from"]:
             yield self._bounce(message, bounced, now)
         yield self._store(message, status, next_attempt, updates, notify_delay, now)
+        since_accepted = now - message["created_at"]
+        for u in updates:
+            self.metrics.recipient_result(u.status, since_accepted)
         if self.results is not None:
             for r, u in zip(_by_idx(message, updates), updates, strict=True):
                 self.results.message_result(u.status, message["id"], message["user"], r["address"], u.last_response)

@@ -221,6 +221,16 @@ def list_messages(conn: sqlite3.Connection, user: str | None, status: str | None
     return result
 
 
+def count_active(conn: sqlite3.Connection) -> dict[tuple[str, int], int]:
+    """How many messages are in each active status, per priority (through the status index)."""
+    rows = conn.execute(
+        f"SELECT status, priority, COUNT(*) FROM queue_messages WHERE status IN ({', '.join('?' * len(ACTIVE))}) "
+        "GROUP BY status, priority",
+        ACTIVE,
+    )
+    return {(status, priority): count for status, priority, count in rows}
+
+
 def mark_sending(conn: sqlite3.Connection, message_id: str, now: float) -> None:
     """Mark an active message and its unfinished recipients C{sending}."""
     conn.execute(
@@ -386,6 +396,10 @@ class SQLiteQueueStore:
 
     def list_messages(self, user: str | None, status: str | None, limit: int) -> Deferred[list[dict[str, Any]]]:
         return self._database.run(list_messages, user, status, limit)
+
+    def count_active(self) -> Deferred[dict[tuple[str, int], int]]:
+        """The queue's size per active status and priority, for the metrics."""
+        return self._database.run(count_active)
 
     def write_state(self, changes: list[StateChange]) -> Deferred[list[BaseException | None]]:
         return self._database.write(apply_changes, changes)

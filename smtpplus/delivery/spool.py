@@ -90,8 +90,8 @@ def local_failure(error: BaseException) -> SMTPReply:
     full = isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT)
     full = full or "full" in str(error).lower()
     if full:
-        return SMTPReply(452, "4.3.1", "Insufficient system storage, try again later")
-    return SMTPReply(451, "4.3.0", "Local error in processing, try again later")
+        return SMTPReply(452, "4.3.1", "Insufficient system storage, try again later", reason="storage")
+    return SMTPReply(451, "4.3.0", "Local error in processing, try again later", reason="storage")
 
 
 @attrs.frozen

@@ -37,12 +37,13 @@ from smtpplus.smtp.interfaces import Envelope, IMessageWriter, ISubmitter, Sessi
 log = Logger()
 
 # The refusal line's reason, by the reply's enhanced status code.
-_REASONS = {"5.3.4": "size", "5.4.6": "hops", "5.6.0": "smtpapi", "5.7.1": "sender", "5.7.13": "account"}
+# The same names as the metrics' refusal reasons (a reply may carry its own).
+_REASONS = {"5.3.4": "size", "5.4.6": "loop", "5.6.0": "smtpapi", "5.7.1": "sender", "5.7.13": "account"}
 
 
 def log_refusal(reply: SMTPReply, user: str, mail_from: str, peer: str, message_id: str | None = None) -> None:
     """The log line of a refused sender or message: the reason and the reply."""
-    reason = _REASONS.get(reply.status, "storage" if reply.status.startswith("4.3.") else "other")
+    reason = reply.reason or _REASONS.get(reply.status, "storage" if reply.status.startswith("4.3.") else "other")
     log.info(
         "message refused id={id} user={user} mail_from=<{mail_from}> peer={peer} reason={reason} reply={reply}",
         id=message_id or "-",
@@ -111,7 +112,7 @@ class Submitter:
             return
         reason = self.standing.revoked()
         if reason is not None:
-            raise SMTPReply(550, "5.7.13", f"User account {self.username} has been {reason}")
+            raise SMTPReply(550, "5.7.13", f"User account {self.username} has been {reason}", reason="account")
 
     def validateFrom(self, session: SessionInfo, mail_from: str, mt_priority: int | None) -> None:
         try:
@@ -124,7 +125,9 @@ class Submitter:
             self.intake.refusals.record(
                 self.username, mail_from, "", "", f"envelope sender {sender} is not authorized for user {self.username}"
             )
-            reply = SMTPReply(550, "5.7.1", f"Sender address {sender} is not authorized for user {self.username}")
+            reply = SMTPReply(
+                550, "5.7.1", f"Sender address {sender} is not authorized for user {self.username}", reason="sender"
+            )
             log_refusal(reply, self.username, mail_from, session.peer_ip)
             raise reply
 
@@ -186,7 +189,7 @@ class MessageWriter:
             # be checked, so the message is refused at the final dot.
             self._head = None
             self._refusal = SMTPReply(
-                552, "5.3.4", f"Message header section too large (limit {MAX_HEADER_SECTION // 1024} KiB)"
+                552, "5.3.4", f"Message header section too large (limit {MAX_HEADER_SECTION // 1024} KiB)", reason="size"
             )
 
     def _finish_head(self, end: int) -> None:
@@ -203,7 +206,7 @@ class MessageWriter:
 
         hops = len(by_name.get("received", ()))
         if hops > MAX_HOPS:
-            self._refusal = SMTPReply(554, "5.4.6", f"Too many hops ({hops} Received: headers): mail loop?")
+            self._refusal = SMTPReply(554, "5.4.6", f"Too many hops ({hops} Received: headers): mail loop?", reason="loop")
             return
         from_values = values("from")
         self._header_from = from_values[0] if from_values else ""
@@ -211,12 +214,12 @@ class MessageWriter:
         try:
             self._api = parse_smtpapi(values("x-smtpapi"))
         except SMTPReply as e:
-            self._refusal = e
+            self._refusal = SMTPReply(e.code, e.status, e.text, reason="smtpapi")
             return
         try:
             self._from_addresses = header_from_addresses(from_values)
         except SMTPReply as e:
-            self._from_error = e
+            self._from_error = SMTPReply(e.code, e.status, e.text, reason="sender")
         x_priority = values("x-priority")
         level = message_priority(self._api, self._envelope.mt_priority, x_priority[0] if x_priority else None)
         self._priority = min(self._submitter.priority, level)
@@ -243,7 +246,7 @@ class MessageWriter:
     def eomReceived(self) -> Deferred[str]:
         temp = self._temp
         if temp is None:
-            return fail(SMTPReply(451, "4.3.0", "Local error in processing, try again later"))
+            return fail(SMTPReply(451, "4.3.0", "Local error in processing, try again later", reason="storage"))
         if self._head is not None:
             self._finish_head(len(self._head))
         self._temp = None
@@ -309,7 +312,9 @@ class MessageWriter:
             bad = unauthorized(self._from_addresses, self._submitter.rules)
             if not bad:
                 return None
-            error = SMTPReply(550, "5.7.1", f"From: address {', '.join(bad)} is not authorized for user {user}")
+            error = SMTPReply(
+                550, "5.7.1", f"From: address {', '.join(bad)} is not authorized for user {user}", reason="sender"
+            )
         self._intake.refusals.record(
             user, self._envelope.mail_from, self._header_from, self._subject, f"header From: refused: {error.text}"
         )

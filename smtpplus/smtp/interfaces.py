@@ -20,13 +20,17 @@ class SMTPReply(Exception):
     @ivar code: the three-digit reply code.
     @ivar status: the RFC 3463 enhanced status code, e.g. C{"5.7.1"}.
     @ivar text: human-readable text, one line.
+    @ivar reason: why a mail transaction is refused, for the metrics
+        (C{"sender"}, C{"size"}, ...; see L{smtpplus.metrics.REFUSAL_REASONS}),
+        or None.
     """
 
-    def __init__(self, code: int, status: str, text: str) -> None:
+    def __init__(self, code: int, status: str, text: str, reason: str | None = None) -> None:
         super().__init__(code, status, text)
         self.code = code
         self.status = status
         self.text = text
+        self.reason = reason
 
     def __str__(self) -> str:
         return f"{self.code} {self.status} {self.text}"

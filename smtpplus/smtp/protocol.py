@@ -564,7 +564,11 @@ class SMTPSession(PipelinedLineReceiver):
             self._recipients = []
             self.reply(250, "2.1.0", "Sender ok")
 
-        return d.addCallbacks(accepted, self._command_failed)
+        def refused(failure: Failure) -> None:
+            self._count_refusal(failure)
+            self._command_failed(failure)
+
+        return d.addCallbacks(accepted, refused)
 
     def smtp_RCPT(self, rest: bytes) -> Deferred[Any] | None:
         if self._mail_from is None:
@@ -592,6 +596,11 @@ class SMTPSession(PipelinedLineReceiver):
             self.reply(250, "2.1.5", "Recipient ok")
 
         return d.addCallbacks(accepted, self._command_failed)
+
+    def _count_refusal(self, failure: Failure) -> None:
+        """Count a mail transaction refused by C{failure}; an unexpected error is a local (storage) failure."""
+        reason = failure.value.reason if failure.check(SMTPReply) else "storage"
+        self.registry.metrics.message_refused(reason)
 
     def _command_failed(self, failure: Failure) -> None:
         if failure.check(SMTPReply):
@@ -649,10 +658,12 @@ class SMTPSession(PipelinedLineReceiver):
         try:
             writer = IMessageWriter(self.avatar.openMessage(envelope))
         except SMTPReply as e:
+            self.registry.metrics.message_refused(e.reason)
             self._reply_error(e)
             return
         except Exception:
             log.failure("could not open a message")
+            self.registry.metrics.message_refused("storage")
             self.reply(451, "4.3.0", "Local error in processing, try again later")
             return
         self._writer = writer
@@ -698,18 +709,23 @@ class SMTPSession(PipelinedLineReceiver):
         self._writer = None
         mail_from = self._mail_from or ""
         self._reset_transaction()
+        metrics = self.registry.metrics
         if writer is None:
             # Dropped by _data_step: the message outgrew the limit.
             self._refuse_size(mail_from)
             return
+        clock = self.registry.clock
+        ended = clock.seconds()
         d = maybeDeferred(writer.eomReceived)
 
         def queued(queue_id: str) -> None:
+            metrics.message_accepted(clock.seconds() - ended)
             self.messages += 1
             self._junk_commands = 0
             self.reply(250, "2.0.0", f"Ok: queued as {queue_id}")
 
         def failed(failure: Failure) -> None:
+            self._count_refusal(failure)
             if failure.check(SMTPReply):
                 self._reply_error(failure.value)
             else:
@@ -719,7 +735,8 @@ class SMTPSession(PipelinedLineReceiver):
         self._wait(d.addCallbacks(queued, failed))
 
     def _refuse_size(self, mail_from: str) -> None:
-        """Refuse a message over C{max_message_size}, with its log line (as the submitter's refusals)."""
+        """Refuse a message over C{max_message_size}, with its log line and count (as the submitter's refusals)."""
+        self.registry.metrics.message_refused("size")
         text = "Message size exceeds fixed maximum message size"
         log.info(
             "message refused id={id} user={user} mail_from=<{mail_from}> peer={peer} reason={reason} reply={reply}",

@@ -11,6 +11,8 @@ import attrs
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 
+from smtpplus.metrics import UNCOUNTED, Metrics
+
 if TYPE_CHECKING:
     from smtpplus.smtp.protocol import SMTPSession
 
@@ -32,11 +34,14 @@ class SessionRegistry:
     """
     Every live session across all listening ports: enforces the daemon-wide
     and per-IP connection limits and drains sessions on shutdown.
+
+    @ivar metrics: where the sessions count accepted and refused messages.
     """
 
-    def __init__(self, settings: SessionSettings, clock: IReactorTime) -> None:
+    def __init__(self, settings: SessionSettings, clock: IReactorTime, metrics: Metrics = UNCOUNTED) -> None:
         self.settings = settings
         self.clock = clock
+        self.metrics = metrics
         self.sessions: set[SMTPSession] = set()
         self.per_ip: dict[str, int] = {}
         self.draining = False

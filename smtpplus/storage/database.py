@@ -175,6 +175,14 @@ class Database:
         """
         return self.run(self._checked, fn, *args, **kwargs)
 
+    def probe(self) -> Deferred[None]:
+        """
+        Fires once the database thread has read from the file, checked first
+        as a write batch is (still the file at L{path}); fails when the store
+        cannot serve.  For the health check.
+        """
+        return self.write(_read_bookkeeping)
+
     def _checked(self, conn: sqlite3.Connection, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         # One stat() per write batch: the cheap way to notice that the
         # rows would go into a file nobody will open again.
@@ -242,6 +250,10 @@ class Database:
         """Call C{fn} on the calling thread: only for start-up and tools, never the reactor."""
         assert self._conn is not None
         return fn(self._conn, *args, **kwargs)
+
+
+def _read_bookkeeping(conn: sqlite3.Connection) -> None:
+    conn.execute("SELECT COUNT(*) FROM schema_migrations").fetchone()
 
 
 def _in_transaction(conn: sqlite3.Connection, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
