@@ -17,7 +17,7 @@ Meanwhile a separate process (so that the login clients' event loop does
 not distort it) keeps 4 other sessions sending NOOP, one every 10 ms each,
 and records each reply's latency; the same probe on the idle daemon gives
 the baseline.  The daemon runs under a 10 ms LoopingCall stall probe
-(see L{bench.delivery_bench}) that reports the reactor's longest stall.
+(see L{bench.common.ProbedDaemon}) that reports the reactor's longest stall.
 
 Target: NOOP p99 < 50 ms during the logins.
 
@@ -39,7 +39,9 @@ import threading
 import time
 from typing import Any
 
-from bench.delivery_bench import HOST, SMTPClient, SMTPError, Smtpplus, _own_cpu
+from bench.common import HOST, ProbedDaemon, own_cpu
+from tests.harness.clients import SMTPClient, SMTPError
+from tests.harness.tls import client_context
 
 USERS = 50
 CONCURRENCY = 50
@@ -164,9 +166,7 @@ async def login_load(port: int, credentials: list[tuple[str, str]], seconds: flo
     L{COLD_CAP} s) and then for C{seconds} more.  Records each success's
     start (wall clock), latency and user.
     """
-    context = ssl.create_default_context()
-    context.check_hostname = False
-    context.verify_mode = ssl.CERT_NONE
+    context = client_context()
     pending = set(range(CONCURRENCY))
     wall0 = time.time()
     deadline = time.monotonic() + COLD_CAP + seconds
@@ -192,7 +192,7 @@ async def login_load(port: int, credentials: list[tuple[str, str]], seconds: flo
                 warm_from = time.time()
                 deadline = time.monotonic() + seconds
 
-    cpu0 = _own_cpu()
+    cpu0 = own_cpu()
     await asyncio.gather(*(client(i) for i in range(CONCURRENCY)))
     return {
         "successes": successes,
@@ -200,11 +200,11 @@ async def login_load(port: int, credentials: list[tuple[str, str]], seconds: flo
         "started": wall0,
         "warm_from": warm_from,
         "ended": time.time(),
-        "client_cpu": _own_cpu() - cpu0,
+        "client_cpu": own_cpu() - cpu0,
     }
 
 
-def scenario(name: str, daemon: Smtpplus, credentials: list[tuple[str, str]]) -> dict[str, Any]:
+def scenario(name: str, daemon: ProbedDaemon, credentials: list[tuple[str, str]]) -> dict[str, Any]:
     """One login scenario with the NOOP probe beside it."""
     print(f"[{name}] {CONCURRENCY} clients: cold phase, then {SECONDS:.0f} s warm...", flush=True)
     probe = NoopProbe(daemon.port, COLD_CAP + SECONDS + 30)
@@ -294,12 +294,12 @@ def report(baseline: dict[str, Any], results: list[dict[str, Any]]) -> None:
     print(f"targets (NOOP p99 < {TARGET_P99_MS:.0f} ms): " + "; ".join(verdicts))
 
 
-def _create_users(daemon: Smtpplus) -> list[tuple[str, str]]:
+def _create_users(daemon: ProbedDaemon) -> list[tuple[str, str]]:
     from concurrent.futures import ThreadPoolExecutor
 
     names = [f"auth-bench-{i:02d}" for i in range(USERS)]
     with ThreadPoolExecutor(4) as pool:
-        passwords = list(pool.map(daemon.create_user, names))
+        passwords = list(pool.map(lambda name: daemon.create_user(name, "bench.example"), names))
     return list(zip(names, passwords, strict=True))
 
 
@@ -310,7 +310,7 @@ def main() -> None:
     try:
         with open("/proc/loadavg") as f:
             loadavg = " ".join(f.read().split()[:3])
-        daemon = Smtpplus(os.path.join(work, "smtpplus"))
+        daemon = ProbedDaemon(os.path.join(work, "smtpplus"))
         started = time.monotonic()
         credentials = _create_users(daemon)
         print(f"created {len(credentials)} users in {time.monotonic() - started:.1f} s", flush=True)
