@@ -152,10 +152,7 @@ class SmarthostTests(unittest.TestCase):
         """
         stack = Stack(self, delivery="retry_schedule = [60]\nmax_queue_lifetime = 100", clock=wall_clock())
         stack.smarthost.replies["slow@dest.test"] = ["451 4.3.0 busy"]
-        code, text = yield stack.submit("me@example.com", ["slow@dest.test"], simple_message())
-        message_id = queue_id(text)
-        yield stack.wait_status(message_id, "deferred")
-        yield stack.settled()
+        message_id = yield stack.attempted(["slow@dest.test"], "deferred")
         yield stack.next_attempt(60)
         message = yield stack.message(message_id)
         self.assertEqual((message["status"], message["recipients"][0]["attempts"]), ("deferred", 2))
@@ -173,10 +170,7 @@ class SmarthostTests(unittest.TestCase):
         """
         stack = Stack(self, delivery="retry_schedule = [60]", notifications_threshold=100, clock=wall_clock())
         stack.smarthost.replies["slow@dest.test"] = ["451 4.3.0 busy"]
-        code, text = yield stack.submit("me@example.com", ["slow@dest.test"], simple_message())
-        message_id = queue_id(text)
-        yield stack.wait_status(message_id, "deferred")
-        yield stack.settled()
+        message_id = yield stack.attempted(["slow@dest.test"], "deferred")
         yield stack.next_attempt(60)
         self.assertEqual(stack.recorder.of("delivery_delay"), [])
         yield stack.next_attempt(60)

@@ -51,12 +51,7 @@ class AgentResultsTests(unittest.TestCase):
         stack.delivery.agent.results = results
         stack.smarthost.replies["later@dest.test"] = ["451 4.3.0 Greylisted, come back later", "250 2.1.5 OK"]
         stack.smarthost.replies["nobody@dest.test"] = ["550 5.1.1 No such user here"]
-        code, text = yield stack.submit(
-            "me@example.com", ["ok@dest.test", "later@dest.test", "nobody@dest.test"], simple_message()
-        )
-        message_id = queue_id(text)
-        yield stack.wait_status(message_id, "deferred")
-        yield stack.settled()
+        message_id = yield stack.attempted(["ok@dest.test", "later@dest.test", "nobody@dest.test"], "deferred")
         yield stack.next_attempt(60)
         yield stack.wait_status(message_id, "partial")
         mine = yield wait_until(lambda: len([c for c in results.calls if c[1] == message_id]) >= 4 or None)

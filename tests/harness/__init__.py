@@ -17,9 +17,17 @@ test does not pay for aiosmtpd or smtplib:
   - L{fakes}: in-process fakes of the SMTP layer's collaborators and of
     the event and statistics recorders;
   - L{stack}: delivery wired to a real database, SMTP listener and
-    smarthost inside the test process.
+    smarthost inside the test process;
+  - L{stores}: a migrated SQLite user store in the test's directory.
 
-L{ports}, L{polling} (but for C{wait_until}), L{daemon}, L{smarthost},
-L{tls}, L{clients} and L{messages} import nothing from smtpplus: the
-black-box tests and the benchmarks see the daemon only from outside.
+L{ports}, L{polling}, L{daemon}, L{smarthost}, L{tls}, L{clients} and
+L{messages} import nothing from smtpplus (but for
+L{tls.server_context}, which borrows the daemon's certificate generator
+when called): the black-box tests and the benchmarks see the daemon only
+from outside.  L{fakes}, L{stack} and L{stores} build parts of it in
+the test process.
+
+The modules C{tests.helpers}, C{tests.delivery_helpers} and
+C{tests.contract_helpers} re-export the names tests used before this
+package existed.
 """

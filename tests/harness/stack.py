@@ -25,6 +25,7 @@ from smtpplus.smtp.protocol import SessionRegistry, SMTPServerFactory
 from smtpplus.storage.database import Database
 from tests.harness.clients import submit_in_thread
 from tests.harness.fakes import AvatarLogin, Recorder, session_settings
+from tests.harness.messages import queue_id, simple_message
 from tests.harness.polling import wait_until
 from tests.harness.smarthost import Smarthost
 
@@ -126,13 +127,8 @@ class Stack:
         if start:
             self.start()
         settings = session_settings(
-            hostname="relay.test",
-            max_message_size=10_000_000,
-            max_recipients=100,
-            max_connections=100,
-            max_connections_per_ip=100,
-            idle_timeout=60,
-            auth_requires_tls=False,
+            hostname="relay.test", max_message_size=10_000_000, max_recipients=100, max_connections=100,
+            max_connections_per_ip=100, idle_timeout=60, auth_requires_tls=False,
         )
         self.registry = SessionRegistry(settings, reactor)
         factory = SMTPServerFactory(self.registry, AvatarLogin(self.avatar_factory, user or USER, PASSWORD), None)
@@ -159,6 +155,20 @@ class Stack:
     def message(self, message_id: str) -> Deferred[dict[str, Any] | None]:
         """The message as the admin API shows it."""
         return self.query.get_message(message_id)
+
+    @inlineCallbacks
+    def attempted(self, recipients: Sequence[str], status: str, data: bytes | None = None) -> Any:
+        """
+        Submit C{data} (a simple message by default) from C{me@example.com},
+        which must be accepted; fire with its queue id once it has C{status}
+        and its attempt has ended.
+        """
+        code, text = yield self.submit("me@example.com", recipients, data if data is not None else simple_message())
+        assert code == 250, (code, text)
+        message_id = queue_id(text)
+        yield self.wait_status(message_id, status)
+        yield self.settled()
+        return message_id
 
     def settled(self) -> Deferred[Any]:
         """Fires once no attempt is in flight (its result is stored)."""
