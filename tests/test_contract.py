@@ -72,6 +72,7 @@ def unique(prefix: str = "u") -> str:
 def main_config(d: Daemon) -> str:
     return d.toml(
         hostname="mx.contract.test",
+        ports=f"{d.plain_ports[0]}-{d.plain_ports[1]}",
         smtp="max_message_size = 2000000",
         delivery="retry_schedule = [1]\nmax_queue_lifetime = 4",
         tables=(

@@ -252,16 +252,26 @@ class Daemon:
         if wait:
             self.wait_ready()
 
-    def toml(self, hostname: str = "mx.test.example", smtp: str = "", delivery: str | None = "", tables: str = "") -> str:
+    def toml(
+        self,
+        hostname: str = "mx.test.example",
+        smtp: str = "",
+        delivery: str | None = "",
+        tables: str = "",
+        ports: str | None = None,
+    ) -> str:
         """
-        A config with every port of this daemon on 127.0.0.1: C{smtp} lines
-        added to [smtp]; unless C{delivery} is None, a [delivery] table that
-        relays to the smarthost port without TLS, C{delivery} lines added;
-        then C{tables} (whole tables such as [notifications]).
+        A config with every port of this daemon on 127.0.0.1 (C{ports}, if
+        given, as the spec of the plain ones): C{smtp} lines added to
+        [smtp]; unless C{delivery} is None, a [delivery] table that relays
+        to the smarthost port without TLS, C{delivery} lines added; then
+        C{tables} (whole tables such as [notifications]).
         """
+        if ports is None:
+            ports = ",".join(map(str, self.plain_ports))
         text = (
             f'[server]\nhostname = "{hostname}"\nstate_dir = "{self.state_dir}"\n'
-            f'[smtp]\nlisten = "127.0.0.1"\nports = "{",".join(map(str, self.plain_ports))}"\n'
+            f'[smtp]\nlisten = "127.0.0.1"\nports = "{ports}"\n'
             f'tls_ports = "{",".join(map(str, self.tls_ports))}"\n{smtp}\n'
         )
         if delivery is not None:
