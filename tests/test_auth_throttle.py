@@ -9,6 +9,9 @@ from smtpplus.auth.throttle import MAX_DELAY, MAX_KNOWN, KnownAddresses, LoginTh
 from smtpplus.config import SecurityConfig
 from tests.harness.fakes import Recorder
 
+# The name other test modules imported from here before tests.harness.
+FakeEvents = Recorder
+
 
 class ThrottleTests(TestCase):
     def setUp(self) -> None:

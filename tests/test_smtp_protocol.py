@@ -28,8 +28,10 @@ from smtpplus.smtp.protocol import (
 )
 from tests.harness.fakes import FakeLogin, session_settings
 
-PLAIN_ALICE = base64.b64encode(b"\0alice\0secret").decode()
+# The name other test modules imported from here before tests.harness.
+settings = session_settings
 
+PLAIN_ALICE = base64.b64encode(b"\0alice\0secret").decode()
 
 
 @implementer(ITLSTransport)
