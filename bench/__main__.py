@@ -28,6 +28,11 @@ def main() -> int:
         started = time.monotonic()
         try:
             importlib.import_module(name).main()
+        except SystemExit as e:
+            # Twisted's react() ends with sys.exit, on success too.
+            if e.code not in (0, None):
+                print(f"{name} exited with status {e.code}", flush=True)
+                failed.append(name)
         except Exception:
             traceback.print_exc()
             failed.append(name)

@@ -20,10 +20,12 @@ import sys
 import tempfile
 import time
 
+from bench.common import HOST, proc_cpu, rss_mib
 from smtpplus.config import format_port_list, parse_port_spec
+from tests.harness.daemon import twistd_command
+from tests.harness.ports import free_port, port_is_free
 
 DEFAULT_PORTS = parse_port_spec("23,25,26,587,1025-5000")
-HOST = "127.0.0.1"
 READY_TIMEOUT = 30.0
 IDLE_SECONDS = 10.0
 TARGETS = {"start_s": 3.0, "rss_mib": 150.0, "idle_cpu_pct": 1.0}
@@ -65,36 +67,6 @@ def _accepts(port: int) -> bool:
         s.close()
 
 
-def _busy_ports(ports: tuple[int, ...]) -> list[int]:
-    """Ports someone else already listens on: the daemon cannot have them."""
-    busy = []
-    for port in ports:
-        s = socket.socket()
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind((HOST, port))
-        except OSError:
-            busy.append(port)
-        finally:
-            s.close()
-    return busy
-
-
-def _cpu_seconds(pid: int) -> float:
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    # utime and stime are fields 14 and 15; the split drops the first two.
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def _rss_mib(pid: int) -> float:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
-
-
 def measure(name: str, command: list[str], ports: list[int], cwd: str, log_path: str) -> dict[str, float | str]:
     """Start C{command}, wait for every port, then measure; always stops the child."""
     with open(log_path, "wb") as log:
@@ -115,10 +87,10 @@ def measure(name: str, command: list[str], ports: list[int], cwd: str, log_path:
             return result
         result["start_s"] = time.monotonic() - started
         time.sleep(1.0)
-        result["rss_mib"] = _rss_mib(proc.pid)
-        before = _cpu_seconds(proc.pid)
+        result["rss_mib"] = rss_mib(proc.pid)
+        before = proc_cpu(proc.pid)
         time.sleep(IDLE_SECONDS)
-        result["idle_cpu_pct"] = 100 * (_cpu_seconds(proc.pid) - before) / IDLE_SECONDS
+        result["idle_cpu_pct"] = 100 * (proc_cpu(proc.pid) - before) / IDLE_SECONDS
         stopping = time.monotonic()
         proc.send_signal(signal.SIGTERM)
         try:
@@ -132,13 +104,6 @@ def measure(name: str, command: list[str], ports: list[int], cwd: str, log_path:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-
-
-def _free_port() -> int:
-    # An ephemeral port, outside the 1025-5000 range under test.
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        return s.getsockname()[1]
 
 
 def _report(results: list[dict[str, float | str]], ports: list[int], busy: list[int]) -> None:
@@ -173,9 +138,8 @@ def _report(results: list[dict[str, float | str]], ports: list[int], busy: list[
 
 def main() -> None:
     """Measure smtpplus and the bare-Twisted peer; print the report."""
-    busy = _busy_ports(DEFAULT_PORTS)
+    busy = [p for p in DEFAULT_PORTS if not port_is_free(p, HOST)]
     ports = [p for p in DEFAULT_PORTS if p not in busy]
-    twistd = os.path.join(os.path.dirname(sys.executable), "twistd")
     work = tempfile.mkdtemp(prefix="smtpplus-bench-")
     try:
         config = os.path.join(work, "bench.toml")
@@ -183,11 +147,11 @@ def main() -> None:
             f.write(
                 f'[server]\nhostname = "bench.localdomain"\nstate_dir = "{work}/state"\n'
                 f'[smtp]\nlisten = "{HOST}"\n'
-                f'[admin]\nlisten = "{HOST}"\nport = {_free_port()}\n'
+                f'[admin]\nlisten = "{HOST}"\nport = {free_port()}\n'
             )
         ours = measure(
             "smtpplus (twistd plugin)",
-            [sys.executable, twistd, "--nodaemon", "--pidfile=", "smtpplus", "--config", config],
+            [*twistd_command(), "--nodaemon", "--pidfile=", "smtpplus", "--config", config],
             ports,
             work,
             os.path.join(work, "smtpplus.log"),

@@ -28,136 +28,31 @@ BENCH_INSTALL_POSTFIX=1 (as root: apt-get install postfix when missing).
 from __future__ import annotations
 
 import asyncio
-import base64
-import json
 import os
 import re
-import resource
 import secrets
 import shutil
 import signal
-import ssl
 import subprocess
-import sys
 import tempfile
 import threading
 import time
-import urllib.request
 from collections.abc import Callable
 from typing import Any
 
-from tests.helpers import free_port_range, wait_for_ports
+from bench.common import HOST, ProbedDaemon, own_cpu, proc_cpu, rss_mib, stop_process, tree_cpu
+from tests.harness.clients import SMTPClient, SMTPError
+from tests.harness.messages import sized_message
+from tests.harness.ports import free_port, wait_for_ports
 
-HOST = "127.0.0.1"
 SENDER_DOMAIN = "bench.example"
 MESSAGES = int(os.environ.get("BENCH_MESSAGES", "20000"))
 SESSIONS = int(os.environ.get("BENCH_SESSIONS", "50"))
 SIZE = int(os.environ.get("BENCH_SIZE", "5120"))
 DRAIN_TIMEOUT = float(os.environ.get("BENCH_DRAIN_TIMEOUT", "900"))
-REPLY_TIMEOUT = 120.0
-PRIORITY_TIMEOUT = 600.0
 SINK_MARK = b"#BENCHMSG"
 POSTFIX_TOOLS = ("/usr/sbin/postfix", "/usr/sbin/smtp-sink", "/usr/sbin/postconf")
 TARGET_PRIORITY_S = 1.0
-
-
-# --- an asyncio SMTP client (auth_bench uses it too) --------------------------
-
-
-class SMTPError(Exception):
-    """An unexpected reply."""
-
-
-class SMTPClient:
-    """A minimal SMTP client on asyncio streams: enough for load generation."""
-
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.reader = reader
-        self.writer = writer
-
-    @classmethod
-    async def connect(cls, host: str, port: int, timeout: float = 30.0) -> SMTPClient:
-        reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout)
-        client = cls(reader, writer)
-        await client.expect(220)
-        return client
-
-    async def reply(self) -> tuple[int, str]:
-        """Read one (possibly multi-line) reply."""
-        lines = []
-        while True:
-            line = await asyncio.wait_for(self.reader.readline(), REPLY_TIMEOUT)
-            if not line:
-                raise SMTPError("connection closed")
-            lines.append(line[4:].rstrip(b"\r\n").decode("utf-8", "replace"))
-            if line[3:4] != b"-":
-                return int(line[:3]), "\n".join(lines)
-
-    async def expect(self, code: int) -> str:
-        got, text = await self.reply()
-        if got != code:
-            raise SMTPError(f"expected {code}, got {got} {text}")
-        return text
-
-    async def command(self, line: str, code: int) -> str:
-        self.writer.write(line.encode("utf-8") + b"\r\n")
-        return await self.expect(code)
-
-    async def ehlo(self, name: str = "client.bench.example") -> str:
-        return await self.command(f"EHLO {name}", 250)
-
-    async def starttls(self, context: ssl.SSLContext) -> None:
-        await self.command("STARTTLS", 220)
-        await self.writer.start_tls(context, server_hostname=None)
-
-    async def auth_plain(self, username: str, password: str) -> None:
-        token = base64.b64encode(f"\0{username}\0{password}".encode()).decode()
-        await self.command(f"AUTH PLAIN {token}", 235)
-
-    async def send(self, mail_from: str, recipient: str, data: bytes) -> tuple[int, str]:
-        """
-        One transaction, MAIL/RCPT/DATA pipelined (both servers offer
-        PIPELINING); C{data} has CRLF lines, no leading dots, ends in CRLF.
-        Returns the final reply.
-        """
-        self.writer.write(f"MAIL FROM:<{mail_from}>\r\nRCPT TO:<{recipient}>\r\nDATA\r\n".encode())
-        replies = [await self.reply() for _ in range(3)]
-        for (code, text), want in zip(replies, (250, 250, 354), strict=True):
-            if code != want:
-                if replies[2][0] == 354:
-                    # DATA was accepted although a recipient was not: end it empty.
-                    self.writer.write(b".\r\n")
-                    await self.reply()
-                return code, text
-        self.writer.write(data + b".\r\n")
-        return await self.reply()
-
-    async def quit(self) -> None:
-        try:
-            self.writer.write(b"QUIT\r\n")
-            await asyncio.wait_for(self.reader.readline(), 5)
-        except (TimeoutError, OSError, SMTPError):
-            pass
-        self.close()
-
-    def close(self) -> None:
-        self.writer.close()
-
-
-def message_bytes(index: int, size: int, mail_from: str, recipient: str, extra_headers: str = "") -> bytes:
-    """A plain-text message of about C{size} bytes in total, CRLF lines."""
-    head = (
-        f"From: Bench <{mail_from}>\r\nTo: <{recipient}>\r\nSubject: bench message {index}\r\n"
-        f"Message-ID: <{index}.{secrets.token_hex(6)}@{SENDER_DOMAIN}>\r\n"
-        f"Date: {time.strftime('%a, %d %b %Y %H:%M:%S +0000', time.gmtime())}\r\n"
-        f"MIME-Version: 1.0\r\nContent-Type: text/plain; charset=us-ascii\r\n{extra_headers}\r\n"
-    ).encode()
-    line = b"x" * 76 + b"\r\n"
-    room = max(size - len(head), len(line))
-    body = line * (room // len(line)) + b"y" * (room % len(line) - 2 if room % len(line) >= 2 else 0)
-    if not body.endswith(b"\r\n"):
-        body += b"\r\n"
-    return head + body
 
 
 async def generate(
@@ -178,7 +73,7 @@ async def generate(
     remaining = iter(range(count))
     accepted: list[float] = []
     failures: dict[str, int] = {}
-    cpu0 = _own_cpu()
+    cpu0 = own_cpu()
     started = time.monotonic()
 
     def failed(reason: str) -> None:
@@ -195,7 +90,7 @@ async def generate(
             return
         try:
             for index in remaining:
-                code, text = await client.send(mail_from, recipient, message_bytes(index, size, mail_from, recipient))
+                code, text = await client.send(mail_from, recipient, sized_message(index, size, mail_from, recipient))
                 if code == 250:
                     accepted.append(time.monotonic())
                 else:
@@ -213,69 +108,8 @@ async def generate(
         "started": started,
         "ended": ended,
         "rate": len(accepted) / (ended - started) if accepted else 0.0,
-        "client_cpu": _own_cpu() - cpu0,
+        "client_cpu": own_cpu() - cpu0,
     }
-
-
-# --- processes ------------------------------------------------------------------
-
-
-def _own_cpu() -> float:
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
-
-
-def proc_cpu(pid: int, children: bool = False) -> float:
-    """CPU seconds of C{pid} (and of its reaped children with C{children})."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0.0
-    ticks = int(fields[11]) + int(fields[12])
-    if children:
-        ticks += int(fields[13]) + int(fields[14])
-    return ticks / os.sysconf("SC_CLK_TCK")
-
-
-def descendants(pid: int) -> list[int]:
-    """Every live process below C{pid}."""
-    parents: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-        except (OSError, ValueError, IndexError):
-            continue
-        parents.setdefault(ppid, []).append(int(entry))
-    found, todo = [], [pid]
-    while todo:
-        for child in parents.get(todo.pop(), []):
-            found.append(child)
-            todo.append(child)
-    return found
-
-
-def tree_cpu(pid: int) -> float:
-    """CPU of a process, its live descendants and the children it reaped."""
-    return proc_cpu(pid, children=True) + sum(proc_cpu(child, children=True) for child in descendants(pid))
-
-
-def stop_process(proc: subprocess.Popen[bytes], timeout: float = 15.0) -> None:
-    """SIGTERM the child we started, then SIGKILL it if it lingers."""
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
-
-
-def free_port() -> int:
-    return free_port_range(1)[0]
 
 
 class Sink:
@@ -533,112 +367,6 @@ class Postfix:
         self._output.close()
 
 
-# --- smtpplus ---------------------------------------------------------------------------
-
-# Starts twistd in this interpreter after scheduling a 10 ms LoopingCall that
-# records the reactor's longest stall (the gap between ticks beyond the
-# interval) every 0.5 s into the file named by SMTPPLUS_BENCH_PROBE: the
-# daemon itself has no such probe and its code stays untouched.
-_PROBED_TWISTD = r"""
-import os, sys, time
-from twisted.internet import reactor
-from twisted.internet.task import LoopingCall
-INTERVAL = 0.01
-out = open(os.environ["SMTPPLUS_BENCH_PROBE"], "a", buffering=1)
-state = {"last": None, "worst": 0.0, "since": time.monotonic()}
-def tick():
-    now = time.monotonic()
-    if state["last"] is not None:
-        state["worst"] = max(state["worst"], now - state["last"] - INTERVAL)
-    state["last"] = now
-    if now - state["since"] >= 0.5:
-        out.write(f"{time.time():.3f} {state['worst'] * 1000:.2f}\n")
-        state["worst"] = 0.0
-        state["since"] = now
-LoopingCall(tick).start(INTERVAL, now=False)
-from twisted.scripts.twistd import run
-sys.argv[0] = "twistd"
-run()
-"""
-
-
-class Smtpplus:
-    """The real daemon under C{twistd}, with the stall probe, on free ports."""
-
-    def __init__(self, directory: str, extra_config: str = "", ports: int = 1) -> None:
-        self.directory = directory
-        os.makedirs(directory)
-        self.ports = free_port_range(ports)
-        self.port = self.ports[0]
-        self.admin_port = free_port()
-        self.token = secrets.token_urlsafe(24)
-        self.probe = os.path.join(directory, "stall-probe.txt")
-        config = os.path.join(directory, "smtpplus.toml")
-        with open(config, "w") as f:
-            f.write(
-                f'[server]\nhostname = "smtpplus.bench.localdomain"\nstate_dir = "{directory}/state"\n'
-                f'[smtp]\nlisten = "{HOST}"\nports = "{",".join(map(str, self.ports))}"\n'
-                f"max_connections_per_ip = 1000\n{extra_config}\n"
-                f'[admin]\nlisten = "{HOST}"\nport = {self.admin_port}\ntoken = "{self.token}"\n'
-            )
-        self.output = os.path.join(directory, "twistd.out")
-        env = dict(os.environ, PYTHONUNBUFFERED="1", SMTPPLUS_BENCH_PROBE=self.probe)
-        command = [sys.executable, "-c", _PROBED_TWISTD]
-        with open(self.output, "wb") as out:
-            self.proc = subprocess.Popen(
-                [*command, "--nodaemon", "--pidfile=", "smtpplus", "--config", config],
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                cwd=directory,
-                env=env,
-            )
-        if not wait_for_ports([*self.ports, self.admin_port], 30, proc=self.proc):
-            self.stop()
-            raise RuntimeError("smtpplus did not start:\n" + self.tail())
-
-    def api(self, method: str, path: str, body: Any = None) -> Any:
-        data = None if body is None else json.dumps(body).encode()
-        request = urllib.request.Request(
-            f"http://{HOST}:{self.admin_port}{path}",
-            data=data,
-            method=method,
-            headers={"Authorization": f"Bearer {self.token}", "Content-Type": "application/json"},
-        )
-        with urllib.request.urlopen(request, timeout=60) as response:
-            text = response.read()
-        return json.loads(text) if text else None
-
-    def create_user(self, username: str) -> str:
-        """Create a user allowed to send from the bench domain; returns its password."""
-        user = self.api("POST", "/api/v1/users", {"username": username, "authorized_domains": [SENDER_DOMAIN]})
-        return user["password"]
-
-    def cpu(self) -> float:
-        return proc_cpu(self.proc.pid)
-
-    def stalls(self, since: float, until: float) -> float | None:
-        """The longest reactor stall (ms) the probe saw in the wall-clock window."""
-        worst = None
-        try:
-            with open(self.probe) as f:
-                for line in f:
-                    stamp, value = line.split()
-                    # A probe line covers the 0.5 s before its time stamp.
-                    if since <= float(stamp) <= until + 0.5:
-                        worst = max(worst or 0.0, float(value))
-        except (OSError, ValueError):
-            return None
-        return worst
-
-    def tail(self, lines: int = 20) -> str:
-        with open(self.output, errors="replace") as f:
-            return "".join(f.readlines()[-lines:])
-
-    def stop(self) -> None:
-        stop_process(self.proc, 15)
-
-
 # --- the measurement ----------------------------------------------------------------------
 
 
@@ -664,7 +392,7 @@ async def _priority_behind_backlog(name: str, sink: Sink, host: str, port: int, 
         backlog = await generate(host, port, MESSAGES, SESSIONS, SIZE, f"bulk@{SENDER_DOMAIN}", "rcpt@sink.example", auth)
         token = secrets.token_hex(8)
         sender = f"urgent-{token}@{SENDER_DOMAIN}"
-        data = message_bytes(0, SIZE, sender, "rcpt@sink.example", 'X-SMTPAPI: {"Priority": 1}\r\n')
+        data = sized_message(0, SIZE, sender, "rcpt@sink.example", 'X-SMTPAPI: {"Priority": 1}\r\n')
         offset = sink.dump_size()
         client = await _login(host, port, auth)
         sent = time.monotonic()
@@ -764,17 +492,17 @@ async def _smtpplus_side(work: str) -> dict[str, Any]:
     sink = Sink(os.path.join(work, "sink-smtpplus"))
     daemon = None
     try:
-        daemon = Smtpplus(
+        daemon = ProbedDaemon(
             os.path.join(work, "smtpplus"),
             "auth_requires_tls = false\n"
             f'[delivery]\nmode = "smarthost"\nsmarthost = "{HOST}:{sink.port}"\nsmarthost_tls = "none"\n'
             f"max_concurrency = {SESSIONS}\n",
         )
-        password = daemon.create_user("bench")
+        password = daemon.create_user("bench", SENDER_DOMAIN)
         wall0 = time.time()
         result = await run_side("smtpplus", sink, HOST, daemon.port, daemon.cpu, ("bench", password))
         result["stall_ms"] = daemon.stalls(wall0, time.time())
-        result["rss_mib"] = _rss_mib(daemon.proc.pid)
+        result["rss_mib"] = rss_mib(daemon.proc.pid)
         if not result["drained"] or result["bulk"]["failures"]:
             print("smtpplus output (last lines):\n" + daemon.tail(), flush=True)
         return result
@@ -782,17 +510,6 @@ async def _smtpplus_side(work: str) -> dict[str, Any]:
         if daemon is not None:
             daemon.stop()
         sink.stop()
-
-
-def _rss_mib(pid: int) -> float:
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return float("nan")
 
 
 def _fmt(value: float | None, spec: str = ".0f", unit: str = "") -> str:

@@ -5,6 +5,7 @@ then time the stats query, as the admin endpoint runs it plus JSON encoding,
 for every policy, over all users and for one user.
 
 Run: python -m bench.stats_bench [--messages N] [--repeat R]
+Environment: BENCH_STATS_MESSAGES (default 1000000), the default of --messages.
 """
 
 from __future__ import annotations
@@ -130,7 +131,7 @@ def run(reactor: Any, messages: int, repeat: int) -> Any:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--messages", type=int, default=1_000_000)
+    parser.add_argument("--messages", type=int, default=int(os.environ.get("BENCH_STATS_MESSAGES", "1000000")))
     parser.add_argument("--repeat", type=int, default=10)
     args = parser.parse_args()
     react(lambda reactor: run(reactor, args.messages, args.repeat))

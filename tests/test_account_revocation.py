@@ -24,10 +24,12 @@ from smtpplus.auth.users import new_user
 from smtpplus.config import SecurityConfig
 from smtpplus.smtp.interfaces import ISubmitter
 from smtpplus.smtp.protocol import SMTPServerFactory
-from tests.contract_helpers import logged_in, message, submit
-from tests.delivery_helpers import PASSWORD, Stack, simple_message, wait_until
-from tests.test_auth_store import make_sqlite_store
-from tests.test_auth_throttle import FakeEvents
+from tests.harness.clients import logged_in, submit
+from tests.harness.fakes import Recorder
+from tests.harness.messages import message, simple_message
+from tests.harness.polling import wait_until
+from tests.harness.stack import PASSWORD, Stack
+from tests.harness.stores import make_sqlite_store
 from tests.test_contract import _MainDaemon, unique
 
 
@@ -40,7 +42,7 @@ class OpenSessionTests(unittest.TestCase):
         hasher.startService()
         self.addCleanup(hasher.stopService)
         security = SecurityConfig(auth_failures_per_ip=50, auth_failures_per_user=50, auth_lock_seconds=60)
-        throttle = LoginThrottle(reactor, security, FakeEvents())
+        throttle = LoginThrottle(reactor, security, Recorder())
         login, _ = build_login_service(self.store, hasher, throttle, self.stack.avatar_factory, reactor)
         listener = reactor.listenTCP(0, SMTPServerFactory(self.stack.registry, login, None), interface="127.0.0.1")
         self.addCleanup(listener.stopListening)

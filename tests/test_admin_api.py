@@ -16,7 +16,7 @@ from smtpplus.admin.api import MAX_BODY, AdminAPI
 from smtpplus.admin.service import admin_site
 from smtpplus.auth.hashing import PasswordHasher
 from smtpplus.auth.users import USERNAME_RE
-from tests.test_auth_store import make_sqlite_store
+from tests.harness.stores import make_sqlite_store
 
 TOKEN = "test-token-abc"
 SETTINGS = {

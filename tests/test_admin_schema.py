@@ -19,7 +19,10 @@ from typing import Any
 
 from twisted.trial.unittest import SkipTest, TestCase
 
-from tests.contract_helpers import Daemon, logged_in, message, poll, queue_id, submit
+from tests.harness.clients import logged_in, submit
+from tests.harness.daemon import Daemon
+from tests.harness.messages import message, queue_id
+from tests.harness.polling import poll
 
 ST = os.path.join(os.path.dirname(sys.executable), "st")
 # Bounds the run: examples per operation and phase, and a hard stop.
@@ -49,23 +52,7 @@ phases.coverage.generation.mode = "negative"
 
 
 def config(d: Daemon) -> str:
-    return f"""
-[server]
-hostname = "mx.test.example"
-state_dir = "{d.state_dir}"
-[smtp]
-listen = "127.0.0.1"
-ports = "{d.plain_ports[0]}"
-[delivery]
-mode = "smarthost"
-smarthost = "127.0.0.1:{d.sink_port}"
-smarthost_tls = "none"
-[admin]
-listen = "127.0.0.1"
-port = {d.admin_port}
-[notifications]
-recipients = ["admin@dest.test"]
-"""
+    return d.toml(tables='[notifications]\nrecipients = ["admin@dest.test"]\n')
 
 
 def fill_store(d: Daemon) -> dict[str, Any]:

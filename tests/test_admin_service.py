@@ -18,7 +18,7 @@ from smtpplus.admin.api import AdminAPI
 from smtpplus.admin.service import TOKEN_FILE, admin_service, admin_token
 from smtpplus.auth.hashing import PasswordHasher
 from smtpplus.config import AdminConfig
-from tests.test_auth_store import make_sqlite_store
+from tests.harness.stores import make_sqlite_store
 
 
 class TokenTests(TestCase):

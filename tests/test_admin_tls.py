@@ -27,8 +27,9 @@ from smtpplus.admin.service import admin_service, is_loopback
 from smtpplus.auth.hashing import PasswordHasher
 from smtpplus.config import AdminConfig, TLSConfig
 from smtpplus.smtp.tls import server_context
-from tests.helpers import daemon_config, free_port_range, start_daemon
-from tests.test_auth_store import make_sqlite_store
+from tests.harness.daemon import daemon_config, start_daemon
+from tests.harness.ports import free_port_range
+from tests.harness.stores import make_sqlite_store
 
 WARNING = "without TLS"
 

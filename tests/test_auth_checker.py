@@ -16,7 +16,7 @@ from smtpplus.auth import hashing
 from smtpplus.auth.checker import CACHE_SECONDS, UnknownUser, UserChecker
 from smtpplus.auth.hashing import PasswordHasher
 from smtpplus.auth.users import new_user
-from tests.test_auth_store import make_sqlite_store
+from tests.harness.stores import make_sqlite_store
 
 
 class CountingHasher(PasswordHasher):

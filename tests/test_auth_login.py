@@ -23,10 +23,10 @@ from smtpplus.auth.users import generate_password, new_user
 from smtpplus.config import SecurityConfig, TLSConfig
 from smtpplus.model import User
 from smtpplus.smtp.interfaces import IMessageWriter, ISubmitter
-from smtpplus.smtp.protocol import SessionRegistry, SessionSettings, SMTPServerFactory
+from smtpplus.smtp.protocol import SessionRegistry, SMTPServerFactory
 from smtpplus.smtp.tls import server_context
-from tests.test_auth_store import make_sqlite_store
-from tests.test_auth_throttle import FakeEvents
+from tests.harness.fakes import Recorder, session_settings
+from tests.harness.stores import make_sqlite_store
 
 
 @implementer(IMessageWriter)
@@ -113,7 +113,7 @@ class AuthEndToEndTests(TestCase):
         self.hasher = CountingHasher()
         self.hasher.startService()
         self.addCleanup(self.hasher.stopService)
-        self.events = FakeEvents()
+        self.events = Recorder()
         security = SecurityConfig(auth_failures_per_ip=50, auth_failures_per_user=3, auth_lock_seconds=900)
         self.throttle = LoginThrottle(reactor, security, self.events, first_delay=0.001, max_delay=0.01)
         self.avatars: list[FakeSubmitter] = []
@@ -124,14 +124,9 @@ class AuthEndToEndTests(TestCase):
             return avatar
 
         login_service, _ = build_login_service(self.store, self.hasher, self.throttle, avatar_factory, reactor)
-        settings = SessionSettings(
-            hostname="relay.test",
-            max_message_size=1_000_000,
-            max_recipients=10,
-            max_connections=20,
-            max_connections_per_ip=20,
-            idle_timeout=30,
-            auth_requires_tls=True,
+        settings = session_settings(
+            hostname="relay.test", max_message_size=1_000_000, max_recipients=10, max_connections=20,
+            max_connections_per_ip=20, idle_timeout=30,
         )
         tls = server_context(TLSConfig("", ""), "relay.test", state_dir)
         self.registry = SessionRegistry(settings, reactor)

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import os
 import sqlite3
 from typing import Any
 
 import attrs
-from twisted.internet import reactor
 from twisted.internet.defer import inlineCallbacks
 from twisted.internet.task import Clock
 from twisted.trial.unittest import TestCase
@@ -18,18 +16,7 @@ from smtpplus.auth.store import COMPONENT, MIGRATIONS, DuplicateUser, LoginRecor
 from smtpplus.auth.users import new_user
 from smtpplus.interfaces import IUserStore
 from smtpplus.model import Aggregation, User
-from smtpplus.storage.database import Database
-
-
-def make_sqlite_store(case: TestCase, clock: Any = reactor) -> SQLiteUserStore:
-    """A migrated SQLite user store in a fresh temporary database, closed after the test."""
-    directory = case.mktemp()
-    os.makedirs(directory)
-    database = Database(reactor, os.path.join(directory, "smtpplus.db"))
-    case.addCleanup(database.stop)
-    store = SQLiteUserStore(database, clock)
-    store.migrate()
-    return store
+from tests.harness.stores import make_sqlite_store
 
 
 def user_fields(username: str, **changes: Any) -> User:

@@ -2,30 +2,21 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from twisted.internet.task import Clock
 from twisted.trial.unittest import TestCase
 
 from smtpplus.auth.throttle import MAX_DELAY, MAX_KNOWN, KnownAddresses, LoginThrottle
 from smtpplus.config import SecurityConfig
+from tests.harness.fakes import Recorder
 
-
-class FakeEvents:
-    """An in-memory IEventRecorder."""
-
-    def __init__(self) -> None:
-        self.events: list[tuple[str, str | None, str | None, str]] = []
-
-    def record(self, type: str, user: str | None, message_id: str | None, detail: str) -> Any:
-        self.events.append((type, user, message_id, detail))
-        return None
+# The name other test modules imported from here before tests.harness.
+FakeEvents = Recorder
 
 
 class ThrottleTests(TestCase):
     def setUp(self) -> None:
         self.clock = Clock()
-        self.events = FakeEvents()
+        self.events = Recorder()
         security = SecurityConfig(auth_failures_per_ip=5, auth_failures_per_user=3, auth_lock_seconds=900)
         self.throttle = LoginThrottle(self.clock, security, self.events)
 
@@ -103,7 +94,7 @@ class KnownAddressTests(TestCase):
 
     def setUp(self) -> None:
         self.clock = Clock()
-        self.events = FakeEvents()
+        self.events = Recorder()
         security = SecurityConfig(auth_failures_per_ip=10, auth_failures_per_user=10, auth_lock_seconds=900)
         self.throttle = LoginThrottle(self.clock, security, self.events)
 

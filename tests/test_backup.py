@@ -17,27 +17,14 @@ import subprocess
 
 from twisted.trial import unittest
 
-from tests.contract_helpers import Daemon, logged_in, message, poll, queue_id, submit
-from tests.helpers import spawn_twistd
+from tests.harness.clients import logged_in, submit
+from tests.harness.daemon import Daemon, spawn_twistd
+from tests.harness.messages import message, queue_id
+from tests.harness.polling import poll
 
 
 def _config(daemon: Daemon) -> str:
-    return (
-        "[server]\n"
-        'hostname = "relay.example.test"\n'
-        f'state_dir = "{daemon.state_dir}"\n'
-        "[smtp]\n"
-        'listen = "127.0.0.1"\n'
-        f'ports = "{daemon.plain_ports[0]}"\n'
-        "[delivery]\n"
-        'mode = "smarthost"\n'
-        f'smarthost = "127.0.0.1:{daemon.sink_port}"\n'
-        'smarthost_tls = "none"\n'
-        "retry_schedule = [600]\n"
-        "[admin]\n"
-        'listen = "127.0.0.1"\n'
-        f"port = {daemon.admin_port}\n"
-    )
+    return daemon.toml(hostname="relay.example.test", delivery="retry_schedule = [600]")
 
 
 def online_backup(database: str, target: str) -> None:

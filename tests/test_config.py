@@ -24,7 +24,8 @@ from smtpplus.config import (
     load_config,
     parse_port_spec,
 )
-from tests.helpers import daemon_config, free_port_range, spawn_twistd, start_daemon, temp_dir
+from tests.harness.daemon import daemon_config, spawn_twistd, start_daemon, temp_dir
+from tests.harness.ports import free_port_range
 
 ETC_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "etc", "smtpplus.toml")
 

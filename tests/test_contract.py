@@ -27,24 +27,13 @@ from typing import Any
 
 from twisted.trial import unittest
 
-from tests.contract_helpers import (
-    Daemon,
-    RawSession,
-    Shared,
-    Sink,
-    WebhookReceiver,
-    api_request,
-    logged_in,
-    message,
-    plain_auth,
-    poll,
-    queue_id,
-    run_configs,
-    smtp,
-    submit,
-    tls_context,
-)
-from tests.helpers import free_port_range, occupy, port_is_free, spawn_twistd
+from tests.harness.clients import RawSession, WebhookReceiver, api_request, logged_in, smtp, submit
+from tests.harness.daemon import Daemon, Shared, run_configs
+from tests.harness.messages import message, plain_auth, queue_id
+from tests.harness.polling import poll
+from tests.harness.ports import free_port_range, occupy, port_is_free
+from tests.harness.smarthost import Smarthost
+from tests.harness.tls import client_context
 
 USER_FIELDS = {
     "username",
@@ -81,35 +70,16 @@ def unique(prefix: str = "u") -> str:
 
 
 def main_config(d: Daemon) -> str:
-    return f"""
-[server]
-hostname = "mx.contract.test"
-state_dir = "{d.state_dir}"
-
-[smtp]
-listen = "127.0.0.1"
-ports = "{d.plain_ports[0]}-{d.plain_ports[1]}"
-tls_ports = "{d.tls_ports[0]}"
-max_message_size = 2000000
-
-[delivery]
-mode = "smarthost"
-smarthost = "127.0.0.1:{d.sink_port}"
-smarthost_tls = "none"
-retry_schedule = [1]
-max_queue_lifetime = 4
-
-[admin]
-listen = "127.0.0.1"
-port = {d.admin_port}
-
-[notifications]
-recipients = ["postmaster@admin.test"]
-
-[security]
-auth_failures_per_ip = 100000
-auth_failures_per_user = 100000
-"""
+    return d.toml(
+        hostname="mx.contract.test",
+        ports=f"{d.plain_ports[0]}-{d.plain_ports[1]}",
+        smtp="max_message_size = 2000000",
+        delivery="retry_schedule = [1]\nmax_queue_lifetime = 4",
+        tables=(
+            '[notifications]\nrecipients = ["postmaster@admin.test"]\n'
+            "[security]\nauth_failures_per_ip = 100000\nauth_failures_per_user = 100000\n"
+        ),
+    )
 
 
 MAIN = Shared(lambda: Daemon(main_config))
@@ -181,7 +151,7 @@ class SMTPContractTests(_MainDaemon, unittest.TestCase):
                     self.assertIn(name, features, (port, features))
                 self.assertEqual(features.get("size"), "2000000")
                 self.assertNotIn("auth", features)
-                client.starttls(context=tls_context())
+                client.starttls(context=client_context())
                 client.ehlo("client.test")
                 self.assertEqual(set(client.esmtp_features["auth"].upper().split()), {"PLAIN", "LOGIN"})
                 for name in ("8bitmime", "pipelining", "enhancedstatuscodes", "mt-priority", "size"):
@@ -218,7 +188,7 @@ class SMTPContractTests(_MainDaemon, unittest.TestCase):
             client.ehlo("client.test")
             code, text = client.mail("sender@allowed.test")
             self.assertEqual((code, text[:5]), (530, b"5.7.0"))
-            client.starttls(context=tls_context())
+            client.starttls(context=client_context())
             client.ehlo("client.test")
             code, text = client.mail("sender@allowed.test")
             self.assertEqual((code, text[:5]), (530, b"5.7.0"))
@@ -455,7 +425,7 @@ class SMTPContractTests(_MainDaemon, unittest.TestCase):
         """A tls_ports port speaks TLS at once: smtplib.SMTP_SSL can AUTH and send; /settings lists it."""
         username, password = self.sender()
         marker = unique("ssl")
-        with smtplib.SMTP_SSL("127.0.0.1", self.d.tls_ports[0], timeout=15, context=tls_context()) as client:
+        with smtplib.SMTP_SSL("127.0.0.1", self.d.tls_ports[0], timeout=15, context=client_context()) as client:
             client.ehlo("client.test")
             self.assertEqual(set(client.esmtp_features["auth"].upper().split()), {"PLAIN", "LOGIN"})
             client.login(username, password)
@@ -880,25 +850,11 @@ class AdminAPIContractTests(_MainDaemon, unittest.TestCase):
 
 
 def queue_config(d: Daemon) -> str:
-    return f"""
-[server]
-hostname = "mx.contract.test"
-state_dir = "{d.state_dir}"
-[smtp]
-listen = "127.0.0.1"
-ports = "{d.plain_ports[0]}"
-max_recipients = 3
-idle_timeout = 2
-[delivery]
-mode = "smarthost"
-smarthost = "127.0.0.1:{d.sink_port}"
-smarthost_tls = "none"
-max_concurrency = 1
-rate_limit = 4
-[admin]
-listen = "127.0.0.1"
-port = {d.admin_port}
-"""
+    return d.toml(
+        hostname="mx.contract.test",
+        smtp="max_recipients = 3\nidle_timeout = 2",
+        delivery="max_concurrency = 1\nrate_limit = 4",
+    )
 
 
 QUEUE = Shared(lambda: Daemon(queue_config, plain=1, tls=0))
@@ -1091,8 +1047,8 @@ class LifecycleContractTests(unittest.TestCase):
         # queue: the message accepted during the shutdown is delivered now.
         token_before = d.token
         key_files = {name: open(os.path.join(root, name), "rb").read() for root, _, files in os.walk(d.state_dir) for name in files if name in keys}
-        d.sink = Sink(d.sink_port)
-        d.process = spawn_twistd(["--config", d.config_path, *d.args], d.directory)
+        d.sink = Smarthost(d.sink_port, conventions=True)
+        d.restart()
         d.wait_ready([d.plain_ports[0], d.admin_port])
         with open(os.path.join(d.state_dir, "admin-token")) as f:
             self.assertEqual(f.read().strip(), token_before)
@@ -1184,20 +1140,7 @@ class ConfigContractTests(unittest.TestCase):
 
 def ports_config(extra: str = "") -> Any:
     def config(d: Daemon) -> str:
-        plain = ",".join(str(p) for p in d.plain_ports)
-        return f"""
-[server]
-hostname = "mx.contract.test"
-state_dir = "{d.state_dir}"
-[smtp]
-listen = "127.0.0.1"
-ports = "{plain}"
-tls_ports = "{d.tls_ports[0]}"
-{extra}
-[admin]
-listen = "127.0.0.1"
-port = {d.admin_port}
-"""
+        return d.toml(hostname="mx.contract.test", smtp=extra, delivery=None)
 
     return config
 
@@ -1228,7 +1171,7 @@ class PortsContractTests(unittest.TestCase):
         settings = d.api("GET", "/api/v1/settings").json
         self.assertEqual(settings["listening_ports"], [])
         self.assertEqual(settings["listening_tls_ports"], d.tls_ports)
-        with smtplib.SMTP_SSL("127.0.0.1", d.tls_ports[0], timeout=15, context=tls_context()) as client:
+        with smtplib.SMTP_SSL("127.0.0.1", d.tls_ports[0], timeout=15, context=client_context()) as client:
             self.assertEqual(client.ehlo("client.test")[0], 250)
 
     def test_require_all_ports(self) -> None:
@@ -1250,30 +1193,14 @@ class PortsContractTests(unittest.TestCase):
 
 def outage_config(hook_port: int) -> Any:
     def config(d: Daemon) -> str:
-        return f"""
-[server]
-hostname = "mx.contract.test"
-state_dir = "{d.state_dir}"
-[smtp]
-listen = "127.0.0.1"
-ports = "{d.plain_ports[0]}"
-[delivery]
-mode = "smarthost"
-smarthost = "127.0.0.1:{d.sink_port}"
-smarthost_tls = "none"
-retry_schedule = [1]
-max_queue_lifetime = 600
-[admin]
-listen = "127.0.0.1"
-port = {d.admin_port}
-[notifications]
-webhook_url = "http://127.0.0.1:{hook_port}/hook"
-delivery_delay_threshold = 1
-[security]
-auth_failures_per_ip = 1000
-auth_failures_per_user = 3
-auth_lock_seconds = 600
-"""
+        return d.toml(
+            hostname="mx.contract.test",
+            delivery="retry_schedule = [1]\nmax_queue_lifetime = 600",
+            tables=(
+                f'[notifications]\nwebhook_url = "http://127.0.0.1:{hook_port}/hook"\ndelivery_delay_threshold = 1\n'
+                "[security]\nauth_failures_per_ip = 1000\nauth_failures_per_user = 3\nauth_lock_seconds = 600\n"
+            ),
+        )
 
     return config
 
@@ -1285,7 +1212,7 @@ class NotificationContractTests(unittest.TestCase):
         self.addCleanup(self.hook.stop)
         self.d = Daemon(outage_config(hook_port), plain=1, tls=0, sink=False)
         self.addCleanup(self.d.stop)
-        self.d.sink = Sink(self.d.sink_port, start=False)
+        self.d.sink = Smarthost(self.d.sink_port, conventions=True, start=False)
 
     def events(self, **query: str) -> list[dict[str, Any]]:
         qs = "&".join(f"{k}={v}" for k, v in query.items())

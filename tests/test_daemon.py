@@ -17,15 +17,8 @@ import time
 
 from twisted.trial import unittest
 
-from tests.helpers import (
-    daemon_config,
-    free_port_range,
-    occupy,
-    port_is_free,
-    start_daemon,
-    twistd_command,
-    wait_for_ports,
-)
+from tests.harness.daemon import daemon_config, start_daemon, twistd_command
+from tests.harness.ports import free_port_range, occupy, port_is_free, wait_for_ports
 from tests.test_smtp_limits import read_until_closed
 
 

@@ -11,7 +11,11 @@ from twisted.protocols.basic import LineReceiver
 from twisted.trial import unittest
 
 from smtpplus.delivery import client
-from tests.delivery_helpers import FakeSmarthost, Stack, queue_id, simple_message, tls_context, wait_until, wall_clock
+from tests.harness.messages import queue_id, simple_message
+from tests.harness.polling import wait_until
+from tests.harness.smarthost import Smarthost
+from tests.harness.stack import Stack, wall_clock
+from tests.harness.tls import server_context
 
 
 @inlineCallbacks
@@ -51,19 +55,19 @@ class ReuseTests(unittest.TestCase):
         statuses = {r["address"]: r["status"] for r in second["recipients"]}
         self.assertEqual(statuses, {"good@dest.test": "sent", "busy@dest.test": "deferred"})
         yield _send_one(stack, ["other@dest.test"])
-        rcpts = [tuple(m["rcpt_tos"]) for m in stack.smarthost.received()]
+        rcpts = [tuple(m.rcpt_tos) for m in stack.smarthost.received()]
         self.assertEqual(rcpts, [("me@example.com",), ("good@dest.test",), ("other@dest.test",)])
         self.assertEqual(stack.smarthost.connections(), 1)
 
     @inlineCallbacks
     def test_reuse_keeps_tls(self) -> Any:
         """In opportunistic mode, the reused connection stays the STARTTLS one: every message goes over TLS."""
-        smarthost = FakeSmarthost(tls_context=tls_context(self.mktemp()))
+        smarthost = Smarthost(tls_context=server_context(self.mktemp()))
         self.addCleanup(smarthost.stop)
         stack = Stack(self, smarthost=smarthost)
         for n in range(3):
             yield _send_one(stack, [f"r{n}@dest.test"])
-        self.assertEqual([m["tls"] for m in smarthost.received()], [True, True, True])
+        self.assertEqual([m.tls for m in smarthost.received()], [True, True, True])
         self.assertEqual(smarthost.connections(), 1)
 
     @inlineCallbacks
@@ -93,7 +97,7 @@ class ReuseTests(unittest.TestCase):
     @inlineCallbacks
     def test_server_times_out_idle_connection(self) -> Any:
         """A smarthost that drops an idle session (421 timeout) costs nothing: the next message is sent at once."""
-        smarthost = FakeSmarthost(timeout=0.2)
+        smarthost = Smarthost(timeout=0.2)
         self.addCleanup(smarthost.stop)
         # On a clock that stands still, only the smarthost can end the session.
         stack = Stack(self, smarthost=smarthost, clock=wall_clock())

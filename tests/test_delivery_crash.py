@@ -6,19 +6,19 @@ stream, restart on the same state_dir, and check that every message answered
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import smtplib
 import threading
 import time
-import urllib.request
-from typing import Any
 
 from twisted.trial import unittest
 
-from tests.delivery_helpers import FakeSmarthost, parse
-from tests.helpers import daemon_config, free_port_range, start_daemon
+from tests.harness.clients import api_request
+from tests.harness.daemon import daemon_config, start_daemon
+from tests.harness.messages import queue_id
+from tests.harness.ports import free_port_range
+from tests.harness.smarthost import Smarthost, parse
 
 TOKEN = "crash-test-token"
 MESSAGES = 200
@@ -86,22 +86,12 @@ class _Stream:
         code, resp = smtp.getreply()
         with self.lock:
             if code == 250:
-                self.queued[seq] = resp.decode().rsplit("queued as ", 1)[1].strip()
+                self.queued[seq] = queue_id(resp.decode())
                 if len(self.queued) >= KILL_AFTER:
                     self.enough.set()
             else:
                 self.refused[seq] = f"{code} {resp.decode()}"
 
-
-def _api(port: int, method: str, path: str, body: Any = None) -> Any:
-    request = urllib.request.Request(
-        f"http://127.0.0.1:{port}{path}",
-        data=None if body is None else json.dumps(body).encode(),
-        headers={"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"},
-        method=method,
-    )
-    with urllib.request.urlopen(request, timeout=10) as response:
-        return json.load(response)
 
 
 class CrashRecoveryTests(unittest.TestCase):
@@ -114,7 +104,7 @@ class CrashRecoveryTests(unittest.TestCase):
         """
         # A slow smarthost and two delivery slots: a backlog is queued when
         # the daemon dies, so recovery has real work to do.
-        sink = FakeSmarthost(delay=0.01)
+        sink = Smarthost(delay=0.01)
         self.addCleanup(sink.stop)
         smtp_port, admin_port = free_port_range(2)
         state_dir = os.path.abspath(self.mktemp())
@@ -135,7 +125,7 @@ class CrashRecoveryTests(unittest.TestCase):
         directory = os.path.abspath(self.mktemp())
         os.makedirs(directory)
         daemon = start_daemon(self, config, wait_ports=[smtp_port, admin_port], directory=directory)
-        user = _api(admin_port, "POST", "/api/v1/users", {"username": "crash", "authorized_domains": ["example.com"]})
+        user = api_request(admin_port, "POST", "/api/v1/users", {"username": "crash", "authorized_domains": ["example.com"]}, token=TOKEN).json
 
         stream = _Stream(smtp_port, user["password"])
         stream.start()
@@ -153,7 +143,7 @@ class CrashRecoveryTests(unittest.TestCase):
         def arrived() -> dict[int, int]:
             counts: dict[int, int] = {}
             for message in sink.received():
-                seq = int(parse(message["data"])["X-Test-Seq"])
+                seq = int(parse(message.data)["X-Test-Seq"])
                 counts[seq] = counts.get(seq, 0) + 1
             return counts
 
@@ -168,7 +158,7 @@ class CrashRecoveryTests(unittest.TestCase):
 
         # Every 250'd id is known to the API and ends sent; the spool drains.
         while time.monotonic() < deadline:
-            messages = _api(admin_port, "GET", "/api/v1/messages?limit=1000")["messages"]
+            messages = api_request(admin_port, "GET", "/api/v1/messages?limit=1000", token=TOKEN).json["messages"]
             statuses = {m["id"]: m["status"] for m in messages}
             if all(statuses.get(i) == "sent" for i in queued.values()):
                 break

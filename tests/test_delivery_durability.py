@@ -7,34 +7,25 @@ modes of what it writes.
 from __future__ import annotations
 
 import errno
-import json
 import os
 import signal
 import smtplib
 import stat
 import subprocess
 import time
-import urllib.request
-from typing import Any
 
 from twisted.trial import unittest
 
-from tests.delivery_helpers import FakeSmarthost, free_port, parse
-from tests.helpers import daemon_config, free_port_range, start_daemon
+from tests.harness.clients import api_request
+from tests.harness.daemon import daemon_config, start_daemon
+from tests.harness.messages import queue_id
+from tests.harness.polling import poll
+from tests.harness.ports import free_port, free_port_range
+from tests.harness.smarthost import Smarthost, parse
 
 TOKEN = "durability-test-token"
 DEADLINE = 60.0
 
-
-def _api(port: int, method: str, path: str, body: Any = None) -> Any:
-    request = urllib.request.Request(
-        f"http://127.0.0.1:{port}{path}",
-        data=None if body is None else json.dumps(body).encode(),
-        headers={"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"},
-        method=method,
-    )
-    with urllib.request.urlopen(request, timeout=10) as response:
-        return json.load(response)
 
 
 def _config(state_dir: str, smtp_port: int, admin_port: int, sink_port: int, extra: str = "") -> str:
@@ -62,25 +53,17 @@ def _send_all(port: int, password: str, seqs: range) -> dict[int, str]:
             code, resp = smtp.data(body.encode())
             if code != 250:
                 raise AssertionError(f"message {seq}: {code} {resp!r}")
-            ids[seq] = resp.decode().rsplit("queued as ", 1)[1].strip()
+            ids[seq] = queue_id(resp.decode())
     return ids
 
 
-def _copies(sink: FakeSmarthost) -> dict[int, int]:
+def _copies(sink: Smarthost) -> dict[int, int]:
     counts: dict[int, int] = {}
     for message in sink.received():
-        seq = int(parse(message["data"])["X-Test-Seq"])
+        seq = int(parse(message.data)["X-Test-Seq"])
         counts[seq] = counts.get(seq, 0) + 1
     return counts
 
-
-def _wait(predicate: Any, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.1)
-    return bool(predicate())
 
 
 class LostDatabaseTests(unittest.TestCase):
@@ -97,7 +80,7 @@ class LostDatabaseTests(unittest.TestCase):
         sink_port = free_port()
         state_dir = os.path.abspath(self.mktemp())
         daemon = start_daemon(self, _config(state_dir, smtp_port, admin_port, sink_port), wait_ports=[smtp_port, admin_port])
-        user = _api(admin_port, "POST", "/api/v1/users", {"username": "keeper", "authorized_domains": ["example.com"]})
+        user = api_request(admin_port, "POST", "/api/v1/users", {"username": "keeper", "authorized_domains": ["example.com"]}, token=TOKEN).json
         ids = _send_all(smtp_port, user["password"], range(count))
 
         # The WAL files go first: a new database opened while a stale WAL
@@ -117,17 +100,18 @@ class LostDatabaseTests(unittest.TestCase):
             output = daemon.output()
             return all(f"message {i} had no queue entry: " in output for i in ids.values())
 
-        self.assertTrue(_wait(named, DEADLINE), daemon.output()[-3000:])
+        self.assertTrue(poll(named, DEADLINE), daemon.output()[-3000:])
 
         # The users went with the database: the administrator creates them again.
-        _api(admin_port, "POST", "/api/v1/users", {"username": "keeper", "authorized_domains": ["example.com"]})
-        sink = FakeSmarthost(port=sink_port)
+        created = api_request(admin_port, "POST", "/api/v1/users", {"username": "keeper", "authorized_domains": ["example.com"]}, token=TOKEN)
+        self.assertEqual(created.status, 201, created)
+        sink = Smarthost(port=sink_port)
         self.addCleanup(sink.stop)
-        self.assertTrue(_wait(lambda: len(_copies(sink)) == count, DEADLINE), f"{_copies(sink)}\n{daemon.output()[-3000:]}")
+        self.assertTrue(poll(lambda: len(_copies(sink)) == count, DEADLINE), f"{_copies(sink)}\n{daemon.output()[-3000:]}")
         # Give a second delivery every chance to happen before counting.
         time.sleep(3)
         self.assertEqual(_copies(sink), {seq: 1 for seq in range(count)})
-        messages = _api(admin_port, "GET", "/api/v1/messages?limit=100")["messages"]
+        messages = api_request(admin_port, "GET", "/api/v1/messages?limit=100", token=TOKEN).json["messages"]
         self.assertEqual({m["id"]: m["status"] for m in messages if m["id"] in ids.values()}, {i: "sent" for i in ids.values()})
         self.assertEqual(os.listdir(os.path.join(state_dir, "spool", "msg")), [])
 
@@ -150,13 +134,13 @@ class DiskFullTests(unittest.TestCase):
         self.addCleanup(subprocess.run, ["umount", "-l", state_dir], check=False)
         # The next hop takes its time: the disk fills while every message is
         # in its hands, before any result is stored.
-        sink = FakeSmarthost(delay=3.0)
+        sink = Smarthost(delay=3.0)
         self.addCleanup(sink.stop)
         smtp_port, admin_port = free_port_range(2)
         daemon = start_daemon(
             self, _config(state_dir, smtp_port, admin_port, sink.port, f"max_concurrency = {count}\n"), wait_ports=[smtp_port, admin_port]
         )
-        user = _api(admin_port, "POST", "/api/v1/users", {"username": "keeper", "authorized_domains": ["example.com"]})
+        user = api_request(admin_port, "POST", "/api/v1/users", {"username": "keeper", "authorized_domains": ["example.com"]}, token=TOKEN).json
         ids = _send_all(smtp_port, user["password"], range(count))
 
         filler = os.path.join(state_dir, "filler")
@@ -176,10 +160,10 @@ class DiskFullTests(unittest.TestCase):
         os.unlink(filler)
 
         def all_sent() -> bool:
-            messages = _api(admin_port, "GET", "/api/v1/messages?limit=100")["messages"]
+            messages = api_request(admin_port, "GET", "/api/v1/messages?limit=100", token=TOKEN).json["messages"]
             return all(m["status"] == "sent" for m in messages if m["id"] in ids.values()) and len(messages) >= count
 
-        self.assertTrue(_wait(all_sent, DEADLINE), daemon.output()[-3000:])
+        self.assertTrue(poll(all_sent, DEADLINE), daemon.output()[-3000:])
         self.assertIn("delivery results are stored again", daemon.output())
         time.sleep(3)
         self.assertEqual(_copies(sink), {seq: 1 for seq in range(count)})
@@ -206,7 +190,7 @@ class ModeTests(unittest.TestCase):
         directory = os.path.abspath(self.mktemp())
         os.makedirs(directory)
         daemon = start_daemon(self, config, wait_ports=[smtp_port, admin_port], directory=directory)
-        user = _api(admin_port, "POST", "/api/v1/users", {"username": "keeper", "authorized_domains": ["example.com"]})
+        user = api_request(admin_port, "POST", "/api/v1/users", {"username": "keeper", "authorized_domains": ["example.com"]}, token=TOKEN).json
         [message_id] = _send_all(smtp_port, user["password"], range(1)).values()
 
         def check() -> None:

@@ -19,7 +19,7 @@ from smtpplus.delivery.interfaces import IQueueStore
 from smtpplus.delivery.memory import MemoryQueueStore
 from smtpplus.delivery.queue import FinishAttempt, MarkSending, NewMessage, RecipientUpdate, SQLiteQueueStore
 from smtpplus.storage.database import Database
-from tests.delivery_helpers import wait_until
+from tests.harness.polling import wait_until
 
 
 def _message(message_id: str, user: str = "u", recipients: tuple[str, ...] = ("x@y.z", "w@y.z"), **changes: Any) -> NewMessage:

@@ -12,32 +12,12 @@ from twisted.trial import unittest
 
 from smtpplus.delivery import queue
 from smtpplus.delivery import spool as spool_module
-from tests.delivery_helpers import (
-    FakeSmarthost,
-    Stack,
-    free_port,
-    parse,
-    queue_id,
-    simple_message,
-    tls_context,
-    wait_until,
-    wall_clock,
-)
-
-
-@inlineCallbacks
-def settled(stack: Stack) -> Any:
-    """Wait until no attempt is in flight (its result is stored)."""
-    yield wait_until(lambda: not stack.delivery.scheduler.in_flight)
-
-
-@inlineCallbacks
-def next_attempt(stack: Stack, seconds: float) -> Any:
-    """Move the stack's clock by C{seconds}, which must start one attempt, and wait for its end."""
-    started = stack.delivery.scheduler.started
-    stack.clock.advance(seconds)
-    assert stack.delivery.scheduler.started == started + 1, (started, stack.delivery.scheduler.started)
-    yield settled(stack)
+from tests.harness.messages import queue_id, simple_message
+from tests.harness.polling import wait_until
+from tests.harness.ports import free_port
+from tests.harness.smarthost import Smarthost, parse
+from tests.harness.stack import Stack, wall_clock
+from tests.harness.tls import server_context
 
 
 class SmarthostTests(unittest.TestCase):
@@ -53,12 +33,12 @@ class SmarthostTests(unittest.TestCase):
         self.assertEqual(message["recipients"][0]["attempts"], 1)
         self.assertIn("250", message["recipients"][0]["last_response"])
         [got] = stack.smarthost.received()
-        self.assertEqual((got["mail_from"], got["rcpt_tos"]), ("me@example.com", ["rcpt@dest.test"]))
-        self.assertTrue(got["data"].startswith(b"Received: from client.test"))
-        self.assertNotIn(b"X-SMTPAPI", got["data"])
-        parsed = parse(got["data"])
+        self.assertEqual((got.mail_from, got.rcpt_tos), ("me@example.com", ["rcpt@dest.test"]))
+        self.assertTrue(got.data.startswith(b"Received: from client.test"))
+        self.assertNotIn(b"X-SMTPAPI", got.data)
+        parsed = parse(got.data)
         self.assertEqual(parsed.get_all("X-Priority"), ["2"])
-        self.assertIn(b"\r\n.dotted line\r\n", got["data"])
+        self.assertIn(b"\r\n.dotted line\r\n", got.data)
         yield wait_until(lambda: not os.path.exists(stack.delivery.spool.path(queue_id(text))))
         results = [args[1] for name, args in stack.recorder.calls if name == "recipient_result"]
         self.assertEqual(results, ["sent"])
@@ -74,17 +54,17 @@ class SmarthostTests(unittest.TestCase):
         self.assertEqual(code, 250, text)
         yield stack.wait_status(queue_id(text), "sent")
         [got] = stack.smarthost.received()
-        self.assertTrue(got["data"].endswith(lines), "body changed in transit")
+        self.assertTrue(got.data.endswith(lines), "body changed in transit")
 
     @inlineCallbacks
     def test_opportunistic_starttls(self) -> Any:
         """A smarthost offering STARTTLS (self-signed) gets the message over TLS in opportunistic mode."""
-        smarthost = FakeSmarthost(tls_context=tls_context(self.mktemp()))
+        smarthost = Smarthost(tls_context=server_context(self.mktemp()))
         self.addCleanup(smarthost.stop)
         stack = Stack(self, smarthost=smarthost)
         code, text = yield stack.submit("me@example.com", ["r@dest.test"], simple_message())
         yield stack.wait_status(queue_id(text), "sent")
-        self.assertTrue(smarthost.received()[0]["tls"])
+        self.assertTrue(smarthost.received()[0].tls)
 
     @inlineCallbacks
     def test_required_tls_unavailable(self) -> Any:
@@ -108,7 +88,7 @@ class SmarthostTests(unittest.TestCase):
             logins.append((data.login, data.password))
             return AuthResult(success=ok)
 
-        smarthost = FakeSmarthost(authenticator=authenticator, auth_require_tls=False)
+        smarthost = Smarthost(authenticator=authenticator, auth_require_tls=False)
         self.addCleanup(smarthost.stop)
         stack = Stack(self, smarthost=smarthost, delivery='smarthost_username = "relayuser"\nsmarthost_password = "relaypass"')
         code, text = yield stack.submit("me@example.com", ["r@dest.test"], simple_message())
@@ -125,10 +105,10 @@ class SmarthostTests(unittest.TestCase):
         deferred = yield stack.wait_status(message_id, "deferred")
         self.assertEqual(deferred["recipients"][0]["status"], "deferred")
         self.assertIn("451", deferred["recipients"][0]["last_response"])
-        yield settled(stack)
+        yield stack.settled()
         stack.clock.advance(59)
         self.assertEqual(stack.delivery.scheduler.started, 1)
-        yield next_attempt(stack, 1)
+        yield stack.next_attempt(1)
         sent = yield stack.wait_status(message_id, "sent")
         self.assertEqual(sent["recipients"][0]["attempts"], 2)
         self.assertEqual(len(stack.smarthost.received()), 1)
@@ -145,12 +125,12 @@ class SmarthostTests(unittest.TestCase):
         self.assertEqual(statuses, {"good@dest.test": "sent", "bad@dest.test": "bounced"})
         yield wait_until(lambda: len(stack.smarthost.received()) == 2)
         dsn = stack.smarthost.received()[1]
-        self.assertEqual((dsn["mail_from"], dsn["rcpt_tos"]), ("", ["me@example.com"]))
-        report = parse(dsn["data"])
+        self.assertEqual((dsn.mail_from, dsn.rcpt_tos), ("", ["me@example.com"]))
+        report = parse(dsn.data)
         self.assertEqual(report.get_content_type(), "multipart/report")
         self.assertEqual(report.get_param("report-type"), "delivery-status")
-        self.assertIn(b"Final-Recipient: rfc822; bad@dest.test", dsn["data"])
-        self.assertIn(b"Status: 5.1.1", dsn["data"])
+        self.assertIn(b"Final-Recipient: rfc822; bad@dest.test", dsn.data)
+        self.assertIn(b"Status: 5.1.1", dsn.data)
         bounces = stack.recorder.of("bounce")
         self.assertEqual([(e[1], e[2]) for e in bounces], [("alice", message_id)])
 
@@ -172,18 +152,15 @@ class SmarthostTests(unittest.TestCase):
         """
         stack = Stack(self, delivery="retry_schedule = [60]\nmax_queue_lifetime = 100", clock=wall_clock())
         stack.smarthost.replies["slow@dest.test"] = ["451 4.3.0 busy"]
-        code, text = yield stack.submit("me@example.com", ["slow@dest.test"], simple_message())
-        message_id = queue_id(text)
-        yield stack.wait_status(message_id, "deferred")
-        yield settled(stack)
-        yield next_attempt(stack, 60)
+        message_id = yield stack.attempted(["slow@dest.test"], "deferred")
+        yield stack.next_attempt(60)
         message = yield stack.message(message_id)
         self.assertEqual((message["status"], message["recipients"][0]["attempts"]), ("deferred", 2))
-        yield next_attempt(stack, 40)
+        yield stack.next_attempt(40)
         message = yield stack.wait_status(message_id, "bounced")
         self.assertIn("4.4.7", message["recipients"][0]["last_response"])
         self.assertEqual(message["recipients"][0]["attempts"], 3)
-        yield wait_until(lambda: any(m["mail_from"] == "" for m in stack.smarthost.received()))
+        yield wait_until(lambda: any(m.mail_from == "" for m in stack.smarthost.received()))
 
     @inlineCallbacks
     def test_delivery_delay_event_once(self) -> Any:
@@ -193,14 +170,11 @@ class SmarthostTests(unittest.TestCase):
         """
         stack = Stack(self, delivery="retry_schedule = [60]", notifications_threshold=100, clock=wall_clock())
         stack.smarthost.replies["slow@dest.test"] = ["451 4.3.0 busy"]
-        code, text = yield stack.submit("me@example.com", ["slow@dest.test"], simple_message())
-        message_id = queue_id(text)
-        yield stack.wait_status(message_id, "deferred")
-        yield settled(stack)
-        yield next_attempt(stack, 60)
+        message_id = yield stack.attempted(["slow@dest.test"], "deferred")
+        yield stack.next_attempt(60)
         self.assertEqual(stack.recorder.of("delivery_delay"), [])
-        yield next_attempt(stack, 60)
-        yield next_attempt(stack, 60)
+        yield stack.next_attempt(60)
+        yield stack.next_attempt(60)
         message = yield stack.message(message_id)
         self.assertEqual(message["recipients"][0]["attempts"], 4)
         delays = stack.recorder.of("delivery_delay")
@@ -209,7 +183,7 @@ class SmarthostTests(unittest.TestCase):
     @inlineCallbacks
     def test_next_hop_outage_one_send_problem(self) -> Any:
         """Connection refused defers every message but records one send_problem per outage; success ends it."""
-        dead = FakeSmarthost()
+        dead = Smarthost()
         dead.stop()
         stack = Stack(self, smarthost=dead, clock=wall_clock())
         ids = []
@@ -259,7 +233,7 @@ class MXTests(unittest.TestCase):
     @inlineCallbacks
     def test_mx_routing(self) -> Any:
         """In MX mode each domain goes to its best MX (by preference) found through [delivery] dns_servers."""
-        stack_smarthost = FakeSmarthost()
+        stack_smarthost = Smarthost()
         self.addCleanup(stack_smarthost.stop)
         port = self._dns(
             {
@@ -270,7 +244,7 @@ class MXTests(unittest.TestCase):
             }
         )
         from smtpplus.delivery.relay import Relay
-        from tests.delivery_helpers import make_config
+        from tests.harness.stack import make_config
 
         config = make_config("unused", f'mode = "mx"\ndns_servers = ["127.0.0.1:{port}"]')
         relay = Relay(reactor, reactor, config.delivery, "relay.test", mx_port=stack_smarthost.port)
@@ -281,7 +255,7 @@ class MXTests(unittest.TestCase):
         statuses = {r["address"]: r["status"] for r in message["recipients"]}
         self.assertEqual(statuses, {"a@dest.test": "sent", "b@nomx.test": "sent", "c@missing.test": "bounced"})
         self.assertIn("5.1.2", message["recipients"][2]["last_response"])
-        got = sorted(tuple(m["rcpt_tos"]) for m in stack_smarthost.received() if m["mail_from"])
+        got = sorted(tuple(m.rcpt_tos) for m in stack_smarthost.received() if m.mail_from)
         self.assertEqual(got, [("a@dest.test",), ("b@nomx.test",)])
 
 

@@ -1,11 +1,23 @@
-"""The strict address-list parser behind the header From: check."""
+"""The sender rules: the strict address-list parser behind the header From: check, who may send as whom, and how a refusal is recorded."""
 
 from __future__ import annotations
 
+from typing import Any
+
+from twisted.internet.defer import fail
 from twisted.trial import unittest
 
-from smtpplus.delivery.rules import header_from_addresses, parse_address_list
+from smtpplus.delivery.rules import (
+    Refusals,
+    SenderRules,
+    address_key,
+    header_from_addresses,
+    parse_address_list,
+    unauthorized,
+)
+from smtpplus.model import User
 from smtpplus.smtp.interfaces import SMTPReply
+from tests.harness.fakes import Recorder
 
 
 class AddressListTests(unittest.TestCase):
@@ -70,3 +82,61 @@ class AddressListTests(unittest.TestCase):
             with self.assertRaises(SMTPReply) as caught:
                 header_from_addresses(values)
             self.assertEqual((caught.exception.code, caught.exception.status), (550, "5.7.1"))
+
+
+class SenderRulesTests(unittest.TestCase):
+    def setUp(self) -> None:
+        self.rules = SenderRules.from_user(
+            User("alice", authorized_domains=["example.com", "xn--bcher-kva.example"], authorized_senders=["Boss@Other.org"])
+        )
+
+    def test_keys(self) -> None:
+        """An address key folds the case of both parts and writes the domain as IDNA A-labels, without a final dot."""
+        self.assertEqual(address_key(" Chef@Café.Example. "), "chef@xn--caf-dma.example")
+        self.assertEqual(address_key("a@exa mple"), "a@exa mple")
+
+    def test_listed_domains_exactly(self) -> None:
+        """Any address of a listed domain, in any case or in Unicode, is authorized; a subdomain or parent is not."""
+        for address in ("x@example.com", "X@EXAMPLE.COM", "info@Bücher.example", "y@example.com."):
+            self.assertTrue(self.rules.authorizes(address), address)
+        for address in ("x@sub.example.com", "x@com", "x@example.org", "x@büchers.example"):
+            self.assertFalse(self.rules.authorizes(address), address)
+
+    def test_listed_senders(self) -> None:
+        """A listed address is authorized in any case; another address of its domain is not."""
+        self.assertTrue(self.rules.authorizes("boss@other.org"))
+        self.assertTrue(self.rules.authorizes("BOSS@OTHER.ORG"))
+        self.assertFalse(self.rules.authorizes("assistant@other.org"))
+
+    def test_no_address(self) -> None:
+        """The null sender and a string without @ are never authorized, whatever the lists hold."""
+        self.assertFalse(self.rules.authorizes(""))
+        self.assertFalse(self.rules.authorizes("example.com"))
+        self.assertFalse(SenderRules.from_user(User("nobody")).authorizes("x@example.com"))
+
+    def test_unauthorized_keeps_order(self) -> None:
+        """The addresses the rules refuse, in the order given."""
+        self.assertEqual(unauthorized(["b@bank.test", "x@example.com", "a@evil.test"], self.rules), ["b@bank.test", "a@evil.test"])
+
+
+class RefusalsTests(unittest.TestCase):
+    def test_event_and_count(self) -> None:
+        """A refusal is one sender_domain event with the detail and one rejected count with the message's fields."""
+        recorder = Recorder()
+        Refusals(recorder, recorder).record("alice", "me@example.com", "Me <ceo@bank.test>", "hi", "header From: refused")
+        self.assertEqual(recorder.events, [("sender_domain", "alice", None, "header From: refused")])
+        self.assertEqual(recorder.rejections(), [("alice", "me@example.com", "Me <ceo@bank.test>", "hi")])
+
+    def test_recorder_failures_are_logged(self) -> None:
+        """A failing recorder is logged and never raises into the SMTP reply; either recorder may be absent."""
+
+        class Broken:
+            def record(self, *args: Any) -> Any:
+                return fail(RuntimeError("events down"))
+
+            def rejected(self, *args: Any) -> None:
+                raise RuntimeError("stats down")
+
+        Refusals(Broken(), Broken()).record("alice", "a@b.test", "", "", "detail")  # type: ignore[arg-type]
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 2)
+        Refusals(None, None).record("alice", "a@b.test", "", "", "detail")

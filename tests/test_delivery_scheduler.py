@@ -9,7 +9,10 @@ from twisted.internet.task import Clock
 from twisted.trial import unittest
 
 from smtpplus.delivery.scheduler import Job, Scheduler
-from tests.delivery_helpers import FakeSmarthost, Stack, parse, queue_id, simple_message, wait_until
+from tests.harness.messages import queue_id, simple_message
+from tests.harness.polling import wait_until
+from tests.harness.smarthost import Smarthost, parse
+from tests.harness.stack import Stack
 
 
 class _Deliveries:
@@ -145,7 +148,7 @@ class PriorityEndToEndTests(unittest.TestCase):
         max_concurrency = 2, a priority-1 message submitted last is delivered
         before every backlog message not already started.
         """
-        smarthost = FakeSmarthost(delay=0.02)
+        smarthost = Smarthost(delay=0.02)
         self.addCleanup(smarthost.stop)
         stack = Stack(self, smarthost=smarthost, delivery="max_concurrency = 2")
         yield gatherResults(
@@ -160,7 +163,7 @@ class PriorityEndToEndTests(unittest.TestCase):
         self.assertEqual(code, 250)
         started_at_queue = stack.delivery.scheduler.started
         yield stack.wait_status(queue_id(text), "sent", timeout=15)
-        subjects = [parse(m["data"])["Subject"] for m in smarthost.received()]
+        subjects = [parse(m.data)["Subject"] for m in smarthost.received()]
         position = subjects.index("urgent")
         self.assertLess(position, 190)
         self.assertLessEqual(position, started_at_queue + 2)
@@ -178,7 +181,7 @@ class PriorityAtScaleTests(unittest.TestCase):
         is the very next delivery started, and reaches the smarthost before
         every backlog message except those in flight beside it.
         """
-        smarthost = FakeSmarthost(delay=0.02)
+        smarthost = Smarthost(delay=0.02)
         self.addCleanup(smarthost.stop)
         stack = Stack(self, smarthost=smarthost, delivery="max_concurrency = 2", start=False)
         scheduler = stack.delivery.scheduler
@@ -215,7 +218,7 @@ class PriorityAtScaleTests(unittest.TestCase):
         before = queued_at[urgent]
         self.assertLess(before, 1000, "the backlog had mostly drained already; the test proves nothing")
         self.assertEqual(started[before], urgent)
-        arrived = [subject_of[parse(m["data"])["Subject"]] for m in smarthost.received()]
+        arrived = [subject_of[parse(m.data)["Subject"]] for m in smarthost.received()]
         ahead = arrived[: arrived.index(urgent)]
         # Deliveries running beside the urgent one (at most max_concurrency
         # at a time) may finish first; nothing else may.

@@ -26,7 +26,9 @@ from smtpplus.delivery.scheduler import Job, Scheduler
 from smtpplus.delivery.spool import EnvelopeError, Spool, envelope_record
 from smtpplus.delivery.threads import run_synchronously
 from smtpplus.storage.database import Database, DatabaseLost
-from tests.delivery_helpers import Stack, queue_id, simple_message, wait_until, wall_clock
+from tests.harness.messages import queue_id, simple_message
+from tests.harness.polling import wait_until
+from tests.harness.stack import Stack, wall_clock
 
 
 def _message(message_id: str = "M1", recipients: tuple[str, ...] = ("a@dest.test", "b@dest.test")) -> queue.NewMessage:
@@ -250,9 +252,9 @@ class RecoveryTests(unittest.TestCase):
         self.assertEqual(message["subject"], "survivor")
         self.assertEqual([r["attempts"] for r in message["recipients"]], [1, 1])
         [got] = first.smarthost.received()
-        self.assertEqual(sorted(got["rcpt_tos"]), ["r1@dest.test", "r2@dest.test"])
-        self.assertTrue(got["data"].endswith(b".dotted line\r\n"), got["data"][-200:])
-        self.assertNotIn(b"smtpplus-envelope", got["data"])
+        self.assertEqual(sorted(got.rcpt_tos), ["r1@dest.test", "r2@dest.test"])
+        self.assertTrue(got.data.endswith(b".dotted line\r\n"), got.data[-200:])
+        self.assertNotIn(b"smtpplus-envelope", got.data)
         self.assertEqual(os.listdir(os.path.join(state, "spool", "tmp")), [])
         self.assertEqual(os.listdir(os.path.join(state, "spool", "corrupt")), ["NOENVELOPE"])
         requeued = [e for e in warnings.events if e.get("id") == message_id and "queued again" in e["log_format"]]
@@ -305,7 +307,7 @@ class LostDatabaseTests(unittest.TestCase):
         self.assertEqual(code, 250, text)
         yield stack.wait_status(held, "sent")
         yield stack.wait_status(queue_id(text), "sent")
-        subjects = sorted(m["data"].split(b"Subject: ")[1].split(b"\r\n")[0] for m in stack.smarthost.received())
+        subjects = sorted(m.data.split(b"Subject: ")[1].split(b"\r\n")[0] for m in stack.smarthost.received())
         self.assertEqual(subjects, [b"after", b"held"])
 
     def test_write_checks_the_file(self) -> Any:
@@ -352,7 +354,7 @@ class AddressTests(unittest.TestCase):
             },
         )
         [got] = stack.smarthost.received()
-        self.assertEqual(sorted(got["rcpt_tos"]), ["ok@dest.test", "user@xn--bcher-kva.example"])
+        self.assertEqual(sorted(got.rcpt_tos), ["ok@dest.test", "user@xn--bcher-kva.example"])
 
 
 def _mode(path: str) -> int:

@@ -21,7 +21,7 @@ from smtpplus.delivery.memory import MemoryQueueStore
 from smtpplus.delivery.relay import HopOutcome, Relay
 from smtpplus.delivery.service import Delivery
 from smtpplus.delivery.threads import run_synchronously
-from tests.delivery_helpers import Recorder
+from tests.harness.fakes import Recorder
 
 NOW = 1_700_000_000.0
 

@@ -9,7 +9,8 @@ import os
 
 from twisted.trial import unittest
 
-from tests.helpers import daemon_config, free_port_range, start_daemon, temp_dir
+from tests.harness.daemon import daemon_config, start_daemon, temp_dir
+from tests.harness.ports import free_port_range
 
 HINT = 'set it in the config file, e.g. [server] hostname = "mail.example.com"'
 

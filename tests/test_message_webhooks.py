@@ -14,18 +14,13 @@ from typing import Any
 from twisted.internet.defer import inlineCallbacks
 from twisted.trial import unittest
 
-from tests.contract_helpers import (
-    Daemon,
-    WebhookReceiver,
-    logged_in,
-    message,
-    poll,
-    queue_id,
-    submit,
-)
-from tests.delivery_helpers import Stack, simple_message, wait_until
-from tests.delivery_helpers import queue_id as smtp_queue_id
-from tests.helpers import free_port_range
+from tests.harness.clients import WebhookReceiver, logged_in, submit
+from tests.harness.daemon import Daemon
+from tests.harness.messages import message, queue_id, simple_message
+from tests.harness.polling import poll, wait_until
+from tests.harness.ports import free_port_range
+from tests.harness.smarthost import DATA_REPLY
+from tests.harness.stack import Stack, wall_clock
 
 SECRET = "whsec-contract-4d1f"
 RESULT_KEYS = {"type", "message_id", "user", "recipient", "response", "created_at"}
@@ -51,15 +46,13 @@ class AgentResultsTests(unittest.TestCase):
         hop's whole reply line: a deferred result for the failed attempt,
         then the delivered one; a bounce at once.
         """
-        stack = Stack(self, delivery="retry_schedule = [1]\n")
+        stack = Stack(self, delivery="retry_schedule = [60]\n", clock=wall_clock())
         results = Results()
         stack.delivery.agent.results = results
         stack.smarthost.replies["later@dest.test"] = ["451 4.3.0 Greylisted, come back later", "250 2.1.5 OK"]
         stack.smarthost.replies["nobody@dest.test"] = ["550 5.1.1 No such user here"]
-        code, text = yield stack.submit(
-            "me@example.com", ["ok@dest.test", "later@dest.test", "nobody@dest.test"], simple_message()
-        )
-        message_id = smtp_queue_id(text)
+        message_id = yield stack.attempted(["ok@dest.test", "later@dest.test", "nobody@dest.test"], "deferred")
+        yield stack.next_attempt(60)
         yield stack.wait_status(message_id, "partial")
         mine = yield wait_until(lambda: len([c for c in results.calls if c[1] == message_id]) >= 4 or None)
         self.assertTrue(mine)
@@ -81,31 +74,19 @@ class AgentResultsTests(unittest.TestCase):
         stack = Stack(self)
         self.assertIsNone(stack.delivery.agent.results)
         code, text = yield stack.submit("me@example.com", ["ok@dest.test"], simple_message())
-        message = yield stack.wait_status(smtp_queue_id(text), "sent")
+        message = yield stack.wait_status(queue_id(text), "sent")
         self.assertEqual(message["status"], "sent")
 
 
 def hooks_config(hook_port: int) -> Any:
     def config(d: Daemon) -> str:
-        return f"""
-[server]
-hostname = "mx.contract.test"
-state_dir = "{d.state_dir}"
-[smtp]
-listen = "127.0.0.1"
-ports = "{d.plain_ports[0]}"
-[delivery]
-mode = "smarthost"
-smarthost = "127.0.0.1:{d.sink_port}"
-smarthost_tls = "none"
-[admin]
-listen = "127.0.0.1"
-port = {d.admin_port}
-[notifications]
-webhook_url = "http://127.0.0.1:{hook_port}/hook"
-webhook_secret = "{SECRET}"
-message_webhooks = true
-"""
+        return d.toml(
+            hostname="mx.contract.test",
+            tables=(
+                f'[notifications]\nwebhook_url = "http://127.0.0.1:{hook_port}/hook"\n'
+                f'webhook_secret = "{SECRET}"\nmessage_webhooks = true\n'
+            ),
+        )
 
     return config
 
@@ -159,7 +140,7 @@ class DaemonWebhookTests(unittest.TestCase):
             self.assertEqual(set(doc), RESULT_KEYS)
         self.assertEqual(results[("delivered", "rcpt@dest.test")]["message_id"], message_id)
         self.assertEqual(results[("delivered", "rcpt@dest.test")]["user"], name)
-        self.assertEqual(results[("delivered", "rcpt@dest.test")]["response"], "250 2.0.0 OK sink")
+        self.assertEqual(results[("delivered", "rcpt@dest.test")]["response"], DATA_REPLY)
         self.assertEqual(results[("bounced", "bounce@dest.test")]["response"], "550 5.1.1 No such user here")
         # The DSN to the sender is the daemon's own mail, under its own id.
         self.assertNotEqual(results[("delivered", "s@allowed.test")]["message_id"], message_id)

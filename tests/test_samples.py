@@ -17,7 +17,7 @@ import sys
 
 from twisted.trial import unittest
 
-from tests.contract_helpers import Daemon, Shared
+from tests.harness.daemon import Daemon, Shared
 
 README = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")
 DEBIAN_PHPMAILER = "/usr/share/php/libphp-phpmailer/autoload.php"
@@ -37,21 +37,7 @@ def readme_sample(label: str) -> str:
 def _config(daemon: Daemon) -> str:
     # "localhost" so that the generated certificate's name is one the
     # clients can connect to here (the hostname warning is expected).
-    return (
-        "[server]\n"
-        'hostname = "localhost"\n'
-        f'state_dir = "{daemon.state_dir}"\n'
-        "[smtp]\n"
-        'listen = "127.0.0.1"\n'
-        f'ports = "{daemon.plain_ports[0]}"\n'
-        "[delivery]\n"
-        'mode = "smarthost"\n'
-        f'smarthost = "127.0.0.1:{daemon.sink_port}"\n'
-        'smarthost_tls = "none"\n'
-        "[admin]\n"
-        'listen = "127.0.0.1"\n'
-        f"port = {daemon.admin_port}\n"
-    )
+    return daemon.toml(hostname="localhost")
 
 
 class _Relay(Daemon):

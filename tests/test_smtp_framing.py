@@ -15,7 +15,7 @@ from twisted.trial import unittest
 
 from smtpplus.smtp.framing import AUTH_LINE_MAX, PipelinedLineReceiver, SessionState
 from smtpplus.smtp.registry import SessionRegistry
-from tests.test_smtp_protocol import settings
+from tests.harness.fakes import session_settings
 
 
 class Recorder(PipelinedLineReceiver):
@@ -23,7 +23,7 @@ class Recorder(PipelinedLineReceiver):
 
     def __init__(self) -> None:
         self.clock = Clock()
-        super().__init__(SessionRegistry(settings(idle_timeout=30), self.clock))
+        super().__init__(SessionRegistry(session_settings(idle_timeout=30), self.clock))
         self.callLater = self.clock.callLater
         self.lines: list[bytes] = []
         self.pending: list[Deferred[None]] = []

@@ -13,7 +13,11 @@ from typing import Any
 
 from twisted.trial import unittest
 
-from tests.contract_helpers import Daemon, logged_in, poll, queue_id, submit, tls_context
+from tests.harness.clients import logged_in, submit
+from tests.harness.daemon import Daemon
+from tests.harness.messages import queue_id
+from tests.harness.polling import poll
+from tests.harness.tls import client_context
 
 # Each flooding client pipelines for this long without reading a reply.
 FLOOD_SECONDS = 5.0
@@ -81,21 +85,7 @@ class Flood(threading.Thread):
 
 
 def flood_config(d: Daemon) -> str:
-    return f"""
-[server]
-hostname = "mx.hardening.test"
-state_dir = "{d.state_dir}"
-
-[smtp]
-listen = "127.0.0.1"
-ports = "{d.plain_ports[0]}"
-tls_ports = "{d.tls_ports[0]}"
-idle_timeout = {IDLE_TIMEOUT}
-
-[admin]
-listen = "127.0.0.1"
-port = {d.admin_port}
-"""
+    return d.toml(hostname="mx.hardening.test", smtp=f"idle_timeout = {IDLE_TIMEOUT}", delivery=None)
 
 
 class UnreadRepliesTests(unittest.TestCase):
@@ -118,9 +108,9 @@ class UnreadRepliesTests(unittest.TestCase):
         """One ordinary session per kind, so that what the first one allocates is in the baseline."""
         with smtplib.SMTP("127.0.0.1", self.plain, timeout=15) as client:
             client.ehlo("warm.test")
-            client.starttls(context=tls_context())
+            client.starttls(context=client_context())
             client.ehlo("warm.test")
-        with smtplib.SMTP_SSL("127.0.0.1", self.tls, timeout=15, context=tls_context()) as client:
+        with smtplib.SMTP_SSL("127.0.0.1", self.tls, timeout=15, context=client_context()) as client:
             client.ehlo("warm.test")
 
     def start_floods(self) -> dict[str, Flood]:
@@ -132,8 +122,8 @@ class UnreadRepliesTests(unittest.TestCase):
         read_reply(starttls)
         starttls.sendall(b"STARTTLS\r\n")
         self.assertTrue(read_reply(starttls).startswith(b"220 "))
-        starttls = tls_context().wrap_socket(starttls)
-        implicit = tls_context().wrap_socket(self.non_reading_socket(self.tls))
+        starttls = client_context().wrap_socket(starttls)
+        implicit = client_context().wrap_socket(self.non_reading_socket(self.tls))
         floods = {
             "plain EHLO": Flood(plain_ehlo, b"EHLO flood.test\r\n"),
             "plain NOOP": Flood(plain_noop, b"NOOP\r\n"),
@@ -178,24 +168,7 @@ class UnreadRepliesTests(unittest.TestCase):
 
 
 def relay_config(d: Daemon) -> str:
-    return f"""
-[server]
-hostname = "mx.hardening.test"
-state_dir = "{d.state_dir}"
-
-[smtp]
-listen = "127.0.0.1"
-ports = "{d.plain_ports[0]}"
-
-[delivery]
-mode = "smarthost"
-smarthost = "127.0.0.1:{d.sink_port}"
-smarthost_tls = "none"
-
-[admin]
-listen = "127.0.0.1"
-port = {d.admin_port}
-"""
+    return d.toml(hostname="mx.hardening.test")
 
 
 class InternationalizedAddressTests(unittest.TestCase):

@@ -13,8 +13,8 @@ from twisted.internet.threads import deferToThread
 from twisted.trial import unittest
 
 from smtpplus.smtp.protocol import SessionRegistry, SMTPServerFactory
-from tests.helpers import FakeLogin
-from tests.test_smtp_protocol import Dialogue, settings
+from tests.harness.fakes import FakeLogin, session_settings
+from tests.test_smtp_protocol import Dialogue
 
 
 def read_until_closed(sock: socket.socket, limit: int = 65536) -> bytes:
@@ -30,7 +30,7 @@ def read_until_closed(sock: socket.socket, limit: int = 65536) -> bytes:
 
 class ConnectionLimitTests(unittest.TestCase):
     def start(self, **overrides: object) -> int:
-        self.registry = SessionRegistry(settings(**overrides), reactor)
+        self.registry = SessionRegistry(session_settings(**overrides), reactor)
         port = reactor.listenTCP(0, SMTPServerFactory(self.registry, FakeLogin(), None), interface="127.0.0.1")
         self.addCleanup(self.stop, port)
         return port.getHost().port
@@ -141,7 +141,7 @@ class DrainTests(unittest.TestCase):
 
     def test_nothing_to_drain(self) -> None:
         """With no sessions the drain is done at once."""
-        registry = SessionRegistry(settings(), Dialogue(self).clock)
+        registry = SessionRegistry(session_settings(), Dialogue(self).clock)
         fired = []
         registry.drain(7).addCallback(fired.append)
         self.assertEqual(fired, [None])

@@ -24,26 +24,14 @@ from smtpplus.smtp.protocol import (
     MAX_BAD_COMMANDS,
     MAX_JUNK_COMMANDS,
     SessionRegistry,
-    SessionSettings,
     SMTPServerFactory,
 )
-from tests.helpers import FakeLogin
+from tests.harness.fakes import FakeLogin, session_settings
+
+# The name other test modules imported from here before tests.harness.
+settings = session_settings
 
 PLAIN_ALICE = base64.b64encode(b"\0alice\0secret").decode()
-
-
-def settings(**overrides: object) -> SessionSettings:
-    values: dict[str, object] = dict(
-        hostname="mx.example.test",
-        max_message_size=1000,
-        max_recipients=3,
-        max_connections=10,
-        max_connections_per_ip=5,
-        idle_timeout=300,
-        auth_requires_tls=True,
-    )
-    values.update(overrides)
-    return SessionSettings(**values)  # type: ignore[arg-type]
 
 
 @implementer(ITLSTransport)
@@ -96,7 +84,7 @@ class Dialogue:
         self.clock = Clock()
         self.login = FakeLogin()
         self.submitter = self.login.submitter
-        self.registry = SessionRegistry(settings(**overrides), self.clock)
+        self.registry = SessionRegistry(session_settings(**overrides), self.clock)
         factory = SMTPServerFactory(self.registry, self.login, None if implicit_tls else object(), implicit_tls)
         peer = peer or IPv4Address("TCP", "192.0.2.7", 40000)
         self.session = factory.buildProtocol(peer)
@@ -934,7 +922,7 @@ class SessionStateTests(unittest.TestCase):
 
     def test_attributes_created_in_init(self) -> None:
         """A whole session creates no attribute after construction, beyond those Twisted's own classes set."""
-        registry = SessionRegistry(settings(auth_requires_tls=False), Clock())
+        registry = SessionRegistry(session_settings(auth_requires_tls=False), Clock())
         login = FakeLogin()
         peer = IPv4Address("TCP", "192.0.2.7", 40000)
         session = SMTPServerFactory(registry, login, None).buildProtocol(peer)

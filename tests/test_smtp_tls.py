@@ -28,9 +28,10 @@ from twisted.trial import unittest
 from zope.interface import implementer
 
 from smtpplus.config import ConfigError, TLSConfig
-from smtpplus.smtp.protocol import SessionRegistry, SessionSettings, SMTPServerFactory
+from smtpplus.smtp.protocol import SessionRegistry, SMTPServerFactory
 from smtpplus.smtp.tls import GENERATED_LIFETIME, check_tls_files, generate_self_signed, server_context
-from tests.helpers import FakeLogin, temp_dir
+from tests.harness.daemon import temp_dir
+from tests.harness.fakes import FakeLogin, session_settings
 
 HOSTNAME = "mx.tls.test"
 
@@ -51,14 +52,8 @@ class TLSServerMixin:
     def start_servers(self, profile: str = "intermediate") -> None:
         self.state_dir = temp_dir(self)
         options = self.options = server_context(TLSConfig("", "", profile), HOSTNAME, self.state_dir)
-        settings = SessionSettings(
-            hostname=HOSTNAME,
-            max_message_size=10_000,
-            max_recipients=10,
-            max_connections=10,
-            max_connections_per_ip=10,
-            idle_timeout=30,
-            auth_requires_tls=True,
+        settings = session_settings(
+            hostname=HOSTNAME, max_message_size=10_000, max_recipients=10, max_connections_per_ip=10, idle_timeout=30
         )
         self.registry = SessionRegistry(settings, reactor)
         self.login = FakeLogin()

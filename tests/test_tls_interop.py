@@ -15,7 +15,8 @@ import subprocess
 
 from twisted.trial import unittest
 
-from tests.helpers import daemon_config, free_port_range, start_daemon, temp_dir
+from tests.harness.daemon import daemon_config, start_daemon, temp_dir
+from tests.harness.ports import free_port_range
 
 SCANNER_TIMEOUT = 240
 # One result line of testssl's client simulation, e.g.
