@@ -128,6 +128,15 @@ class SchemathesisTests(TestCase):
                 f"Authorization: Bearer {d.token}",
                 "--checks",
                 "all",
+                # DELETE /api/v1/messages/{id} drops a message from the
+                # queue, and the contract keeps it listed afterwards with the
+                # final status "deleted" (as a sent one stays listed): reading
+                # it after the DELETE is meant to succeed.  schemathesis has
+                # no per-operation switch for this stateful check, so it goes
+                # as a whole; the users' DELETE-then-404 is held by
+                # tests.test_contract.
+                "--exclude-checks",
+                "use_after_free",
                 "--max-examples",
                 str(MAX_EXAMPLES),
                 "--seed",
