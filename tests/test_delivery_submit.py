@@ -23,7 +23,7 @@ from tests.delivery_helpers import PASSWORD, Stack, queue_id, simple_message, wa
 
 CONTRACT_MESSAGE_KEYS = {
     "id", "user", "mail_from", "header_from", "subject", "priority", "status",
-    "recipients", "campaign_code", "created_at", "updated_at",
+    "recipients", "campaign_code", "created_at", "updated_at", "next_attempt_at", "size",
 }
 
 

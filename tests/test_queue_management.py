@@ -23,10 +23,12 @@ from smtpplus.admin.api import AdminAPI
 from smtpplus.admin.openapi import openapi_document
 from smtpplus.admin.service import admin_site
 from smtpplus.auth.hashing import PasswordHasher
+from smtpplus.delivery.memory import MemoryQueueStore
 from smtpplus.delivery.query import MessageQuery, QueueControl
 from smtpplus.delivery.queue import NewMessage, SQLiteQueueStore
 from smtpplus.delivery.relay import HopOutcome
 from smtpplus.delivery.scheduler import Job, Scheduler
+from smtpplus.interfaces import QueueConflict
 from smtpplus.model import iso_utc
 from smtpplus.notify.events import EventStore
 from smtpplus.paging import InvalidValue, decode_cursor, encode_cursor, parse_time
@@ -107,6 +109,48 @@ class SchedulerManagementTests(TestCase):
         self.assertEqual(self.attempts.started, ["busy"])
         self.clock.advance(1)
         self.assertEqual(self.attempts.started, ["busy", "timer"])
+
+
+class _HeldDeletes(MemoryQueueStore):
+    """The memory store, whose deletions are written only when the test says so."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.held: list[Deferred[None]] = []
+
+    def delete_message(self, message_id: str, now: float) -> Any:
+        written: Deferred[None] = Deferred()
+        self.held.append(written)
+        return written.addCallback(lambda _: super(_HeldDeletes, self).delete_message(message_id, now))
+
+
+class RetryDuringDeleteTests(TestCase):
+    @inlineCallbacks
+    def test_retry_while_delete_is_written(self) -> Any:
+        """
+        A retry answered while a deletion of the same message is being
+        written does not hand the message back to the scheduler: once
+        deleted it is never attempted; a second delete meanwhile is 409.
+        """
+        clock = Clock()
+        attempts = _Attempts()
+        scheduler = Scheduler(clock, attempts, 1)
+        scheduler.start()
+        store = _HeldDeletes()
+        query = MessageQuery(store, clock, QueueControl(scheduler, lambda _: None, lambda _: succeed(None)))
+        seqs = yield store.insert([_new("BLOCKER", 1.0), _new("M", 2.0)])
+        scheduler.add(Job("BLOCKER", 3, seqs[0], "ann"))
+        scheduler.add(Job("M", 3, seqs[1], "ann"))
+        deleting = query.delete_message("M")
+        retried = yield query.retry_message("M")
+        self.assertEqual(retried["status"], "queued")
+        yield self.assertFailure(query.delete_message("M"), QueueConflict)
+        store.held[0].callback(None)
+        deleted = yield deleting
+        self.assertEqual(deleted["status"], "deleted")
+        attempts.pending["BLOCKER"].callback(None)
+        self.assertEqual(attempts.started, ["BLOCKER"])
+        self.assertEqual(scheduler.ready_count(), 0)
 
 
 class PagingValueTests(TestCase):
@@ -441,3 +485,14 @@ class ListingTests(HTTPClient, TestCase):
                 if operation.get("security", document["security"]):
                     code, error = yield self.call(method.upper(), f"{path}?bogus=1", token=None)
                     self.assertEqual(code, 401, (method, path))
+
+    @inlineCallbacks
+    def test_form_fields_are_not_query_parameters(self) -> Any:
+        """The fields of a form-encoded body are not taken for query parameters: the body is refused as not JSON (415)."""
+        response = yield self.http.post(
+            self.base + "/api/v1/users",
+            data=b"username=abc",
+            headers={"Authorization": [f"Bearer {TOKEN}"], "Content-Type": ["application/x-www-form-urlencoded"]},
+        )
+        self.assertEqual(response.code, 415)
+        yield response.content()

@@ -15,7 +15,7 @@ import re
 from collections.abc import Awaitable, Callable, Iterable
 from enum import StrEnum
 from typing import Any
-from urllib.parse import unquote_to_bytes
+from urllib.parse import parse_qsl, unquote_to_bytes
 
 import attrs
 from klein import Klein
@@ -467,13 +467,16 @@ class _UTF8URLs(Resource):
         self._parameters = QueryParameters(openapi_document())
 
     def render(self, request: IRequest) -> bytes | int:
+        # The names in the URL's query string: request.args also holds the
+        # fields of a form-encoded body, which is refused later as not JSON.
+        query = request.uri.partition(b"?")[2]
         try:
-            for part in (*request.postpath, request.getRequestHostname(), *request.args):
+            for part in (*request.postpath, request.getRequestHostname()):
                 part.decode("utf-8")
+            names = [name.decode("utf-8") for name, _ in parse_qsl(query, keep_blank_values=True)]
         except UnicodeDecodeError:
             return self._refuse(request, True, "bad_request", "the URL is not UTF-8")
         path = unquote_to_bytes(request.path).decode("utf-8", "replace")
-        names = [name.decode("utf-8") for name in request.args]
         unknown, needs_token = self._parameters.unknown(request.method, path, names)
         if unknown:
             what = "parameters" if len(unknown) > 1 else "parameter"

@@ -83,6 +83,9 @@ class MessageQuery:
         self._store = store
         self._clock = clock
         self._control = control
+        # Messages whose deletion is being written: a retry answered
+        # meanwhile must not hand them back to the scheduler.
+        self._deleting: set[str] = set()
 
     def list_messages(self, user: str | None, status: str | None, limit: int) -> Deferred[list[dict[str, Any]]]:
         d = self._store.list_messages(user, status, limit)
@@ -127,6 +130,8 @@ class MessageQuery:
         before, row = result
         if before not in queue.ACTIVE:
             raise QueueConflict(f"message {message_id} is {before}: it is not in the queue any more")
+        if message_id in self._deleting:
+            return render(row)
         control.scheduler.hurry(Job(row["id"], row["priority"], row["seq"], row["user"]))
         log.info("message {id} ({status}) to be tried now, as an administrator asked", id=message_id, status=before)
         return render(row)
@@ -136,14 +141,19 @@ class MessageQuery:
         control = self._control
         if message_id in control.scheduler.in_flight:
             raise QueueConflict(f"message {message_id} is being sent; try again when this attempt has ended")
+        if message_id in self._deleting:
+            raise QueueConflict(f"message {message_id} is being deleted already")
         # Out of the scheduler first, so that no attempt starts while the
         # store marks it; put back if the store does not.
         waiting = control.scheduler.remove(message_id)
+        self._deleting.add(message_id)
         try:
             result = yield self._store.delete_message(message_id, self._clock.seconds())
         except Exception:
             self._put_back(waiting)
             raise
+        finally:
+            self._deleting.discard(message_id)
         if result is None:
             self._put_back(waiting)
             return None
