@@ -487,6 +487,17 @@ class ListingTests(HTTPClient, TestCase):
                     self.assertEqual(code, 401, (method, path))
 
     @inlineCallbacks
+    def test_non_ascii_parameters(self) -> Any:
+        """Query values and names beyond ASCII are read as UTF-8: a known name passes, an unknown one is named."""
+        code, document = yield self.call("GET", "/api/v1/messages?user=%C3%88&recipient=%F2%B0%A8%AB~v")
+        self.assertEqual((code, document["messages"]), (200, []))
+        code, error = yield self.call("GET", "/api/v1/notifications?%C3%A9t%C3%A9=1")
+        self.assertEqual(code, 400)
+        self.assertIn("\u00e9t\u00e9: unknown query parameter", error["error"]["message"])
+        code, error = yield self.call("GET", "/api/v1/stats?user=%FF")
+        self.assertEqual((code, error["error"]["code"]), (400, "validation_error"))
+
+    @inlineCallbacks
     def test_form_fields_are_not_query_parameters(self) -> Any:
         """The fields of a form-encoded body are not taken for query parameters: the body is refused as not JSON (415)."""
         response = yield self.http.post(

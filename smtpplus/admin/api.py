@@ -15,12 +15,13 @@ import re
 from collections.abc import Awaitable, Callable, Iterable
 from enum import StrEnum
 from typing import Any
-from urllib.parse import parse_qsl, unquote_to_bytes
+from urllib.parse import unquote_to_bytes
 
 import attrs
 from klein import Klein
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from twisted.web.http import parse_qs
 from twisted.web.iweb import IRequest
 from twisted.web.resource import IResource, Resource
 from twisted.web.server import Request
@@ -473,7 +474,7 @@ class _UTF8URLs(Resource):
         try:
             for part in (*request.postpath, request.getRequestHostname()):
                 part.decode("utf-8")
-            names = [name.decode("utf-8") for name, _ in parse_qsl(query, keep_blank_values=True)]
+            names = [name.decode("utf-8") for name in parse_qs(query, keep_blank_values=True)]
         except UnicodeDecodeError:
             return self._refuse(request, True, "bad_request", "the URL is not UTF-8")
         path = unquote_to_bytes(request.path).decode("utf-8", "replace")
