@@ -100,6 +100,16 @@ class IEventQuery(Interface):
         newest first; C{limit} None or below 1 means all.
         """
 
+    def page_events(
+        type: str | None, user: str | None, limit: int, cursor: str | None
+    ) -> Deferred[tuple[list[dict[str, Any]], str | None]]:
+        """
+        One page of L{list_events}: at most C{limit} events recorded before
+        the one C{cursor} names (None: the newest), and the cursor of the
+        next page (None at the end).  A malformed cursor is
+        L{smtpplus.paging.InvalidValue}.
+        """
+
 
 class IStatsRecorder(Interface):
     """
@@ -141,11 +151,43 @@ class IStatsQuery(Interface):
         """
 
 
+class QueueConflict(Exception):
+    """A queue management request the message's status does not allow (the API's 409)."""
+
+
 class IMessageQuery(Interface):
-    """The queued messages as the admin API lists them."""
+    """The queued messages as the admin API lists and manages them."""
 
     def list_messages(user: str | None, status: str | None, limit: int) -> Deferred[list[dict[str, Any]]]:
         """The contract's C{message} objects, newest first."""
 
+    def page_messages(
+        filters: Mapping[str, Any], limit: int, cursor: str | None
+    ) -> Deferred[tuple[list[dict[str, Any]], str | None]]:
+        """
+        One page of messages, newest first: at most C{limit} that arrived
+        before the one C{cursor} names (None: the newest), and the cursor of
+        the next page (None at the end).  C{filters} may hold C{user},
+        C{status}, C{recipient}, C{campaign_code} (strings) and C{since},
+        C{until} (seconds since the epoch; C{created_at} from C{since}
+        inclusive to C{until} exclusive).  A malformed cursor is
+        L{smtpplus.paging.InvalidValue}.
+        """
+
     def get_message(message_id: str) -> Deferred[dict[str, Any] | None]:
         """The contract's C{message} object, or None when there is no such message."""
+
+    def retry_message(message_id: str) -> Deferred[dict[str, Any] | None]:
+        """
+        Try a message that is not final now (a deferred one's retry and a
+        scheduled one's hold are cut short); fire with the message, None
+        when there is none, or fail with L{QueueConflict} when it is final.
+        """
+
+    def delete_message(message_id: str) -> Deferred[dict[str, Any] | None]:
+        """
+        Drop a message that is not final from the queue (status
+        C{deleted}, its spool file removed); fire with the message, None
+        when there is none, or fail with L{QueueConflict} when it is final
+        or being sent.
+        """

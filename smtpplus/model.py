@@ -30,6 +30,8 @@ class MessageStatus(StrEnum):
     BOUNCED = "bounced"
     # Final: some recipients sent, the others bounced.
     PARTIAL = "partial"
+    # Final: dropped from the queue by an administrator.
+    DELETED = "deleted"
 
 
 class RecipientStatus(StrEnum):
@@ -40,6 +42,7 @@ class RecipientStatus(StrEnum):
     DEFERRED = "deferred"
     SENT = "sent"
     BOUNCED = "bounced"
+    DELETED = "deleted"
 
 
 class EventType(StrEnum):

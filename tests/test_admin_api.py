@@ -37,16 +37,16 @@ class FakeQueries:
         self.calls: list[tuple[Any, ...]] = []
         self.message = {"id": "M1", "user": "alice", "status": "sent"}
 
-    def list_messages(self, user: Any, status: Any, limit: int) -> Any:
-        self.calls.append(("messages", user, status, limit))
-        return succeed([self.message])
+    def page_messages(self, filters: Any, limit: int, cursor: Any) -> Any:
+        self.calls.append(("messages", filters, limit, cursor))
+        return succeed(([self.message], "a1"))
 
     def get_message(self, message_id: str) -> Any:
         return succeed(self.message if message_id == "M1" else None)
 
-    def list_events(self, type: Any, user: Any, limit: int) -> Any:
-        self.calls.append(("events", type, user, limit))
-        return succeed([{"id": 1, "type": "bounce"}])
+    def page_events(self, type: Any, user: Any, limit: int, cursor: Any) -> Any:
+        self.calls.append(("events", type, user, limit, cursor))
+        return succeed(([{"id": 1, "type": "bounce"}], None))
 
     def stats(self, user: Any, policy: Any) -> Any:
         self.calls.append(("stats", user, policy))
@@ -301,8 +301,10 @@ class EmptyReadModelTests(APITestCase):
     @inlineCallbacks
     def test_empty(self) -> Any:
         """Without read models the listings are empty, not errors."""
-        self.assertEqual((yield self.call("GET", "/api/v1/messages")), (200, {"messages": []}))
-        self.assertEqual((yield self.call("GET", "/api/v1/notifications")), (200, {"notifications": []}))
+        self.assertEqual((yield self.call("GET", "/api/v1/messages")), (200, {"messages": [], "next_cursor": None}))
+        self.assertEqual(
+            (yield self.call("GET", "/api/v1/notifications")), (200, {"notifications": [], "next_cursor": None})
+        )
         self.assertEqual((yield self.call("GET", "/api/v1/stats")), (200, {"policy": "day", "groups": []}))
         self.assertEqual(
             (yield self.call("GET", "/api/v1/stats?policy=month")), (200, {"policy": "month", "groups": []})
@@ -335,16 +337,20 @@ class ReadModelTests(APITestCase):
     def test_pass_through(self) -> Any:
         """Filters reach the read models and their results are served."""
         code, document = yield self.call("GET", "/api/v1/messages?user=alice&status=sent&limit=5")
-        self.assertEqual((code, document), (200, {"messages": [self.fake.message]}))
+        self.assertEqual((code, document), (200, {"messages": [self.fake.message], "next_cursor": "a1"}))
         self.assertEqual((yield self.call("GET", "/api/v1/messages/M1")), (200, self.fake.message))
         self.assertError((yield self.call("GET", "/api/v1/messages/M2")), 404)
         code, document = yield self.call("GET", "/api/v1/notifications?type=bounce&user=bob")
-        self.assertEqual(document, {"notifications": [{"id": 1, "type": "bounce"}]})
+        self.assertEqual(document, {"notifications": [{"id": 1, "type": "bounce"}], "next_cursor": None})
         code, document = yield self.call("GET", "/api/v1/stats?user=alice")
         self.assertEqual(document["policy"], "week")
         self.assertEqual(
             self.fake.calls,
-            [("messages", "alice", "sent", 5), ("events", "bounce", "bob", 100), ("stats", "alice", None)],
+            [
+                ("messages", {"user": "alice", "status": "sent"}, 5, None),
+                ("events", "bounce", "bob", 100, None),
+                ("stats", "alice", None),
+            ],
         )
 
 

@@ -115,6 +115,15 @@ class SchemathesisTests(TestCase):
                 f"Authorization: Bearer {d.token}",
                 "--checks",
                 "all",
+                # DELETE /api/v1/messages/{id} drops a message from the
+                # queue, and the contract keeps it listed afterwards with the
+                # final status "deleted" (as a sent one stays listed): reading
+                # it after the DELETE is meant to succeed.  schemathesis has
+                # no per-operation switch for this stateful check, so it goes
+                # as a whole; the users' DELETE-then-404 is held by
+                # tests.test_contract.
+                "--exclude-checks",
+                "use_after_free",
                 "--max-examples",
                 str(MAX_EXAMPLES),
                 "--seed",
@@ -133,8 +142,7 @@ class SchemathesisTests(TestCase):
         # The summary goes to the test log: the closing note shows it.
         print(f"schemathesis ran {time.monotonic() - started:.1f}s\n{summary}")
         self.assertEqual(run.returncode, 0, run.stdout[-8000:] + run.stderr[-2000:])
-        # 11 before /health and /metrics (issue 12).
-        self.assertRegex(summary, r"Tested: 13\b")
+        self.assertRegex(summary, r"Tested: 15\b")
         generated = re.search(r"(\d+) generated", summary)
         self.assertIsNotNone(generated, summary)
         self.assertGreater(int(generated.group(1)), 200)

@@ -58,6 +58,8 @@ MESSAGE_FIELDS = {
     "campaign_code",
     "created_at",
     "updated_at",
+    "next_attempt_at",
+    "size",
 }
 RECIPIENT_FIELDS = {"address", "status", "attempts", "last_response"}
 EVENT_FIELDS = {"id", "type", "user", "message_id", "detail", "created_at"}
@@ -725,7 +727,7 @@ class AdminAPIContractTests(_MainDaemon, unittest.TestCase):
                 time.sleep(1.05)  # distinct created_at seconds
         queue_id(self.send(other, other_password))
         listed = self.d.api("GET", f"/api/v1/messages?user={name}").json
-        self.assertEqual(set(listed), {"messages"})
+        self.assertEqual(set(listed), {"messages", "next_cursor"})
         self.assertEqual([m["id"] for m in listed["messages"]], ids[::-1])
         for m in listed["messages"]:
             self.assertEqual(set(m), MESSAGE_FIELDS)

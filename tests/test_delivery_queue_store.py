@@ -106,6 +106,93 @@ class QueueStoreContract:
         self.assertEqual([m["id"] for m in limited], ["M3"])
 
     @inlineCallbacks
+    def test_list_filters(self) -> Any:
+        """
+        recipient (ASCII letters in any case), campaign_code, since
+        (inclusive), until (exclusive) and before (arrival number) each
+        narrow the listing, and combine.
+        """
+        yield self.store.insert(
+            [
+                _message("M1", recipients=("Bob@Example.org",), created_at=100.0, campaign_code="spring"),
+                _message("M2", recipients=("ann@example.org", "bob@example.org"), created_at=200.0),
+                _message("M3", recipients=("carl@example.org",), created_at=300.0, campaign_code="spring"),
+            ]
+        )
+
+        def ids(**filters: Any) -> Deferred[list[str]]:
+            d = self.store.list_messages(filters.pop("user", None), filters.pop("status", None), 10, **filters)
+            return d.addCallback(lambda rows: [row["id"] for row in rows])
+
+        self.assertEqual((yield ids(recipient="bob@EXAMPLE.org")), ["M2", "M1"])
+        self.assertEqual((yield ids(recipient="bob@example")), [])
+        self.assertEqual((yield ids(campaign_code="spring")), ["M3", "M1"])
+        self.assertEqual((yield ids(since=200.0)), ["M3", "M2"])
+        self.assertEqual((yield ids(until=200.0)), ["M1"])
+        self.assertEqual((yield ids(since=100.0, until=300.0)), ["M2", "M1"])
+        everything = yield self.store.list_messages(None, None, 10)
+        m2_seq = everything[1]["seq"]
+        self.assertEqual((yield ids(before=m2_seq)), ["M1"])
+        self.assertEqual((yield ids(recipient="bob@example.org", before=m2_seq + 1, campaign_code="spring")), ["M1"])
+
+    @inlineCallbacks
+    def test_retry_message(self) -> Any:
+        """
+        retry_message makes a deferred message and its deferred recipients
+        due now, turns a scheduled one queued, leaves any other alone, and
+        names the status each had.
+        """
+        yield self.store.insert([_message("D"), _message("S", schedule_at=900.0), _message("F"), _message("Q")])
+        updates = [RecipientUpdate(0, "sent", 1, "250 ok", None), RecipientUpdate(1, "deferred", 1, "451 later", 700.0)]
+        yield self.store.write_state(
+            [
+                FinishAttempt(queue.as_row(_message("D")), "deferred", 700.0, updates, False, 10.0),
+                FinishAttempt(queue.as_row(_message("F")), "sent", None, [], False, 10.0),
+            ]
+        )
+        before, row = yield self.store.retry_message("D", 20.0)
+        self.assertEqual((before, row["status"], row["next_attempt"], row["updated_at"]), ("deferred", "deferred", 20.0, 20.0))
+        self.assertEqual([r["next_attempt"] for r in row["recipients"]], [None, 20.0])
+        self.assertEqual(row, (yield self.store.load_message("D")))
+        before, row = yield self.store.retry_message("S", 21.0)
+        self.assertEqual((before, row["status"], row["next_attempt"]), ("scheduled", "queued", 21.0))
+        for message_id, status in (("F", "sent"), ("Q", "queued")):
+            stored = yield self.store.load_message(message_id)
+            self.assertEqual((yield self.store.retry_message(message_id, 22.0)), (status, stored))
+        self.assertIsNone((yield self.store.retry_message("NONE", 22.0)))
+
+    @inlineCallbacks
+    def test_delete_message(self) -> Any:
+        """
+        delete_message marks a queued, scheduled or deferred message deleted
+        with no next attempt, and its recipients not yet sent or bounced;
+        a message being sent or final is left alone.
+        """
+        yield self.store.insert([_message(i, schedule_at=900.0 if i == "S" else None) for i in ("Q", "S", "D", "B", "F")])
+        updates = [RecipientUpdate(0, "sent", 1, "250 ok", None), RecipientUpdate(1, "deferred", 1, "451 later", 700.0)]
+        yield self.store.write_state(
+            [
+                FinishAttempt(queue.as_row(_message("D")), "deferred", 700.0, updates, False, 10.0),
+                MarkSending("B", 10.0),
+                FinishAttempt(queue.as_row(_message("F")), "bounced", None, [], False, 10.0),
+            ]
+        )
+        for message_id, status in (("Q", "queued"), ("S", "scheduled"), ("D", "deferred")):
+            before, row = yield self.store.delete_message(message_id, 30.0)
+            self.assertEqual((before, row["status"], row["next_attempt"], row["updated_at"]), (status, "deleted", None, 30.0))
+            self.assertEqual(row, (yield self.store.load_message(message_id)))
+        deferred = yield self.store.load_message("D")
+        self.assertEqual([(r["status"], r["next_attempt"]) for r in deferred["recipients"]], [("sent", None), ("deleted", None)])
+        queued = yield self.store.load_message("Q")
+        self.assertEqual([r["status"] for r in queued["recipients"]], ["deleted", "deleted"])
+        for message_id, status in (("B", "sending"), ("F", "bounced"), ("Q", "deleted")):
+            stored = yield self.store.load_message(message_id)
+            self.assertEqual((yield self.store.delete_message(message_id, 31.0)), (status, stored))
+        self.assertIsNone((yield self.store.delete_message("NONE", 31.0)))
+        # Deleted messages are not active: only the one being sent is recovered.
+        self.assertEqual([row["id"] for row in self.store.recover(40.0)], ["B"])
+
+    @inlineCallbacks
     def test_mark_sending(self) -> Any:
         """An attempt's start marks the message and its unfinished recipients sending; finished ones stay."""
         yield self.store.insert([_message("M1")])

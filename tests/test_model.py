@@ -39,9 +39,12 @@ class VocabularyTests(TestCase):
     def test_contract_values(self) -> None:
         """The enumerations hold exactly the contract's strings, in the contract's order."""
         self.assertEqual(
-            [s.value for s in MessageStatus], ["queued", "scheduled", "sending", "deferred", "sent", "bounced", "partial"]
+            [s.value for s in MessageStatus],
+            ["queued", "scheduled", "sending", "deferred", "sent", "bounced", "partial", "deleted"],
         )
-        self.assertEqual([s.value for s in RecipientStatus], ["queued", "sending", "deferred", "sent", "bounced"])
+        self.assertEqual(
+            [s.value for s in RecipientStatus], ["queued", "sending", "deferred", "sent", "bounced", "deleted"]
+        )
         self.assertEqual(
             [t.value for t in EventType],
             ["sender_domain", "send_problem", "bounce", "delivery_delay", "account_block"],

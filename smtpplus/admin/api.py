@@ -14,15 +14,17 @@ import functools
 import hmac
 import json
 import re
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from enum import StrEnum
 from typing import Any
+from urllib.parse import unquote_to_bytes
 
 import attrs
 from klein import Klein
 from prometheus_client import CONTENT_TYPE_LATEST
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from twisted.web.http import parse_qs
 from twisted.web.iweb import IRequest
 from twisted.web.resource import IResource, Resource
 from twisted.web.server import Request
@@ -32,9 +34,10 @@ from smtpplus.admin.openapi import MAX_DEPTH, MAX_LIMIT, openapi_document
 from smtpplus.auth.hashing import PasswordHasher
 from smtpplus.auth.store import DuplicateUser
 from smtpplus.auth.users import ValidationError, generate_password, generate_username, new_user, validate_fields
-from smtpplus.interfaces import IEventQuery, IMessageQuery, IStatsQuery, IUserStore
+from smtpplus.interfaces import IEventQuery, IMessageQuery, IStatsQuery, IUserStore, QueueConflict
 from smtpplus.metrics import HealthCheck, Metrics
 from smtpplus.model import Aggregation, EventType, MessageStatus, User
+from smtpplus.paging import InvalidValue, decode_cursor, parse_time
 
 log = Logger()
 
@@ -228,6 +231,22 @@ class AdminAPI:
             raise HTTPError(400, "validation_error", f"{name}: must be one of {', '.join(choices)}")
         return value
 
+    def _time(self, request: Any, name: str) -> float | None:
+        value = self._query(request, name)
+        try:
+            return None if value is None else parse_time(value)
+        except InvalidValue as e:
+            raise HTTPError(400, "validation_error", f"{name}: {e}") from None
+
+    def _cursor(self, request: Any) -> str | None:
+        value = self._query(request, "cursor")
+        if value is not None:
+            try:
+                decode_cursor(value)
+            except InvalidValue as e:
+                raise HTTPError(400, "validation_error", f"cursor: {e}") from None
+        return value
+
     def _limit(self, request: Any) -> int:
         value = self._query(request, "limit")
         if value is None:
@@ -337,18 +356,56 @@ class AdminAPI:
     @app.route("/api/v1/messages", methods=["GET"])
     @authenticated
     async def list_messages(self, request: Any) -> bytes:
-        user = self._query(request, "user")
-        status = self._choice(request, "status", MessageStatus)
+        filters = {
+            "user": self._query(request, "user"),
+            "status": self._choice(request, "status", MessageStatus),
+            "recipient": self._query(request, "recipient"),
+            "campaign_code": self._query(request, "campaign_code"),
+            "since": self._time(request, "since"),
+            "until": self._time(request, "until"),
+        }
         limit = self._limit(request)
-        messages = [] if self._messages is None else await self._messages.list_messages(user, status, limit)
-        return json_body(request, 200, {"messages": messages})
+        cursor = self._cursor(request)
+        messages: list[dict[str, Any]] = []
+        next_cursor = None
+        if self._messages is not None:
+            messages, next_cursor = await self._messages.page_messages(
+                {k: v for k, v in filters.items() if v is not None}, limit, cursor
+            )
+        return json_body(request, 200, {"messages": messages, "next_cursor": next_cursor})
 
     @app.route("/api/v1/messages/<message_id>", methods=["GET"])
     @authenticated
     async def get_message(self, request: Any, message_id: str) -> bytes:
         message = None if self._messages is None else await self._messages.get_message(message_id)
         if message is None:
-            raise HTTPError(404, "not_found", f"no message {message_id}")
+            raise _no_message(message_id)
+        return json_body(request, 200, message)
+
+    @app.route("/api/v1/messages/<message_id>/retry", methods=["POST"])
+    @authenticated
+    async def retry_message(self, request: Any, message_id: str) -> bytes:
+        if self._messages is None:
+            raise _no_message(message_id)
+        try:
+            message = await self._messages.retry_message(message_id)
+        except QueueConflict as e:
+            raise HTTPError(409, "conflict", str(e)) from None
+        if message is None:
+            raise _no_message(message_id)
+        return json_body(request, 200, message)
+
+    @app.route("/api/v1/messages/<message_id>", methods=["DELETE"])
+    @authenticated
+    async def delete_message(self, request: Any, message_id: str) -> bytes:
+        if self._messages is None:
+            raise _no_message(message_id)
+        try:
+            message = await self._messages.delete_message(message_id)
+        except QueueConflict as e:
+            raise HTTPError(409, "conflict", str(e)) from None
+        if message is None:
+            raise _no_message(message_id)
         return json_body(request, 200, message)
 
     @app.route("/api/v1/notifications", methods=["GET"])
@@ -357,8 +414,12 @@ class AdminAPI:
         event_type = self._choice(request, "type", EventType)
         user = self._query(request, "user")
         limit = self._limit(request)
-        events = [] if self._events is None else await self._events.list_events(event_type, user, limit)
-        return json_body(request, 200, {"notifications": events})
+        cursor = self._cursor(request)
+        events: list[dict[str, Any]] = []
+        next_cursor = None
+        if self._events is not None:
+            events, next_cursor = await self._events.page_events(event_type, user, limit, cursor)
+        return json_body(request, 200, {"notifications": events, "next_cursor": next_cursor})
 
     @app.route("/api/v1/stats", methods=["GET"])
     @authenticated
@@ -378,11 +439,50 @@ class AdminAPI:
         return user
 
 
+class QueryParameters:
+    """
+    The query parameters each operation of the OpenAPI document declares,
+    and whether it needs the token: the document is the one list of what a
+    request may carry, so that a parameter it does not name is refused
+    (400) rather than silently ignored.
+    """
+
+    def __init__(self, document: dict[str, Any]) -> None:
+        secured = bool(document.get("security"))
+        self._paths: list[tuple[re.Pattern[str], dict[bytes, tuple[frozenset[str], bool]]]] = []
+        for template, item in document["paths"].items():
+            # A {name} segment of the template matches one segment of the path.
+            pattern = re.compile(re.sub(r"\\\{[^/]*?\\\}", "[^/]+", re.escape(template)))
+            shared = item.get("parameters", [])
+            operations = {}
+            for method, operation in item.items():
+                if method == "parameters":
+                    continue
+                names = {p["name"] for p in (*shared, *operation.get("parameters", [])) if p["in"] == "query"}
+                needs_token = bool(operation["security"]) if "security" in operation else secured
+                operations[method.upper().encode("ascii")] = (frozenset(names), needs_token)
+            self._paths.append((pattern, operations))
+
+    def unknown(self, method: bytes, path: str, names: Iterable[str]) -> tuple[list[str], bool]:
+        """
+        The names among C{names} that the operation C{method path} does not
+        declare (none when the document has no such operation: routing
+        answers that), and whether the operation needs the token.
+        """
+        method = b"GET" if method == b"HEAD" else method
+        for pattern, operations in self._paths:
+            if pattern.fullmatch(path) and method in operations:
+                allowed, needs_token = operations[method]
+                return sorted(set(names) - allowed), needs_token
+        return [], True
+
+
 class _UTF8URLs(Resource):
     """
-    Answers a URL that is not UTF-8 (after percent-decoding) with the
-    contract's JSON 400; Klein itself would log a traceback and answer plain
-    text.
+    Checks what routing cannot: answers a URL that is not UTF-8 (after
+    percent-decoding) with the contract's JSON 400, where Klein itself would
+    log a traceback and answer plain text, and a query parameter the
+    operation does not take with a 400 naming it.
     """
 
     isLeaf = True
@@ -391,22 +491,41 @@ class _UTF8URLs(Resource):
         super().__init__()
         self._api = api
         self._routes = routes
+        self._parameters = QueryParameters(openapi_document())
 
     def render(self, request: IRequest) -> bytes | int:
+        # The names in the URL's query string: request.args also holds the
+        # fields of a form-encoded body, which is refused later as not JSON.
+        query = request.uri.partition(b"?")[2]
         try:
             for part in (*request.postpath, request.getRequestHostname()):
                 part.decode("utf-8")
+            names = [name.decode("utf-8") for name in parse_qs(query, keep_blank_values=True)]
         except UnicodeDecodeError:
+            return self._refuse(request, True, "bad_request", "the URL is not UTF-8")
+        path = unquote_to_bytes(request.path).decode("utf-8", "replace")
+        unknown, needs_token = self._parameters.unknown(request.method, path, names)
+        if unknown:
+            what = "parameters" if len(unknown) > 1 else "parameter"
+            return self._refuse(request, needs_token, "validation_error", f"{', '.join(unknown)}: unknown query {what}")
+        return self._routes.render(request)
+
+    def _refuse(self, request: IRequest, needs_token: bool, code: str, message: str) -> bytes:
+        # The token is checked first: without it a request learns nothing.
+        if needs_token:
             try:
                 self._api._check_token(request)
             except HTTPError as e:
                 return error_body(request, e.status, e.code, e.message)
-            return error_body(request, 400, "bad_request", "the URL is not UTF-8")
-        return self._routes.render(request)
+        return error_body(request, 400, code, message)
 
 
 def _no_user(username: str) -> HTTPError:
     return HTTPError(404, "not_found", f"no user {username}")
+
+
+def _no_message(message_id: str) -> HTTPError:
+    return HTTPError(404, "not_found", f"no message {message_id}")
 
 
 def _validated(validate: Callable[[Any], dict[str, Any]], data: Any) -> dict[str, Any]:

@@ -19,6 +19,7 @@ from typing import Any
 import attrs
 
 from smtpplus.model import USER_TIMESTAMPS, Aggregation, EventType, MessageStatus, RecipientStatus, User
+from smtpplus.paging import CURSOR_PATTERN
 
 MAX_LIMIT = 1000
 # A user object nests two levels; anything far deeper is an attack on the
@@ -173,11 +174,13 @@ SCHEMAS: dict[str, Any] = {
             "header_from",
             "subject",
             "priority",
+            "size",
             "status",
             "recipients",
             "campaign_code",
             "created_at",
             "updated_at",
+            "next_attempt_at",
         ],
         "properties": {
             "id": {"type": "string"},
@@ -190,17 +193,30 @@ SCHEMAS: dict[str, Any] = {
             "header_from": {"type": "string", "nullable": True},
             "subject": {"type": "string", "nullable": True},
             "priority": {"type": "integer", "minimum": 1, "maximum": 5},
+            "size": {"type": "integer", "minimum": 0, "description": "Bytes of the message as queued."},
             "status": {"type": "string", "enum": _values(MessageStatus)},
             "recipients": {"type": "array", "items": _ref("Recipient")},
             "campaign_code": {"type": "string", "nullable": True},
             "created_at": {"type": "string", "format": "date-time"},
             "updated_at": {"type": "string", "format": "date-time"},
+            "next_attempt_at": {
+                "type": "string",
+                "format": "date-time",
+                "nullable": True,
+                "description": "When the next attempt is due (queued, scheduled, deferred); null while sending and once final.",
+            },
         },
     },
     "MessageList": {
         "type": "object",
-        "required": ["messages"],
-        "properties": {"messages": {"type": "array", "items": _ref("Message")}},
+        "required": ["messages", "next_cursor"],
+        "properties": {"messages": {"type": "array", "items": _ref("Message")}, "next_cursor": _ref("NextCursor")},
+    },
+    "NextCursor": {
+        "type": "string",
+        "nullable": True,
+        "pattern": CURSOR_PATTERN,
+        "description": "Pass as cursor= to get the next page; null on the last page.",
     },
     "Event": {
         "type": "object",
@@ -216,8 +232,11 @@ SCHEMAS: dict[str, Any] = {
     },
     "EventList": {
         "type": "object",
-        "required": ["notifications"],
-        "properties": {"notifications": {"type": "array", "items": _ref("Event")}},
+        "required": ["notifications", "next_cursor"],
+        "properties": {
+            "notifications": {"type": "array", "items": _ref("Event")},
+            "next_cursor": _ref("NextCursor"),
+        },
     },
     "StatsGroup": {
         "type": "object",
@@ -251,6 +270,12 @@ SCHEMAS: dict[str, Any] = {
 
 _LIMIT = _query("limit", {"type": "integer", "minimum": 1, "maximum": MAX_LIMIT}, "At most this many (default 100).")
 _USER_FILTER = _query("user", {"type": "string"}, "Only this user's.")
+_CURSOR = _query(
+    "cursor",
+    {"type": "string", "pattern": CURSOR_PATTERN},
+    "The next_cursor of the previous page: the items after it. Pages are stable: new items do not shift them.",
+)
+_MESSAGE_ID = {"name": "id", "in": "path", "required": True, "schema": {"type": "string"}}
 
 
 def openapi_document() -> dict[str, Any]:
@@ -362,22 +387,62 @@ def openapi_document() -> dict[str, Any]:
                     "parameters": [
                         _USER_FILTER,
                         _query("status", {"type": "string", "enum": _values(MessageStatus)}, "Only this status."),
+                        _query(
+                            "recipient",
+                            {"type": "string"},
+                            "Only messages to this address (ASCII letters compared case-insensitively).",
+                        ),
+                        _query("campaign_code", {"type": "string"}, "Only this X-SMTPAPI CampaignCode."),
+                        _query(
+                            "since",
+                            {"type": "string", "format": "date-time"},
+                            "Only messages created at or after this time (ISO 8601 with Z or an offset).",
+                        ),
+                        _query(
+                            "until",
+                            {"type": "string", "format": "date-time"},
+                            "Only messages created before this time (ISO 8601 with Z or an offset).",
+                        ),
                         _LIMIT,
+                        _CURSOR,
                     ],
                     "responses": {"200": _json(_ref("MessageList"), "The messages."), **_ERRORS},
                 }
             },
             "/api/v1/messages/{id}": {
+                "parameters": [_MESSAGE_ID],
                 "get": {
                     "operationId": "getMessage",
                     "summary": "One message",
-                    "parameters": [{"name": "id", "in": "path", "required": True, "schema": {"type": "string"}}],
                     "responses": {
                         "200": _json(_ref("Message"), "The message."),
                         **_ERRORS,
                         "404": _error("No such message."),
                     },
-                }
+                },
+                "delete": {
+                    "operationId": "deleteMessage",
+                    "summary": "Drop a message that is not final: status deleted, its spool file removed",
+                    "responses": {
+                        "200": _json(_ref("Message"), "The deleted message."),
+                        **_ERRORS,
+                        "404": _error("No such message."),
+                        "409": _error("The message is final (sent, bounced, partial, deleted) or being sent."),
+                    },
+                },
+            },
+            "/api/v1/messages/{id}/retry": {
+                "parameters": [_MESSAGE_ID],
+                "post": {
+                    "operationId": "retryMessage",
+                    "summary": "Try a message now: a deferred one's retry and a scheduled one's hold are cut short",
+                    "responses": {
+                        "200": _json(_ref("Message"), "The message, due now (queued or sending: unchanged)."),
+                        **_ERRORS,
+                        "404": _error("No such message."),
+                        "409": _error("The message is final (sent, bounced, partial, deleted)."),
+                    },
+                },
             },
             "/api/v1/notifications": {
                 "get": {
@@ -387,6 +452,7 @@ def openapi_document() -> dict[str, Any]:
                         _query("type", {"type": "string", "enum": _values(EventType)}, "Only this event type."),
                         _USER_FILTER,
                         _LIMIT,
+                        _CURSOR,
                     ],
                     "responses": {"200": _json(_ref("EventList"), "The events."), **_ERRORS},
                 }

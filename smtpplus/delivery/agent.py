@@ -143,6 +143,12 @@ class DeliveryAgent:
             self._fresh_bytes += len(content)
         self._fresh[message.id] = (queue.as_row(message), content)
 
+    def forget(self, message_id: str) -> None:
+        """Drop what L{remember} kept of a message that will not be attempted (it was deleted)."""
+        _, content = self._fresh.pop(message_id, (None, None))
+        if content is not None:
+            self._fresh_bytes -= len(content)
+
     @inlineCallbacks
     def deliver(self, message_id: str) -> Any:
         """One attempt; returns when to try again, or None when the message is finished."""

@@ -61,8 +61,40 @@ class IQueueStore(Interface):
     def load_message(message_id: str) -> Deferred[dict[str, Any] | None]:
         """One message with its recipients, or None."""
 
-    def list_messages(user: str | None, status: str | None, limit: int) -> Deferred[list[dict[str, Any]]]:
-        """Messages newest first, optionally of one user and/or status."""
+    def list_messages(
+        user: str | None,
+        status: str | None,
+        limit: int,
+        recipient: str | None = None,
+        campaign_code: str | None = None,
+        since: float | None = None,
+        until: float | None = None,
+        before: int | None = None,
+    ) -> Deferred[list[dict[str, Any]]]:
+        """
+        At most C{limit} messages, newest (highest C{seq}) first, of those
+        matching every filter given: C{user}, C{status}, C{campaign_code}
+        exactly, C{recipient} as one recipient's address (ASCII letters
+        case-insensitive), C{created_at} from C{since} (inclusive) to
+        C{until} (exclusive), C{seq} below C{before} (the page before).
+        """
+
+    def retry_message(message_id: str, now: float) -> Deferred[tuple[str, dict[str, Any]] | None]:
+        """
+        Make a scheduled or deferred message due at C{now}: its
+        C{next_attempt} (and its deferred recipients') becomes C{now}, a
+        scheduled one turns C{queued}; a message in another status is left
+        alone.  Fires with the status it had and the message as now stored,
+        or None when there is no such message.
+        """
+
+    def delete_message(message_id: str, now: float) -> Deferred[tuple[str, dict[str, Any]] | None]:
+        """
+        Mark a queued, scheduled or deferred message C{deleted} (no next
+        attempt), and each of its recipients not sent or bounced; a message
+        in another status is left alone.  Fires with the status it had and
+        the message as now stored, or None when there is no such message.
+        """
 
     def write_state(changes: list[Any]) -> Deferred[list[BaseException | None]]:
         """

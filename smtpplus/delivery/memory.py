@@ -16,7 +16,9 @@ from zope.interface import implementer
 from smtpplus.delivery.interfaces import IQueueStore
 from smtpplus.delivery.queue import (
     ACTIVE,
+    DELETABLE,
     FINAL_RECIPIENT,
+    WAITING,
     FinishAttempt,
     MarkSending,
     NewMessage,
@@ -33,6 +35,34 @@ class QueueStoreError(Exception):
 
 def _copy(row: dict[str, Any]) -> dict[str, Any]:
     return {**row, "recipients": [dict(r) for r in row["recipients"]]}
+
+
+# SQLite's NOCASE folds ASCII letters only.
+_NOCASE = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrstuvwxyz")
+
+
+def _matches(
+    row: dict[str, Any],
+    user: str | None,
+    status: str | None,
+    recipient: str | None,
+    campaign_code: str | None,
+    since: float | None,
+    until: float | None,
+    before: int | None,
+) -> bool:
+    return (
+        (user is None or row["user"] == user)
+        and (status is None or row["status"] == status)
+        and (campaign_code is None or row["campaign_code"] == campaign_code)
+        and (since is None or row["created_at"] >= since)
+        and (until is None or row["created_at"] < until)
+        and (before is None or row["seq"] < before)
+        and (
+            recipient is None
+            or any(r["address"].translate(_NOCASE) == recipient.translate(_NOCASE) for r in row["recipients"])
+        )
+    )
 
 
 @implementer(IQueueStore)
@@ -80,14 +110,48 @@ class MemoryQueueStore:
         row = self.rows.get(message_id)
         return succeed(None if row is None else _copy(row))
 
-    def list_messages(self, user: str | None, status: str | None, limit: int) -> Deferred[list[dict[str, Any]]]:
+    def list_messages(
+        self,
+        user: str | None,
+        status: str | None,
+        limit: int,
+        recipient: str | None = None,
+        campaign_code: str | None = None,
+        since: float | None = None,
+        until: float | None = None,
+        before: int | None = None,
+    ) -> Deferred[list[dict[str, Any]]]:
         found = [
             row
             for row in self.rows.values()
-            if (user is None or row["user"] == user) and (status is None or row["status"] == status)
+            if _matches(row, user, status, recipient, campaign_code, since, until, before)
         ]
         found.sort(key=lambda row: row["seq"], reverse=True)
         return succeed([_copy(row) for row in found[:limit]])
+
+    def retry_message(self, message_id: str, now: float) -> Deferred[tuple[str, dict[str, Any]] | None]:
+        row = self.rows.get(message_id)
+        if row is None:
+            return succeed(None)
+        status = row["status"]
+        if status in WAITING:
+            row.update(status="queued" if status == "scheduled" else status, next_attempt=now, updated_at=now)
+            for r in row["recipients"]:
+                if r["status"] == "deferred":
+                    r["next_attempt"] = now
+        return succeed((status, _copy(row)))
+
+    def delete_message(self, message_id: str, now: float) -> Deferred[tuple[str, dict[str, Any]] | None]:
+        row = self.rows.get(message_id)
+        if row is None:
+            return succeed(None)
+        status = row["status"]
+        if status in DELETABLE:
+            row.update(status="deleted", next_attempt=None, updated_at=now)
+            for r in row["recipients"]:
+                if r["status"] not in ("sent", "bounced"):
+                    r.update(status="deleted", next_attempt=None)
+        return succeed((status, _copy(row)))
 
     def write_state(self, changes: list[StateChange]) -> Deferred[list[BaseException | None]]:
         errors: list[BaseException | None] = []

@@ -62,10 +62,20 @@ MIGRATIONS = [
         PRIMARY KEY (message_id, idx)
     );
     """,
+    # The listing filters: by recipient (case-insensitive), campaign and time.
+    """
+    CREATE INDEX queue_recipients_address ON queue_recipients (address COLLATE NOCASE, message_id);
+    CREATE INDEX queue_messages_campaign ON queue_messages (campaign_code, seq);
+    CREATE INDEX queue_messages_created ON queue_messages (created_at);
+    """,
 ]
 
 ACTIVE = ("queued", "scheduled", "sending", "deferred")
-FINAL_RECIPIENT = ("sent", "bounced")
+# What an administrator may delete: active, but not in the middle of an attempt.
+DELETABLE = ("queued", "scheduled", "deferred")
+# What an administrator's retry cuts short: a retry timer, a schedule.
+WAITING = ("scheduled", "deferred")
+FINAL_RECIPIENT = ("sent", "bounced", "deleted")
 
 
 @attrs.frozen
@@ -202,15 +212,32 @@ def load_message(conn: sqlite3.Connection, message_id: str) -> dict[str, Any] | 
     return message
 
 
-def list_messages(conn: sqlite3.Connection, user: str | None, status: str | None, limit: int) -> list[dict[str, Any]]:
-    """Messages newest first, optionally of one user and/or status."""
-    clauses, args = [], []
-    if user is not None:
-        clauses.append("user = ?")
-        args.append(user)
-    if status is not None:
-        clauses.append("status = ?")
-        args.append(status)
+def list_messages(
+    conn: sqlite3.Connection,
+    user: str | None,
+    status: str | None,
+    limit: int,
+    recipient: str | None = None,
+    campaign_code: str | None = None,
+    since: float | None = None,
+    until: float | None = None,
+    before: int | None = None,
+) -> list[dict[str, Any]]:
+    """Messages newest first (by arrival), filtered as L{IQueueStore.list_messages} says."""
+    clauses: list[str] = []
+    args: list[Any] = []
+    for clause, value in (
+        ("user = ?", user),
+        ("status = ?", status),
+        ("campaign_code = ?", campaign_code),
+        ("created_at >= ?", since),
+        ("created_at < ?", until),
+        ("seq < ?", before),
+        ("id IN (SELECT message_id FROM queue_recipients WHERE address = ? COLLATE NOCASE)", recipient),
+    ):
+        if value is not None:
+            clauses.append(clause)
+            args.append(value)
     where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
     rows = conn.execute(f"SELECT * FROM queue_messages {where} ORDER BY seq DESC LIMIT ?", (*args, limit)).fetchall()
     result = []
@@ -231,6 +258,59 @@ def count_active(conn: sqlite3.Connection) -> dict[tuple[str, int], int]:
     return {(status, priority): count for status, priority, count in rows}
 
 
+def _status(conn: sqlite3.Connection, message_id: str) -> str | None:
+    row = conn.execute("SELECT status FROM queue_messages WHERE id = ?", (message_id,)).fetchone()
+    return None if row is None else row[0]
+
+
+def retry_message(conn: sqlite3.Connection, message_id: str, now: float) -> tuple[str, dict[str, Any]] | None:
+    """
+    A scheduled or deferred message becomes due at C{now} (a scheduled one
+    turns C{queued}); others are left alone.  Returns the status it had and
+    the message as stored, or None when there is none.
+    """
+    status = _status(conn, message_id)
+    if status is None:
+        return None
+    if status in WAITING:
+        conn.execute(
+            "UPDATE queue_messages SET status = CASE status WHEN 'scheduled' THEN 'queued' ELSE status END, "
+            "next_attempt = ?, updated_at = ? WHERE id = ?",
+            (now, now, message_id),
+        )
+        conn.execute(
+            "UPDATE queue_recipients SET next_attempt = ? WHERE message_id = ? AND status = 'deferred'",
+            (now, message_id),
+        )
+    message = load_message(conn, message_id)
+    assert message is not None
+    return status, message
+
+
+def delete_message(conn: sqlite3.Connection, message_id: str, now: float) -> tuple[str, dict[str, Any]] | None:
+    """
+    A message in a L{DELETABLE} status becomes C{deleted}, and so do its
+    unfinished recipients; others are left alone.  Returns the status it
+    had and the message as stored, or None when there is none.
+    """
+    status = _status(conn, message_id)
+    if status is None:
+        return None
+    if status in DELETABLE:
+        conn.execute(
+            "UPDATE queue_messages SET status = 'deleted', next_attempt = NULL, updated_at = ? WHERE id = ?",
+            (now, message_id),
+        )
+        conn.execute(
+            "UPDATE queue_recipients SET status = 'deleted', next_attempt = NULL "
+            "WHERE message_id = ? AND status NOT IN ('sent', 'bounced')",
+            (message_id,),
+        )
+    message = load_message(conn, message_id)
+    assert message is not None
+    return status, message
+
+
 def mark_sending(conn: sqlite3.Connection, message_id: str, now: float) -> None:
     """Mark an active message and its unfinished recipients C{sending}."""
     conn.execute(
@@ -238,8 +318,8 @@ def mark_sending(conn: sqlite3.Connection, message_id: str, now: float) -> None:
         (now, message_id, *ACTIVE),
     )
     conn.execute(
-        "UPDATE queue_recipients SET status = 'sending' WHERE message_id = ? AND status NOT IN ('sent', 'bounced')",
-        (message_id,),
+        "UPDATE queue_recipients SET status = 'sending' WHERE message_id = ? AND status NOT IN (?, ?, ?)",
+        (message_id, *FINAL_RECIPIENT),
     )
 
 
@@ -394,8 +474,24 @@ class SQLiteQueueStore:
     def load_message(self, message_id: str) -> Deferred[dict[str, Any] | None]:
         return self._database.run(load_message, message_id)
 
-    def list_messages(self, user: str | None, status: str | None, limit: int) -> Deferred[list[dict[str, Any]]]:
-        return self._database.run(list_messages, user, status, limit)
+    def list_messages(
+        self,
+        user: str | None,
+        status: str | None,
+        limit: int,
+        recipient: str | None = None,
+        campaign_code: str | None = None,
+        since: float | None = None,
+        until: float | None = None,
+        before: int | None = None,
+    ) -> Deferred[list[dict[str, Any]]]:
+        return self._database.run(list_messages, user, status, limit, recipient, campaign_code, since, until, before)
+
+    def retry_message(self, message_id: str, now: float) -> Deferred[tuple[str, dict[str, Any]] | None]:
+        return self._database.transaction(retry_message, message_id, now)
+
+    def delete_message(self, message_id: str, now: float) -> Deferred[tuple[str, dict[str, Any]] | None]:
+        return self._database.transaction(delete_message, message_id, now)
 
     def count_active(self) -> Deferred[dict[tuple[str, int], int]]:
         """The queue's size per active status and priority, for the metrics."""

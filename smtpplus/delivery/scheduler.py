@@ -65,6 +65,16 @@ class _Level:
         self.size -= 1
         return message_id
 
+    def remove(self, job: Job) -> None:
+        """Take a ready C{job} out of its turn (an administrator deleted it)."""
+        heap = self.heaps[job.user]
+        heap.remove((job.seq, job.id))
+        heapq.heapify(heap)
+        if not heap:
+            del self.heaps[job.user]
+            self.turns.remove(job.user)
+        self.size -= 1
+
 
 class Scheduler:
     """
@@ -120,6 +130,38 @@ class Scheduler:
             return
         self._levels[job.priority].push(job)
         self._pump()
+
+    def hurry(self, job: Job) -> None:
+        """
+        Start C{job} as soon as a delivery slot is free: a job waiting on a
+        timer (a retry, a schedule) leaves it, a job unknown here is added,
+        a ready or in-flight one is left as it is.
+        """
+        timer = self._timers.pop(job.id, None)
+        if timer is not None:
+            timer.cancel()
+            self._levels[self._jobs[job.id].priority].push(self._jobs[job.id])
+            self._pump()
+        elif job.id not in self._jobs and job.id not in self.in_flight:
+            self.add(job)
+
+    def remove(self, message_id: str) -> tuple[Job, float | None] | None:
+        """
+        Forget a waiting job, ready or on a timer, so that it does not
+        start.  Returns it and the time it was due (None: it was ready), to
+        L{add} back if need be; None when it is not waiting here (unknown,
+        or its attempt is in flight).
+        """
+        job = self._jobs.pop(message_id, None)
+        if job is None:
+            return None
+        timer = self._timers.pop(message_id, None)
+        if timer is not None:
+            due = timer.getTime()
+            timer.cancel()
+            return job, due
+        self._levels[job.priority].remove(job)
+        return job, None
 
     def _due(self, message_id: str) -> None:
         del self._timers[message_id]

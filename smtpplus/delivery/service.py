@@ -20,7 +20,7 @@ from smtpplus.config import DeliveryConfig
 from smtpplus.delivery import queue
 from smtpplus.delivery.agent import DeliveryAgent
 from smtpplus.delivery.interfaces import IQueueStore, IRelay, RunInThread
-from smtpplus.delivery.query import MessageQuery, iso
+from smtpplus.delivery.query import MessageQuery, QueueControl, iso
 from smtpplus.delivery.queue import Committer, NewMessage
 from smtpplus.delivery.relay import Relay
 from smtpplus.delivery.rules import Refusals
@@ -96,7 +96,11 @@ class Delivery:
             self.submit_internal,
         )
         self.scheduler = Scheduler(clock, self.agent.deliver, config.max_concurrency, config.rate_limit)
-        self.query = MessageQuery(store)
+        self.query = MessageQuery(
+            store,
+            clock,
+            QueueControl(self.scheduler, self.agent.forget, lambda message_id: run_in_thread(self.spool.erase, message_id)),
+        )
         # Accepted files found without a queue row at start-up, queued
         # again once the daemon runs.
         self._orphans: list[str] = []

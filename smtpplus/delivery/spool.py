@@ -416,6 +416,17 @@ class Spool:
             except OSError as e:
                 log.warn("cannot remove spooled message {id}: {error}", id=message_id, error=e)
 
+    def erase(self, message_id: str) -> None:
+        """
+        Delete an accepted message's file outright, never keeping it in
+        C{free/} for reuse: an administrator dropped it, its content goes
+        (worker thread).
+        """
+        try:
+            os.unlink(self.path(message_id))
+        except FileNotFoundError:
+            pass
+
     def recover(self) -> tuple[int, list[str]]:
         """
         At start-up: delete partial files in C{tmp/} (no client was told

@@ -18,6 +18,7 @@ from zope.interface import implementer
 
 from smtpplus.interfaces import IEventQuery, IEventRecorder
 from smtpplus.model import EventType, iso_utc
+from smtpplus.paging import decode_cursor, encode_cursor
 from smtpplus.storage.database import Database
 
 log = Logger()
@@ -60,20 +61,27 @@ def _insert(conn: sqlite3.Connection, event: dict[str, Any]) -> None:
     )
 
 
-def _select(conn: sqlite3.Connection, type: str | None, user: str | None, limit: int) -> list[dict[str, Any]]:
-    clauses, args = [], []
-    if type is not None:
-        clauses.append("type = ?")
-        args.append(type)
-    if user is not None:
-        clauses.append("user = ?")
-        args.append(user)
+def _select(
+    conn: sqlite3.Connection, type: str | None, user: str | None, limit: int, before: int | None
+) -> list[dict[str, Any]]:
+    clauses: list[str] = []
+    args: list[Any] = []
+    for clause, value in (("type = ?", type), ("user = ?", user), ("seq < ?", before)):
+        if value is not None:
+            clauses.append(clause)
+            args.append(value)
     where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
     rows = conn.execute(
-        f"SELECT id, type, user, message_id, detail, created_at FROM events {where} ORDER BY seq DESC LIMIT ?",
+        f"SELECT seq, id, type, user, message_id, detail, created_at FROM events {where} ORDER BY seq DESC LIMIT ?",
         (*args, limit),
     ).fetchall()
     return [dict(row) for row in rows]
+
+
+def _without_seq(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    for row in rows:
+        del row["seq"]
+    return rows
 
 
 class EventStoreBase:
@@ -116,13 +124,34 @@ class EventStoreBase:
 
     def list_events(self, type: str | None, user: str | None, limit: int | None) -> Deferred[list[dict[str, Any]]]:
         """Events matching the filters, newest first; C{limit} None or < 1 means all."""
-        return self._select(type, user, None if limit is None or limit < 1 else limit)
+        d = self._select(type, user, None if limit is None or limit < 1 else limit, None)
+        return d.addCallback(_without_seq)
+
+    def page_events(
+        self, type: str | None, user: str | None, limit: int, cursor: str | None
+    ) -> Deferred[tuple[list[dict[str, Any]], str | None]]:
+        """At most C{limit} matching events recorded before the one C{cursor} names, and the next cursor."""
+        before = None if cursor is None else decode_cursor(cursor)
+        # One more than asked for tells whether there is a next page.
+        d = self._select(type, user, limit + 1, before)
+
+        def page(rows: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], str | None]:
+            shown = rows[:limit]
+            next_cursor = encode_cursor(shown[-1]["seq"]) if len(rows) > limit else None
+            return _without_seq(shown), next_cursor
+
+        return d.addCallback(page)
 
     def _insert(self, event: dict[str, Any]) -> Deferred[None]:
         raise NotImplementedError
 
-    def _select(self, type: str | None, user: str | None, limit: int | None) -> Deferred[list[dict[str, Any]]]:
-        """Matching events, newest first, at most C{limit} (None: all)."""
+    def _select(
+        self, type: str | None, user: str | None, limit: int | None, before: int | None
+    ) -> Deferred[list[dict[str, Any]]]:
+        """
+        Matching events with their arrival number C{seq}, newest first, at
+        most C{limit} (None: all), only those before C{before} when given.
+        """
         raise NotImplementedError
 
 
@@ -138,9 +167,11 @@ class EventStore(EventStoreBase):
     def _insert(self, event: dict[str, Any]) -> Deferred[None]:
         return self._db.run(_insert, event)
 
-    def _select(self, type: str | None, user: str | None, limit: int | None) -> Deferred[list[dict[str, Any]]]:
+    def _select(
+        self, type: str | None, user: str | None, limit: int | None, before: int | None
+    ) -> Deferred[list[dict[str, Any]]]:
         # SQLite: LIMIT -1 is no limit.
-        return self._db.run(_select, type, user, -1 if limit is None else limit)
+        return self._db.run(_select, type, user, -1 if limit is None else limit, before)
 
 
 @implementer(IEventRecorder, IEventQuery)
@@ -155,10 +186,15 @@ class MemoryEventStore(EventStoreBase):
         self._events.append(dict(event))
         return succeed(None)
 
-    def _select(self, type: str | None, user: str | None, limit: int | None) -> Deferred[list[dict[str, Any]]]:
+    def _select(
+        self, type: str | None, user: str | None, limit: int | None, before: int | None
+    ) -> Deferred[list[dict[str, Any]]]:
+        # An event's arrival number is its place in the list, from 1 as in SQLite.
         found = [
-            dict(event)
-            for event in reversed(self._events)
-            if (type is None or event["type"] == type) and (user is None or event["user"] == user)
+            {**event, "seq": seq}
+            for seq, event in reversed(list(enumerate(self._events, 1)))
+            if (type is None or event["type"] == type)
+            and (user is None or event["user"] == user)
+            and (before is None or seq < before)
         ]
         return succeed(found[:limit])
