@@ -33,6 +33,7 @@ from tests.contract_helpers import (
     queue_id,
     submit,
 )
+from tests.harness.smarthost import DATA_REPLY
 from tests.helpers import spawn_twistd
 
 ISO_RE = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(?:\.\d+)?(?:Z|[+-]\d\d:\d\d)$")
@@ -156,7 +157,7 @@ class LogLinesTests(unittest.TestCase):
         assert match, attempt
         self.assertRegex(match.group(1), ISO_RE)
         self.assertIn("to=<ok@dest.test> hop=127.0.0.1:", attempt)
-        self.assertIn("status=sent reply='250 2.0.0 OK sink'", attempt)
+        self.assertIn(f"status=sent reply='{DATA_REPLY}'", attempt)
         self.assertIn("to=<defer@dest.test>", attempt)
         self.assertIn("reply='451 4.3.0 Try again later'", attempt)
         # Every line starts with an ISO 8601 time.
@@ -190,7 +191,7 @@ class LogLinesTests(unittest.TestCase):
         self.assertRegex(found["next_retry"], ISO_RE)
         by_address = {r["address"]: r for r in found["recipients"]}
         self.assertEqual(by_address["ok@dest.test"]["status"], "sent")
-        self.assertEqual(by_address["ok@dest.test"]["reply"], "250 2.0.0 OK sink")
+        self.assertEqual(by_address["ok@dest.test"]["reply"], DATA_REPLY)
         self.assertEqual(by_address["defer@dest.test"]["status"], "deferred")
         self.assertEqual(by_address["defer@dest.test"]["hop"], f"127.0.0.1:{d.sink_port}")
         all_records = records()
