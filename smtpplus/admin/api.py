@@ -385,23 +385,19 @@ class AdminAPI:
     @app.route("/api/v1/messages/<message_id>/retry", methods=["POST"])
     @authenticated
     async def retry_message(self, request: Any, message_id: str) -> bytes:
-        if self._messages is None:
-            raise _no_message(message_id)
-        try:
-            message = await self._messages.retry_message(message_id)
-        except QueueConflict as e:
-            raise HTTPError(409, "conflict", str(e)) from None
-        if message is None:
-            raise _no_message(message_id)
-        return json_body(request, 200, message)
+        return await self._queue_action(request, message_id, "retry_message")
 
     @app.route("/api/v1/messages/<message_id>", methods=["DELETE"])
     @authenticated
     async def delete_message(self, request: Any, message_id: str) -> bytes:
+        return await self._queue_action(request, message_id, "delete_message")
+
+    async def _queue_action(self, request: Any, message_id: str, action: str) -> bytes:
+        """Retry or delete: 200 with the message, 404 when unknown, 409 when its status forbids it."""
         if self._messages is None:
             raise _no_message(message_id)
         try:
-            message = await self._messages.delete_message(message_id)
+            message = await getattr(self._messages, action)(message_id)
         except QueueConflict as e:
             raise HTTPError(409, "conflict", str(e)) from None
         if message is None:
