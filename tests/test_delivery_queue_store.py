@@ -15,7 +15,7 @@ from twisted.trial import unittest
 from zope.interface.verify import verifyObject
 
 from smtpplus.delivery import queue
-from smtpplus.delivery.interfaces import IQueueStore
+from smtpplus.delivery.interfaces import IQueueStore, MessageFilter
 from smtpplus.delivery.memory import MemoryQueueStore
 from smtpplus.delivery.queue import FinishAttempt, MarkSending, NewMessage, RecipientUpdate, SQLiteQueueStore
 from smtpplus.storage.database import Database
@@ -95,14 +95,14 @@ class QueueStoreContract:
         """Messages are listed newest first, filtered by user and status, cut at the limit."""
         yield self.store.insert([_message("M1", "ann"), _message("M2", "bob"), _message("M3", "ann")])
         yield self.store.write_state([MarkSending("M3", 6.0)])
-        everything = yield self.store.list_messages(None, None, 10)
+        everything = yield self.store.list_messages(MessageFilter(), 10)
         self.assertEqual([m["id"] for m in everything], ["M3", "M2", "M1"])
         self.assertEqual(len(everything[0]["recipients"]), 2)
-        anns = yield self.store.list_messages("ann", None, 10)
+        anns = yield self.store.list_messages(MessageFilter(user="ann"), 10)
         self.assertEqual([m["id"] for m in anns], ["M3", "M1"])
-        sending = yield self.store.list_messages(None, "sending", 10)
+        sending = yield self.store.list_messages(MessageFilter(status="sending"), 10)
         self.assertEqual([m["id"] for m in sending], ["M3"])
-        limited = yield self.store.list_messages(None, None, 1)
+        limited = yield self.store.list_messages(MessageFilter(), 1)
         self.assertEqual([m["id"] for m in limited], ["M3"])
 
     @inlineCallbacks
@@ -121,7 +121,7 @@ class QueueStoreContract:
         )
 
         def ids(**filters: Any) -> Deferred[list[str]]:
-            d = self.store.list_messages(filters.pop("user", None), filters.pop("status", None), 10, **filters)
+            d = self.store.list_messages(MessageFilter(**filters), 10)
             return d.addCallback(lambda rows: [row["id"] for row in rows])
 
         self.assertEqual((yield ids(recipient="bob@EXAMPLE.org")), ["M2", "M1"])
@@ -130,7 +130,7 @@ class QueueStoreContract:
         self.assertEqual((yield ids(since=200.0)), ["M3", "M2"])
         self.assertEqual((yield ids(until=200.0)), ["M1"])
         self.assertEqual((yield ids(since=100.0, until=300.0)), ["M2", "M1"])
-        everything = yield self.store.list_messages(None, None, 10)
+        everything = yield self.store.list_messages(MessageFilter(), 10)
         m2_seq = everything[1]["seq"]
         self.assertEqual((yield ids(before=m2_seq)), ["M1"])
         self.assertEqual((yield ids(recipient="bob@example.org", before=m2_seq + 1, campaign_code="spring")), ["M1"])

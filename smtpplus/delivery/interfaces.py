@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, Protocol
 
+import attrs
 from twisted.internet.defer import Deferred
 from zope.interface import Interface
 
@@ -23,6 +24,25 @@ class RunInThread(Protocol):
     """
 
     def __call__(self, fn: Callable[..., Any], *args: Any) -> Deferred[Any]: ...
+
+
+@attrs.frozen
+class MessageFilter:
+    """
+    Which messages a listing shows; a field left None does not filter.
+    C{user}, C{status}, C{campaign_code} match exactly; C{recipient} is one
+    recipient's address (ASCII letters case-insensitive); C{created_at}
+    runs from C{since} (inclusive) to C{until} (exclusive); C{before} is a
+    page cursor: only C{seq} below it.
+    """
+
+    user: str | None = None
+    status: str | None = None
+    recipient: str | None = None
+    campaign_code: str | None = None
+    since: float | None = None
+    until: float | None = None
+    before: int | None = None
 
 
 class IQueueStore(Interface):
@@ -61,23 +81,8 @@ class IQueueStore(Interface):
     def load_message(message_id: str) -> Deferred[dict[str, Any] | None]:
         """One message with its recipients, or None."""
 
-    def list_messages(
-        user: str | None,
-        status: str | None,
-        limit: int,
-        recipient: str | None = None,
-        campaign_code: str | None = None,
-        since: float | None = None,
-        until: float | None = None,
-        before: int | None = None,
-    ) -> Deferred[list[dict[str, Any]]]:
-        """
-        At most C{limit} messages, newest (highest C{seq}) first, of those
-        matching every filter given: C{user}, C{status}, C{campaign_code}
-        exactly, C{recipient} as one recipient's address (ASCII letters
-        case-insensitive), C{created_at} from C{since} (inclusive) to
-        C{until} (exclusive), C{seq} below C{before} (the page before).
-        """
+    def list_messages(where: MessageFilter, limit: int) -> Deferred[list[dict[str, Any]]]:
+        """At most C{limit} messages matching C{where}, newest (highest C{seq}) first."""
 
     def retry_message(message_id: str, now: float) -> Deferred[tuple[str, dict[str, Any]] | None]:
         """

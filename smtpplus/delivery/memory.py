@@ -13,7 +13,7 @@ from twisted.internet.defer import Deferred, fail, succeed
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from smtpplus.delivery.interfaces import IQueueStore
+from smtpplus.delivery.interfaces import IQueueStore, MessageFilter
 from smtpplus.delivery.queue import (
     ACTIVE,
     DELETABLE,
@@ -41,26 +41,17 @@ def _copy(row: dict[str, Any]) -> dict[str, Any]:
 _NOCASE = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrstuvwxyz")
 
 
-def _matches(
-    row: dict[str, Any],
-    user: str | None,
-    status: str | None,
-    recipient: str | None,
-    campaign_code: str | None,
-    since: float | None,
-    until: float | None,
-    before: int | None,
-) -> bool:
+def _matches(row: dict[str, Any], where: MessageFilter) -> bool:
     return (
-        (user is None or row["user"] == user)
-        and (status is None or row["status"] == status)
-        and (campaign_code is None or row["campaign_code"] == campaign_code)
-        and (since is None or row["created_at"] >= since)
-        and (until is None or row["created_at"] < until)
-        and (before is None or row["seq"] < before)
+        (where.user is None or row["user"] == where.user)
+        and (where.status is None or row["status"] == where.status)
+        and (where.campaign_code is None or row["campaign_code"] == where.campaign_code)
+        and (where.since is None or row["created_at"] >= where.since)
+        and (where.until is None or row["created_at"] < where.until)
+        and (where.before is None or row["seq"] < where.before)
         and (
-            recipient is None
-            or any(r["address"].translate(_NOCASE) == recipient.translate(_NOCASE) for r in row["recipients"])
+            where.recipient is None
+            or any(r["address"].translate(_NOCASE) == where.recipient.translate(_NOCASE) for r in row["recipients"])
         )
     )
 
@@ -110,22 +101,8 @@ class MemoryQueueStore:
         row = self.rows.get(message_id)
         return succeed(None if row is None else _copy(row))
 
-    def list_messages(
-        self,
-        user: str | None,
-        status: str | None,
-        limit: int,
-        recipient: str | None = None,
-        campaign_code: str | None = None,
-        since: float | None = None,
-        until: float | None = None,
-        before: int | None = None,
-    ) -> Deferred[list[dict[str, Any]]]:
-        found = [
-            row
-            for row in self.rows.values()
-            if _matches(row, user, status, recipient, campaign_code, since, until, before)
-        ]
+    def list_messages(self, where: MessageFilter, limit: int) -> Deferred[list[dict[str, Any]]]:
+        found = [row for row in self.rows.values() if _matches(row, where)]
         found.sort(key=lambda row: row["seq"], reverse=True)
         return succeed([_copy(row) for row in found[:limit]])
 

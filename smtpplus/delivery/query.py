@@ -14,7 +14,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from smtpplus.delivery import queue
-from smtpplus.delivery.interfaces import IQueueStore
+from smtpplus.delivery.interfaces import IQueueStore, MessageFilter
 from smtpplus.delivery.scheduler import Job, Scheduler
 from smtpplus.interfaces import IMessageQuery, QueueConflict
 from smtpplus.model import iso_utc
@@ -88,7 +88,7 @@ class MessageQuery:
         self._deleting: set[str] = set()
 
     def list_messages(self, user: str | None, status: str | None, limit: int) -> Deferred[list[dict[str, Any]]]:
-        d = self._store.list_messages(user, status, limit)
+        d = self._store.list_messages(MessageFilter(user=user, status=status), limit)
         return d.addCallback(lambda rows: [render(row) for row in rows])
 
     def page_messages(
@@ -96,16 +96,16 @@ class MessageQuery:
     ) -> Deferred[tuple[list[dict[str, Any]], str | None]]:
         before = None if cursor is None else decode_cursor(cursor)
         # One more than asked for tells whether there is a next page.
-        d = self._store.list_messages(
-            filters.get("user"),
-            filters.get("status"),
-            limit + 1,
+        where = MessageFilter(
+            user=filters.get("user"),
+            status=filters.get("status"),
             recipient=filters.get("recipient"),
             campaign_code=filters.get("campaign_code"),
             since=filters.get("since"),
             until=filters.get("until"),
             before=before,
         )
+        d = self._store.list_messages(where, limit + 1)
 
         def page(rows: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], str | None]:
             shown = rows[:limit]

@@ -21,7 +21,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from smtpplus.delivery.batching import Batcher
-from smtpplus.delivery.interfaces import IQueueStore, RunInThread
+from smtpplus.delivery.interfaces import IQueueStore, MessageFilter, RunInThread
 from smtpplus.delivery.spool import Envelope, Spool, TempMessage, local_failure
 from smtpplus.storage.database import Database
 
@@ -212,34 +212,24 @@ def load_message(conn: sqlite3.Connection, message_id: str) -> dict[str, Any] | 
     return message
 
 
-def list_messages(
-    conn: sqlite3.Connection,
-    user: str | None,
-    status: str | None,
-    limit: int,
-    recipient: str | None = None,
-    campaign_code: str | None = None,
-    since: float | None = None,
-    until: float | None = None,
-    before: int | None = None,
-) -> list[dict[str, Any]]:
-    """Messages newest first (by arrival), filtered as L{IQueueStore.list_messages} says."""
+def list_messages(conn: sqlite3.Connection, where: MessageFilter, limit: int) -> list[dict[str, Any]]:
+    """Messages newest first (by arrival), filtered as L{MessageFilter} says."""
     clauses: list[str] = []
     args: list[Any] = []
     for clause, value in (
-        ("user = ?", user),
-        ("status = ?", status),
-        ("campaign_code = ?", campaign_code),
-        ("created_at >= ?", since),
-        ("created_at < ?", until),
-        ("seq < ?", before),
-        ("id IN (SELECT message_id FROM queue_recipients WHERE address = ? COLLATE NOCASE)", recipient),
+        ("user = ?", where.user),
+        ("status = ?", where.status),
+        ("campaign_code = ?", where.campaign_code),
+        ("created_at >= ?", where.since),
+        ("created_at < ?", where.until),
+        ("seq < ?", where.before),
+        ("id IN (SELECT message_id FROM queue_recipients WHERE address = ? COLLATE NOCASE)", where.recipient),
     ):
         if value is not None:
             clauses.append(clause)
             args.append(value)
-    where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
-    rows = conn.execute(f"SELECT * FROM queue_messages {where} ORDER BY seq DESC LIMIT ?", (*args, limit)).fetchall()
+    condition = f"WHERE {' AND '.join(clauses)}" if clauses else ""
+    rows = conn.execute(f"SELECT * FROM queue_messages {condition} ORDER BY seq DESC LIMIT ?", (*args, limit)).fetchall()
     result = []
     for row in rows:
         message = dict(row)
@@ -474,18 +464,8 @@ class SQLiteQueueStore:
     def load_message(self, message_id: str) -> Deferred[dict[str, Any] | None]:
         return self._database.run(load_message, message_id)
 
-    def list_messages(
-        self,
-        user: str | None,
-        status: str | None,
-        limit: int,
-        recipient: str | None = None,
-        campaign_code: str | None = None,
-        since: float | None = None,
-        until: float | None = None,
-        before: int | None = None,
-    ) -> Deferred[list[dict[str, Any]]]:
-        return self._database.run(list_messages, user, status, limit, recipient, campaign_code, since, until, before)
+    def list_messages(self, where: MessageFilter, limit: int) -> Deferred[list[dict[str, Any]]]:
+        return self._database.run(list_messages, where, limit)
 
     def retry_message(self, message_id: str, now: float) -> Deferred[tuple[str, dict[str, Any]] | None]:
         return self._database.transaction(retry_message, message_id, now)
