@@ -508,28 +508,28 @@ class StateWriter:
         return self._batcher.add(change)
 
 
+# Records a batch of durable messages, each with its bytes when they were
+# held in memory: inserts their rows and hands them to the scheduler.
+# Fires with their arrival sequence numbers.
+RecordMessages = Callable[[list[tuple[NewMessage, "bytes | None"]]], Deferred[list[int]]]
+
+
 class Committer:
     """
     Makes accepted messages durable in batches: every message that reaches
     the end of DATA while a batch is being synced joins the next batch, so
     concurrent sessions share one directory fsync and one transaction.
-    C{on_queued(message, seq, content)} is told of each committed message,
-    with its bytes when they were held in memory (else None).
+    C{record(batch)} inserts the queue rows of a synced batch and schedules
+    them: in one process, the delivery's own; in an SMTP worker, a call to
+    the coordinator that owns the queue.
 
     @ivar batches: how many batches were committed (observable in tests).
     """
 
-    def __init__(
-        self,
-        run_in_thread: RunInThread,
-        store: IQueueStore,
-        spool: Spool,
-        on_queued: Callable[[NewMessage, int, bytes | None], None],
-    ) -> None:
+    def __init__(self, run_in_thread: RunInThread, spool: Spool, record: RecordMessages) -> None:
         self._in_thread = run_in_thread
-        self._store = store
         self._spool = spool
-        self._on_queued = on_queued
+        self._record = record
         self._waiting: list[tuple[TempMessage, NewMessage, Deferred[str]]] = []
         self._current: list[tuple[TempMessage, NewMessage, Deferred[str]]] = []
         self._busy = False
@@ -573,7 +573,7 @@ class Committer:
         if not synced:
             return
         try:
-            seqs = yield self._store.insert([message for _, message, _ in synced])
+            yield self._record([(message, temp.content) for temp, message, _ in synced])
         except Exception as e:
             log.error("cannot record {n} messages: {error}", n=len(synced), error=e)
             try:
@@ -584,9 +584,5 @@ class Committer:
                 d.errback(local_failure(e))
             return
         self.batches += 1
-        for (temp, message, d), seq in zip(synced, seqs, strict=True):
+        for _, message, d in synced:
             d.callback(message.id)
-            try:
-                self._on_queued(message, seq, temp.content)
-            except Exception:
-                log.failure("scheduling message {id} failed", id=message.id)
