@@ -172,7 +172,9 @@ class ConsoleBrowserTests(TestCase):
     def test_sign_in_and_out(self) -> None:
         """
         A wrong token is refused and sets no cookie; the right one opens the
-        Users page, a reload keeps the session, and sign-out ends it.
+        Users page and keeps no token in page storage; a reload keeps the
+        session; navigating moves the focus to the new page's heading; and
+        sign-out ends the session.
         """
         page = self.sign_in("wrong-token")
         expect(page.get_by_role("alert")).to_have_text("Wrong admin token.")
@@ -187,6 +189,9 @@ class ConsoleBrowserTests(TestCase):
         )
         page.reload()
         expect(page.get_by_role("heading", name="Users", level=1)).to_be_visible()
+        self.go("queue")
+        expect(page.get_by_role("heading", name="Queue", level=1)).to_be_focused()
+        expect(page.get_by_role("link", name="Queue")).to_have_attribute("aria-current", "page")
         page.get_by_role("button", name="Sign out").click()
         expect(page.get_by_role("heading", name="Sign in")).to_be_visible()
         page.reload()

@@ -178,7 +178,9 @@
     showSignIn();
   }
 
-  function route() {
+  // moveFocus: a page changed by the navigation takes the focus to its
+  // heading, so that a screen reader announces the new page.
+  function route(moveFocus) {
     if (!state.csrf) return;
     let name = location.hash.slice(1);
     if (!VIEWS.includes(name)) name = "users";
@@ -188,6 +190,7 @@
       else link.removeAttribute("aria-current");
     }
     document.title = `${$(`${name}-title`).textContent} · SMTP+ console`;
+    if (moveFocus === true) $(`${name}-title`).focus();
     say("");
     LOADERS[name]().catch((error) => {
       if (!(error instanceof ApiError && error.status === 401)) say(`Error: ${error.message}`);
@@ -577,7 +580,7 @@
     $("notifications-form").addEventListener("submit", guarded(() => loadNotifications(false)));
     $("notifications-more").addEventListener("click", guarded(() => loadNotifications(true)));
     $("statistics-form").addEventListener("submit", guarded(loadStatistics));
-    window.addEventListener("hashchange", route);
+    window.addEventListener("hashchange", () => route(true));
   }
 
   async function start() {
