@@ -20,6 +20,7 @@ from twisted.python.components import Componentized
 
 from smtpplus.admin.api import AdminAPI
 from smtpplus.admin.service import admin_service, admin_token
+from smtpplus.admin.sessions import ConsoleSessions
 from smtpplus.auth.hashing import PasswordHasher
 from smtpplus.auth.login import build_login_service
 from smtpplus.auth.store import Revocations, SQLiteUserStore
@@ -358,6 +359,7 @@ def build_service(
         stats=stats,
         metrics=pool[0] if pool else metrics,
         health=HealthCheck(reactor, database.probe, listening_ports),
+        sessions=ConsoleSessions(reactor),
     )
     admin_service(reactor, config.admin, api, tls_options).setServiceParent(top)
     return top
