@@ -26,6 +26,7 @@ from smtpplus.auth.throttle import LoginThrottle
 from smtpplus.config import Config, ConfigError, TLSConfig, config_from_text, config_warnings, load_config
 from smtpplus.delivery.queue import ACTIVE, SQLiteQueueStore
 from smtpplus.delivery.service import build_delivery
+from smtpplus.delivery.suppressions import SQLiteSuppressionList
 from smtpplus.delivery.threads import reactor_runner
 from smtpplus.log import DaemonLog, log_destination
 from smtpplus.metrics import HealthCheck, daemon_metrics
@@ -200,6 +201,8 @@ def build_service(
     events = EventStore(database, reactor)
     queue_store = SQLiteQueueStore(database)
     queue_store.migrate()
+    suppressions = SQLiteSuppressionList(database)
+    suppressions.migrate()
     delivery_service, avatar_factory, message_query, submit_internal = build_delivery(
         config.delivery,
         hostname=config.server.hostname,
@@ -211,6 +214,7 @@ def build_service(
         store=queue_store,
         events=events,
         stats=stats,
+        suppressions=suppressions,
     )
     delivery_service.setServiceParent(top)
     notifier = build_notifier(config.notifications, config.server.hostname, reactor, submit_internal)
@@ -307,6 +311,8 @@ def build_service(
         stats=stats,
         metrics=metrics,
         health=HealthCheck(reactor, database.probe, listening_ports),
+        suppressions=suppressions,
+        clock=reactor,
     )
     admin_service(reactor, config.admin, api, tls_options).setServiceParent(top)
     return top

@@ -272,6 +272,13 @@ class Refusals:
                 lambda f: log.failure("counting a rejected message failed", f)
             )
 
+    def recipient(self, user: str, mail_from: str) -> None:
+        """Count one refused recipient (a suppressed one) as C{rejected}; returns at once."""
+        if self._stats is not None:
+            maybeDeferred(self._stats.rejected, user, mail_from, "", None).addErrback(
+                lambda f: log.failure("counting a rejected recipient failed", f)
+            )
+
 
 def unauthorized(addresses: Iterable[str], rules: SenderRules) -> list[str]:
     """The addresses in C{addresses} that C{rules} does not authorize."""
