@@ -255,6 +255,15 @@ class PriorityBudgetTests(PolicyTestCase):
             self.assertEqual(self.store.rows[message_id]["priority"], 3)
         self.assertEqual(self.successResultOf(self.events.list_events("priority_budget", None, None)), [])
 
+    def test_question_without_notification(self) -> None:
+        """Asked with notify=False (a dry-run), the budget answers 2 past it and records no event."""
+        for _ in range(2):
+            self.send_urgent()
+        intake = self.delivery_.intake
+        self.assertEqual(self.successResultOf(intake.effective_priority("alice", 2, notify=False)), 2)
+        self.assertEqual(self.successResultOf(intake.effective_priority("alice", 3, notify=False)), 1)
+        self.assertEqual(self.successResultOf(self.events.list_events("priority_budget", None, None)), [])
+
     def test_store_failure_keeps_priority(self) -> None:
         """When the count cannot be read, the message keeps priority 1 rather than being refused."""
 

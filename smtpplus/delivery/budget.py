@@ -48,12 +48,12 @@ class PriorityBudget:
         self._events = events if IEventQuery.providedBy(events) else None
 
     @inlineCallbacks
-    def effective_priority(self, user: str, budget: int) -> Any:
+    def effective_priority(self, user: str, budget: int, notify: bool = True) -> Any:
         """
         Fire with 1 while C{user} has sent fewer than C{budget} messages at
         priority 1 in the last hour (or C{budget} is 0), else with
         L{DEMOTED}, recording the hour's C{priority_budget} event when it
-        has none yet.
+        has none yet (unless C{notify} is false: a dry-run's question).
         """
         if budget <= 0:
             return 1
@@ -61,7 +61,8 @@ class PriorityBudget:
         sent = yield self._store.count_urgent(user, now - WINDOW)
         if sent < budget:
             return 1
-        yield self._notify(user, budget, now)
+        if notify:
+            yield self._notify(user, budget, now)
         return DEMOTED
 
     @inlineCallbacks

@@ -110,11 +110,14 @@ class Intake:
         """L{suppression_refusal} against this daemon's suppression list."""
         return suppression_refusal(self.suppressions, user, recipient)
 
-    def effective_priority(self, user: str, budget: int) -> Deferred[int]:
-        """A priority-1 message's priority once the user's budget is applied (1 without a budget)."""
+    def effective_priority(self, user: str, budget: int, notify: bool = True) -> Deferred[int]:
+        """
+        A priority-1 message's priority once the user's budget is applied
+        (1 without a budget); C{notify} false records no event (a dry-run).
+        """
         if self.budget is None or budget <= 0:
             return succeed(1)
-        return self.budget.effective_priority(user, budget)
+        return self.budget.effective_priority(user, budget, notify)
 
     def discard(self, temp: TempMessage) -> None:
         """Delete a refused or abandoned message off the reactor thread."""
