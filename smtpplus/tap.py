@@ -27,8 +27,8 @@ from smtpplus.auth.store import Revocations, SQLiteUserStore
 from smtpplus.auth.throttle import LoginThrottle
 from smtpplus.config import Config, ConfigError, TLSConfig, config_from_text, config_warnings, read_config_file
 from smtpplus.delivery.queue import ACTIVE, SQLiteQueueStore
-from smtpplus.delivery.rules import Refusals
 from smtpplus.delivery.service import build_delivery
+from smtpplus.delivery.suppressions import SQLiteSuppressionList
 from smtpplus.delivery.threads import reactor_runner
 from smtpplus.log import DaemonLog, log_destination
 from smtpplus.metrics import HealthCheck, daemon_metrics
@@ -229,6 +229,8 @@ def build_service(
     events = EventStore(database, reactor)
     queue_store = SQLiteQueueStore(database)
     queue_store.migrate()
+    suppressions = SQLiteSuppressionList(database)
+    suppressions.migrate()
     delivery_service, avatar_factory, message_query, submit_internal = build_delivery(
         config.delivery,
         hostname=config.server.hostname,
@@ -240,6 +242,7 @@ def build_service(
         store=queue_store,
         events=events,
         stats=stats,
+        suppressions=suppressions,
     )
     delivery_service.setServiceParent(top)
     notifier = build_notifier(config.notifications, config.server.hostname, reactor, submit_internal)
@@ -264,9 +267,11 @@ def build_service(
             users=users,
             throttle=throttle,
             record=delivery.record,
-            refusals=Refusals(events, stats),
+            refusals=delivery.intake.refusals,
             spool=delivery.spool,
             connections=NodeConnections(settings),
+            suppressions=suppressions,
+            budget=delivery.intake.budget,
         )
         pool.append(
             WorkerPool(reactor, processes, listeners, node, worker_config, material, config.log.level, metrics, drop_to)
@@ -360,6 +365,8 @@ def build_service(
         metrics=pool[0] if pool else metrics,
         health=HealthCheck(reactor, database.probe, listening_ports),
         sessions=ConsoleSessions(reactor),
+        suppressions=suppressions,
+        clock=reactor,
     )
     admin_service(reactor, config.admin, api, tls_options).setServiceParent(top)
     return top
