@@ -121,6 +121,15 @@ def _worker_count(value: int) -> None:
         raise ValueError(f"must be 0 (one per CPU core) to {MAX_WORKERS}")
 
 
+_NODE_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,252}")
+
+
+def _node_name(value: str) -> None:
+    # Empty: the hostname.  Shown in the admin API and kept in the claims.
+    if value and not _NODE_NAME_RE.fullmatch(value):
+        raise ValueError("must be letters, digits, '.', '_' and '-' (up to 253), starting with a letter or digit")
+
+
 def _nonempty(value: str) -> None:
     if not value.strip():
         raise ValueError("must not be empty")
@@ -272,6 +281,11 @@ class ServerConfig:
     hostname: str = _key(attrs.Factory(_fqdn), _hostname, kinds=(str,))
     state_dir: str = _key("var", _nonempty)
     workers: int = _key(0, _worker_count)
+    node_name: str = _key("", _node_name)
+
+    def node(self) -> str:
+        """This node's name among those sharing a PostgreSQL store: C{node_name}, else the hostname."""
+        return self.node_name or self.hostname
 
     def worker_processes(self) -> int:
         """How many SMTP processes C{workers} means here: 0 is one per CPU core this process may use."""
@@ -376,6 +390,40 @@ class LogConfig:
     level: str = _key("info", _one_of(*LOG_LEVELS))
 
 
+STORAGE_BACKENDS = ("sqlite", "postgresql")
+# Below this a node's heartbeat could not keep its lease on a busy database.
+MIN_LEASE_SECONDS = 5
+def _dsn_syntax(value: str) -> None:
+    if not value:
+        return
+    from psycopg import conninfo  # the daemon needs it only with PostgreSQL
+
+    try:
+        conninfo.conninfo_to_dict(value)
+    except Exception:
+        # libpq's reason may quote the string, password and all.
+        raise ValueError('is not a libpq connection string ("host=... dbname=...") or URI ("postgresql://...")') from None
+
+
+def _at_least_lease(value: int) -> None:
+    if value < MIN_LEASE_SECONDS:
+        raise ValueError(f"must be at least {MIN_LEASE_SECONDS}")
+
+
+@attrs.frozen
+class StorageConfig:
+    """C{[storage]}: where users, the queue, events and statistics are kept (contract section 5)."""
+
+    backend: str = _key("sqlite", _one_of(*STORAGE_BACKENDS))
+    dsn: str = _key("", _dsn_syntax, secret=True)
+    lease_seconds: int = _key(30, _at_least_lease)
+
+
+def _dsn_given(storage: StorageConfig) -> None:
+    if storage.backend == "postgresql" and not storage.dsn:
+        raise ConfigError('[storage] dsn: required with backend = "postgresql" (e.g. "postgresql://user:pass@host/db")')
+
+
 @attrs.frozen
 class Config:
     """The whole daemon configuration, validated; one field per TOML section."""
@@ -388,6 +436,7 @@ class Config:
     notifications: NotificationsConfig = attrs.field(factory=NotificationsConfig)
     security: SecurityConfig = attrs.field(factory=SecurityConfig)
     log: LogConfig = attrs.field(factory=LogConfig)
+    storage: StorageConfig = attrs.field(factory=StorageConfig)
 
 
 def _smtp_ports_apart(smtp: SMTPConfig) -> None:
@@ -407,6 +456,7 @@ def _smarthost_given(delivery: DeliveryConfig) -> None:
 _SECTION_CHECKS: dict[type, Callable[[Any], None]] = {
     SMTPConfig: _smtp_ports_apart,
     DeliveryConfig: _smarthost_given,
+    StorageConfig: _dsn_given,
 }
 
 SectionChecks = Mapping[type, Callable[[Any], None]]

@@ -15,7 +15,7 @@ thread:
     what starts from now on (attempts, notifications, logins);
   - C{[log]}: to the next line.
 
-A changed C{[server]}, C{[smtp]} or C{[admin]} key or C{[delivery] mode}
+A changed C{[server]}, C{[smtp]}, C{[admin]} or C{[storage]} key or C{[delivery] mode}
 is named in one "needs a restart" line and keeps its running value.  A bad
 file is one error line (its problems joined) and changes nothing.
 Sessions already open keep what they had: their TLS is established, their
@@ -41,7 +41,7 @@ from smtpplus.config import Config, ConfigError
 log = Logger()
 
 # Sections whose keys need a restart, and the one [delivery] key that does.
-RESTART_SECTIONS = ("server", "smtp", "admin")
+RESTART_SECTIONS = ("server", "smtp", "admin", "storage")
 RESTART_KEYS = (("delivery", "mode"),)
 
 
@@ -199,6 +199,7 @@ class Reloader(Service):
             server=old.server,
             smtp=old.smtp,
             admin=old.admin,
+            storage=old.storage,
             delivery=attrs.evolve(new.delivery, mode=old.delivery.mode),
         )
         self.config = running

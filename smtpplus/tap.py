@@ -10,6 +10,7 @@ import os
 import sys
 from typing import Any, NoReturn
 
+import attrs
 from setproctitle import setproctitle
 from twisted.application.service import IService, MultiService, Service
 from twisted.internet.defer import Deferred, inlineCallbacks
@@ -39,7 +40,7 @@ from smtpplus.reload import Appliers, ReloadableTLS, Reloader
 from smtpplus.smtp.listeners import BindError, SMTPListeners, raise_open_files_limit
 from smtpplus.smtp.server import build_smtp_server, session_settings
 from smtpplus.smtp.tls import TLSMaterial, check_tls_files, tls_material
-from smtpplus.storage.database import Database, DatabaseService
+from smtpplus.storage.database import Database, DatabaseService, StorageUnavailable
 from smtpplus.workers.pool import Node, NodeConnections, WorkerPool
 
 log = Logger()
@@ -163,6 +164,39 @@ class _CallableService(Service):
         return self._stop()
 
 
+@attrs.frozen
+class _StoreKinds:
+    """The database and the store classes of one C{[storage] backend}."""
+
+    database: Any
+    service: Service
+    users: Any
+    statistics: Any
+    events: Any
+    queue: Any
+    suppressions: Any
+
+    @classmethod
+    def for_config(cls, config: Config, reactor: Any, state_dir: str) -> _StoreKinds:
+        if config.storage.backend == "postgresql":
+            # Imported here: psycopg is needed only with PostgreSQL.
+            from smtpplus.auth.postgres import PostgresUserStore
+            from smtpplus.delivery.postgres import PostgresQueueStore, PostgresSuppressionList
+            from smtpplus.notify.postgres import PostgresEventStore, PostgresStatistics
+            from smtpplus.storage.postgres import PostgresDatabase, PostgresDatabaseService
+
+            pg = PostgresDatabase(reactor, config.storage.dsn)
+            return cls(
+                pg, PostgresDatabaseService(pg), PostgresUserStore, PostgresStatistics, PostgresEventStore,
+                PostgresQueueStore, PostgresSuppressionList,
+            )
+        database = Database(reactor, os.path.join(state_dir, "smtpplus.db"))
+        return cls(
+            database, DatabaseService(database), SQLiteUserStore, Statistics, EventStore, SQLiteQueueStore,
+            SQLiteSuppressionList,
+        )
+
+
 def build_service(
     config: Config,
     reactor: Any,
@@ -203,8 +237,9 @@ def build_service(
 
     top = DaemonService()
     metrics = daemon_metrics()
-    database = Database(reactor, os.path.join(state_dir, "smtpplus.db"))
-    DatabaseService(database).setServiceParent(top)
+    stores = _StoreKinds.for_config(config, reactor, state_dir)
+    database = stores.database
+    stores.service.setServiceParent(top)
 
     processes = config.server.worker_processes()
     # Set once the worker pool exists; user changes reach the workers through it.
@@ -214,7 +249,7 @@ def build_service(
         if pool:
             pool[0].user_changed(username, revoked)
 
-    users = SQLiteUserStore(database, reactor, Revocations(on_revoke=user_changed) if processes > 1 else None)
+    users = stores.users(database, reactor, Revocations(on_revoke=user_changed) if processes > 1 else None)
     users.migrate()
     if processes > 1:
         users.subscribe(user_changed)
@@ -224,12 +259,12 @@ def build_service(
     def user_policy(username: str) -> Deferred[str | None]:
         return users.get(username).addCallback(lambda user: user.aggregation if user else None)
 
-    stats = Statistics(database, reactor, user_policy)
+    stats = stores.statistics(database, reactor, user_policy)
     stats.setServiceParent(top)
-    events = EventStore(database, reactor)
-    queue_store = SQLiteQueueStore(database)
+    events = stores.events(database, reactor)
+    queue_store = stores.queue(database)
     queue_store.migrate()
-    suppressions = SQLiteSuppressionList(database)
+    suppressions = stores.suppressions(database)
     suppressions.migrate()
     delivery_service, avatar_factory, message_query, submit_internal = build_delivery(
         config.delivery,
@@ -422,6 +457,8 @@ def makeService(options: Options) -> IService:
         _fail(f"configuration error: {e}")
     except OSError as e:
         _fail(f"cannot prepare state_dir {config.server.state_dir}: {e}")
+    except StorageUnavailable as e:
+        _fail(f"cannot start: {e}")
     # Everything built so far lives as long as the process: keep the cyclic
     # collector from rescanning it while large API answers are built.
     gc.collect()

@@ -12,10 +12,12 @@ from twisted.trial.unittest import TestCase
 from zope.interface.verify import verifyObject
 
 from smtpplus.auth.memory import MemoryUserStore
+from smtpplus.auth.postgres import PostgresUserStore
 from smtpplus.auth.store import COMPONENT, MIGRATIONS, DuplicateUser, LoginRecord, SQLiteUserStore
 from smtpplus.auth.users import new_user
 from smtpplus.interfaces import IUserStore
 from smtpplus.model import Aggregation, User
+from tests.harness.postgres import make_postgres_database
 from tests.harness.stores import make_sqlite_store
 
 
@@ -224,3 +226,21 @@ class SQLiteUserStoreTests(UserStoreContract, TestCase):
 class MemoryUserStoreTests(UserStoreContract, TestCase):
     def make_store(self) -> MemoryUserStore:
         return MemoryUserStore(self.clock)
+
+
+class PostgresUserStoreTests(UserStoreContract, TestCase):
+    """The contract against the PostgreSQL store on the tests' private server."""
+
+    def make_store(self) -> PostgresUserStore:
+        store = PostgresUserStore(make_postgres_database(self), self.clock)
+        store.migrate()
+        return store
+
+    @inlineCallbacks
+    def test_migration_versioned(self) -> Any:
+        """The users schema is recorded under the same component and version as in SQLite; re-migrating is harmless."""
+        self.store.migrate()
+        version = yield self.store._db.run(
+            lambda conn: conn.execute("SELECT version FROM schema_migrations WHERE component = %s", (COMPONENT,)).fetchone()[0]
+        )
+        self.assertEqual(version, len(MIGRATIONS))

@@ -21,11 +21,13 @@ from zope.interface.verify import verifyObject
 from smtpplus.admin.api import AdminAPI
 from smtpplus.admin.service import admin_site
 from smtpplus.auth.hashing import PasswordHasher
+from smtpplus.delivery.postgres import PostgresSuppressionList
 from smtpplus.delivery.submitter import suppression_refusal
 from smtpplus.delivery.suppressions import MemorySuppressionList, SQLiteSuppressionList
 from smtpplus.interfaces import ISuppressionList
 from smtpplus.model import Suppression, User
 from smtpplus.storage.database import Database
+from tests.harness.postgres import make_postgres_database
 from tests.harness.stores import make_sqlite_store
 from tests.test_admin_api import SETTINGS, TOKEN, APITestCase
 
@@ -180,3 +182,12 @@ class SuppressionAPITests(APITestCase):
         ):
             self.assertError((yield self.call("POST", path, body)), 400, field)
         self.assertEqual(self.suppressions.entries, {})
+
+
+class PostgresSuppressionListTests(SuppressionListContract, unittest.TestCase):
+    """The contract against the PostgreSQL list on the tests' private server."""
+
+    def make_list(self) -> PostgresSuppressionList:
+        suppressions = PostgresSuppressionList(make_postgres_database(self))
+        suppressions.migrate()
+        return suppressions

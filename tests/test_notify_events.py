@@ -14,7 +14,10 @@ from zope.interface.verify import verifyObject
 from smtpplus.interfaces import IEventQuery, IEventRecorder
 from smtpplus.model import EventType
 from smtpplus.notify.events import EventStore, MemoryEventStore
+from smtpplus.notify.postgres import PostgresEventStore
 from smtpplus.storage.database import Database
+from smtpplus.storage.postgres import PostgresDatabase
+from tests.harness.postgres import make_postgres_database
 
 
 class RecordingSink:
@@ -145,3 +148,21 @@ class SQLiteEventStoreTests(EventStoreContract, unittest.TestCase):
 class MemoryEventStoreTests(EventStoreContract, unittest.TestCase):
     def make_store(self, sink: RecordingSink) -> MemoryEventStore:
         return MemoryEventStore(self.clock, sink)
+
+
+class PostgresEventStoreTests(EventStoreContract, unittest.TestCase):
+    """The contract against the PostgreSQL store on the tests' private server."""
+
+    def make_store(self, sink: RecordingSink) -> PostgresEventStore:
+        self.db = make_postgres_database(self)
+        return PostgresEventStore(self.db, self.clock, sink)
+
+    @inlineCallbacks
+    def test_events_survive_reopen(self) -> Any:
+        """Events are in the database: a store on a new pool of the same database lists them."""
+        event = yield self.store.record("delivery_delay", "carol", "m-9", "queued 3600 s")
+        self.db.stop()
+        db = PostgresDatabase(reactor, self.db.dsn)
+        self.addCleanup(db.stop)
+        listed = yield PostgresEventStore(db, self.clock).list_events(None, None, 10)
+        self.assertEqual(listed, [event])

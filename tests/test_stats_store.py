@@ -11,8 +11,10 @@ from twisted.trial import unittest
 from zope.interface.verify import verifyObject
 
 from smtpplus.interfaces import IStatsQuery, IStatsRecorder
+from smtpplus.notify.postgres import PostgresStatistics
 from smtpplus.notify.stats import POLICIES, MemoryStatistics, Statistics, UserPolicy, dynamic_subject, sender_of
 from smtpplus.storage.database import Database
+from tests.harness.postgres import make_postgres_database
 
 # 2024-05-01T12:00:00Z
 START = 1714564800.0
@@ -300,3 +302,10 @@ class HelperTests(unittest.TestCase):
 class MemoryStatisticsTests(StatisticsContract, unittest.TestCase):
     def make_stats(self, user_policy: UserPolicy) -> MemoryStatistics:
         return MemoryStatistics(self.clock, user_policy)
+
+
+class PostgresStatisticsTests(StatisticsContract, unittest.TestCase):
+    """The contract against the PostgreSQL store on the tests' private server."""
+
+    def make_stats(self, user_policy: UserPolicy) -> PostgresStatistics:
+        return PostgresStatistics(make_postgres_database(self), self.clock, user_policy)

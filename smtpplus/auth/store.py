@@ -24,11 +24,13 @@ from zope.interface import implementer
 from smtpplus.interfaces import IUserStore
 from smtpplus.model import USER_LISTS, USER_WRITABLE, User, iso_utc
 from smtpplus.storage.database import Database
+from smtpplus.storage.migrations import Migration
 
 COMPONENT = "users"
 
 MIGRATIONS = [
-    """
+    Migration(
+        sqlite="""
     CREATE TABLE users (
         username TEXT NOT NULL COLLATE NOCASE PRIMARY KEY,
         enabled INTEGER NOT NULL,
@@ -43,11 +45,36 @@ MIGRATIONS = [
         updated_at TEXT NOT NULL
     );
     """,
+        postgresql="""
+    CREATE TABLE users (
+        username text COLLATE "C" NOT NULL PRIMARY KEY,
+        enabled integer NOT NULL,
+        priority integer NOT NULL,
+        notes text NOT NULL,
+        authorized_domains text NOT NULL,
+        authorized_senders text NOT NULL,
+        aggregation text NOT NULL,
+        password_hash bytea NOT NULL,
+        generation integer NOT NULL DEFAULT 1,
+        created_at text NOT NULL,
+        updated_at text NOT NULL
+    );
+    -- SQLite's COLLATE NOCASE: one user per name with ASCII letters folded
+    -- (lower() under the C collation folds ASCII only, whatever the locale).
+    CREATE UNIQUE INDEX users_username_nocase ON users (lower(username));
+    """,
+    ),
     # Sandbox users and the priority budget (contract section 8).
-    """
+    Migration(
+        sqlite="""
     ALTER TABLE users ADD COLUMN sandbox INTEGER NOT NULL DEFAULT 0;
     ALTER TABLE users ADD COLUMN priority_budget INTEGER NOT NULL DEFAULT 0;
     """,
+        postgresql="""
+    ALTER TABLE users ADD COLUMN sandbox integer NOT NULL DEFAULT 0;
+    ALTER TABLE users ADD COLUMN priority_budget integer NOT NULL DEFAULT 0;
+    """,
+    ),
 ]
 
 class DuplicateUser(Exception):
@@ -128,10 +155,11 @@ class Standing:
 
 
 # The columns of the users table that hold a User field, besides the key.
-_COLUMNS = tuple(name for name in USER_WRITABLE if name != "username")
+USER_COLUMNS = tuple(name for name in USER_WRITABLE if name != "username")
 
 
-def _user(row: sqlite3.Row) -> User:
+def user_from_row(row: Any) -> User:
+    """A L{User} from a users row (any mapping of column names)."""
     values: dict[str, Any] = {}
     for field in attrs.fields(User):
         value = row[field.name]
@@ -143,7 +171,8 @@ def _user(row: sqlite3.Row) -> User:
     return User(**values)
 
 
-def _column_value(name: str, value: Any) -> Any:
+def column_value(name: str, value: Any) -> Any:
+    """How the users table keeps the value of field C{name}."""
     if name in USER_LISTS:
         return json.dumps(list(value))
     if isinstance(value, bool):
@@ -194,7 +223,7 @@ class UserStoreBase:
         return d.addCallback(self._changed, user.username)
 
     def update(self, username: str, fields: Mapping[str, Any]) -> Deferred[User | None]:
-        changes = {name: fields[name] for name in _COLUMNS if name in fields}
+        changes = {name: fields[name] for name in USER_COLUMNS if name in fields}
         d = self._update(username, changes, self._now())
         if changes.get("enabled") is False:
             d.addCallback(self._revoke, username, "disabled")
@@ -239,11 +268,11 @@ class SQLiteUserStore(UserStoreBase):
         def insert(conn: sqlite3.Connection) -> User:
             try:
                 conn.execute(
-                    f"INSERT INTO users (username, {', '.join(_COLUMNS)}, password_hash, created_at, updated_at) "
-                    f"VALUES (?, {'?, ' * len(_COLUMNS)}?, ?, ?)",
+                    f"INSERT INTO users (username, {', '.join(USER_COLUMNS)}, password_hash, created_at, updated_at) "
+                    f"VALUES (?, {'?, ' * len(USER_COLUMNS)}?, ?, ?)",
                     (
                         user.username,
-                        *(_column_value(c, getattr(user, c)) for c in _COLUMNS),
+                        *(column_value(c, getattr(user, c)) for c in USER_COLUMNS),
                         password_hash,
                         user.created_at,
                         user.updated_at,
@@ -251,20 +280,20 @@ class SQLiteUserStore(UserStoreBase):
                 )
             except sqlite3.IntegrityError:
                 raise DuplicateUser(user.username) from None
-            return _user(conn.execute("SELECT * FROM users WHERE username = ?", (user.username,)).fetchone())
+            return user_from_row(conn.execute("SELECT * FROM users WHERE username = ?", (user.username,)).fetchone())
 
         return self._db.transaction(insert)
 
     def get(self, username: str) -> Deferred[User | None]:
         def select(conn: sqlite3.Connection) -> User | None:
             row = conn.execute("SELECT * FROM users WHERE username = ?", (username,)).fetchone()
-            return None if row is None else _user(row)
+            return None if row is None else user_from_row(row)
 
         return self._db.run(select)
 
     def list(self) -> Deferred[list[User]]:
         def select(conn: sqlite3.Connection) -> list[User]:
-            return [_user(row) for row in conn.execute("SELECT * FROM users ORDER BY username")]
+            return [user_from_row(row) for row in conn.execute("SELECT * FROM users ORDER BY username")]
 
         return self._db.run(select)
 
@@ -273,11 +302,11 @@ class SQLiteUserStore(UserStoreBase):
             assignments = "".join(f"{c} = ?, " for c in changes)
             cursor = conn.execute(
                 f"UPDATE users SET {assignments}generation = generation + 1, updated_at = ? WHERE username = ?",
-                (*(_column_value(c, v) for c, v in changes.items()), now, username),
+                (*(column_value(c, v) for c, v in changes.items()), now, username),
             )
             if cursor.rowcount == 0:
                 return None
-            return _user(conn.execute("SELECT * FROM users WHERE username = ?", (username,)).fetchone())
+            return user_from_row(conn.execute("SELECT * FROM users WHERE username = ?", (username,)).fetchone())
 
         return self._db.transaction(change)
 

@@ -124,6 +124,26 @@ class IQueueStore(Interface):
         """
 
 
+class IContentStore(Interface):
+    """
+    A queue store that keeps each message's bytes with its rows (the
+    PostgreSQL one), so that any node sharing it can deliver any message.
+    """
+
+    def insert_with_content(batch: list[tuple[Any, bytes]]) -> Deferred[list[int]]:
+        """
+        Like L{IQueueStore.insert}, for (message, bytes) pairs: rows and
+        bytes in one transaction, all or none; the durable point of an
+        accepted message.
+        """
+
+    def load_content(message_id: str) -> Deferred[bytes | None]:
+        """The bytes of C{message_id} as accepted, or None when the store holds none."""
+
+    def store_content(message_id: str, content: bytes) -> Deferred[None]:
+        """Keep the bytes of a message whose row exists, replacing any held."""
+
+
 class IRelay(Interface):
     """Hands spooled messages to their next hops."""
 

@@ -24,12 +24,14 @@ from smtpplus.delivery.batching import Batcher
 from smtpplus.delivery.interfaces import IQueueStore, MessageFilter, RunInThread
 from smtpplus.delivery.spool import Envelope, Spool, TempMessage, local_failure
 from smtpplus.storage.database import Database
+from smtpplus.storage.migrations import Migration
 
 log = Logger()
 
 COMPONENT = "queue"
 MIGRATIONS = [
-    """
+    Migration(
+        sqlite="""
     CREATE TABLE queue_messages (
         seq INTEGER PRIMARY KEY AUTOINCREMENT,
         id TEXT NOT NULL UNIQUE,
@@ -62,18 +64,86 @@ MIGRATIONS = [
         PRIMARY KEY (message_id, idx)
     );
     """,
+        # "user" is a reserved word in PostgreSQL.
+        postgresql="""
+    CREATE TABLE queue_messages (
+        seq bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+        id text NOT NULL UNIQUE,
+        "user" text,
+        mail_from text NOT NULL,
+        header_from text NOT NULL DEFAULT '',
+        subject text NOT NULL DEFAULT '',
+        priority integer NOT NULL,
+        status text NOT NULL,
+        campaign_name text,
+        campaign_code text,
+        schedule_at double precision,
+        next_attempt double precision,
+        size bigint NOT NULL DEFAULT 0,
+        internal integer NOT NULL DEFAULT 0,
+        delay_notified integer NOT NULL DEFAULT 0,
+        created_at double precision NOT NULL,
+        updated_at double precision NOT NULL
+    );
+    CREATE INDEX queue_messages_user ON queue_messages ("user", seq);
+    CREATE INDEX queue_messages_status ON queue_messages (status, seq);
+    CREATE TABLE queue_recipients (
+        message_id text NOT NULL REFERENCES queue_messages (id) ON DELETE CASCADE,
+        idx integer NOT NULL,
+        address text COLLATE "C" NOT NULL,
+        status text NOT NULL,
+        attempts integer NOT NULL DEFAULT 0,
+        last_response text,
+        next_attempt double precision,
+        PRIMARY KEY (message_id, idx)
+    );
+    """,
+    ),
     # The listing filters: by recipient (case-insensitive), campaign and time.
-    """
+    Migration(
+        sqlite="""
     CREATE INDEX queue_recipients_address ON queue_recipients (address COLLATE NOCASE, message_id);
     CREATE INDEX queue_messages_campaign ON queue_messages (campaign_code, seq);
     CREATE INDEX queue_messages_created ON queue_messages (created_at);
     """,
+        postgresql="""
+    CREATE INDEX queue_recipients_address ON queue_recipients (lower(address), message_id);
+    CREATE INDEX queue_messages_campaign ON queue_messages (campaign_code, seq);
+    CREATE INDEX queue_messages_created ON queue_messages (created_at);
+    """,
+    ),
     # Sandbox users' messages, and the priority budget's count: a user's
     # own messages at effective priority 1 since a time (contract section 8).
-    """
+    Migration(
+        sqlite="""
     ALTER TABLE queue_messages ADD COLUMN sandbox INTEGER NOT NULL DEFAULT 0;
     CREATE INDEX queue_messages_urgent ON queue_messages (user, created_at) WHERE priority = 1 AND internal = 0;
     """,
+        postgresql="""
+    ALTER TABLE queue_messages ADD COLUMN sandbox integer NOT NULL DEFAULT 0;
+    CREATE INDEX queue_messages_urgent ON queue_messages ("user", created_at) WHERE priority = 1 AND internal = 0;
+    """,
+    ),
+    # Shared by nodes (contract section 5): each message's content, so that
+    # any node can deliver it; a claim (owner node, lease expiry) on the
+    # queue rows; the nodes' heartbeats.  SQLite serves one machine: its
+    # messages' content stays in the spool files.
+    Migration(
+        sqlite=None,
+        postgresql="""
+    CREATE TABLE queue_contents (
+        message_id text PRIMARY KEY REFERENCES queue_messages (id) ON DELETE CASCADE,
+        content bytea NOT NULL
+    );
+    ALTER TABLE queue_messages ADD COLUMN claimed_by text, ADD COLUMN lease_until double precision;
+    CREATE TABLE nodes (
+        name text PRIMARY KEY,
+        workers integer NOT NULL,
+        started_at double precision NOT NULL,
+        last_seen double precision NOT NULL
+    );
+    """,
+    ),
 ]
 
 ACTIVE = ("queued", "scheduled", "sending", "deferred")

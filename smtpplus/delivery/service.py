@@ -20,7 +20,7 @@ from smtpplus.config import DeliveryConfig
 from smtpplus.delivery import queue
 from smtpplus.delivery.agent import DeliveryAgent
 from smtpplus.delivery.budget import PriorityBudget
-from smtpplus.delivery.interfaces import IQueueStore, IRelay, RunInThread
+from smtpplus.delivery.interfaces import IContentStore, IQueueStore, IRelay, RunInThread
 from smtpplus.delivery.query import MessageQuery, QueueControl, iso
 from smtpplus.delivery.queue import Committer, NewMessage
 from smtpplus.delivery.relay import Relay
@@ -197,7 +197,31 @@ class Delivery:
                     log.failure("scheduling message {id} failed", id=message.id)
             return seqs
 
-        return self.store.insert([message for message, _ in batch]).addCallback(inserted)
+        return self._insert(batch).addCallback(inserted)
+
+    def _insert(self, batch: list[tuple[NewMessage, bytes | None]]) -> Deferred[list[int]]:
+        """
+        Insert the rows of C{batch} in one transaction; a store that keeps
+        the messages' bytes (PostgreSQL, for every node) gets them in the
+        same transaction, read from the spool where not held in memory.
+        """
+        if not IContentStore.providedBy(self.store):
+            return self.store.insert([message for message, _ in batch])
+        store = IContentStore(self.store)
+        missing = [message.id for message, content in batch if content is None]
+        if not missing:
+            return store.insert_with_content(batch)
+
+        def read(message_ids: list[str]) -> dict[str, bytes]:
+            return {message_id: self.spool.read_message(message_id) for message_id in message_ids}
+
+        d = self._in_thread(read, missing)
+        d.addCallback(
+            lambda read_now: store.insert_with_content(
+                [(message, content if content is not None else read_now[message.id]) for message, content in batch]
+            )
+        )
+        return d
 
     def _queued(self, message: NewMessage, seq: int, content: bytes | None) -> None:
         if self.stats is not None and not message.internal:
@@ -284,7 +308,7 @@ class Delivery:
         messages = yield self._in_thread(self._sort_spool_files, names, known, busy)
         if not messages:
             return []
-        seqs = yield self.store.insert(messages)
+        seqs = yield self._insert([(message, None) for message in messages])
         return [queue.schedule_row(m, seq) for m, seq in zip(messages, seqs, strict=True)]
 
     def _sort_spool_files(self, names: list[str], known: dict[str, str], busy: set[str]) -> list[NewMessage]:

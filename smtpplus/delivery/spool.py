@@ -443,6 +443,15 @@ class Spool:
                 length = _message_length(f.read(_TAIL), size)
         return (data[:length] if length <= MEMORY_LIMIT else None), length
 
+    def read_message(self, message_id: str) -> bytes:
+        """The whole message's bytes, without the envelope record, whatever its size (worker thread)."""
+        with open(self.path(message_id), "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            f.seek(max(0, size - _TAIL))
+            length = _message_length(f.read(_TAIL), size)
+            f.seek(0)
+            return f.read(length)
+
     def read_envelope(self, path: str) -> Envelope:
         """The envelope record of the spool file at C{path} (worker thread)."""
         with open(path, "rb") as f:

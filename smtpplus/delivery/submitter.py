@@ -6,6 +6,7 @@ sender rules and streams each accepted message into the spool.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import NoReturn
 
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.interfaces import IReactorTime
@@ -35,6 +36,7 @@ from smtpplus.delivery.spool import Spool, TempMessage, local_failure, new_queue
 from smtpplus.interfaces import ISuppressionList
 from smtpplus.model import Suppression, User, iso_utc
 from smtpplus.smtp.interfaces import Envelope, IMessageWriter, ISubmitter, SessionInfo, SMTPReply
+from smtpplus.storage.database import StorageUnavailable
 
 log = Logger()
 
@@ -74,7 +76,14 @@ def suppression_refusal(
     if suppressions is None:
         return succeed(None)
     d = suppressions.find(user, recipient)
-    return d.addCallback(lambda found: None if found is None else suppressed_reply(found))
+    return d.addCallbacks(lambda found: None if found is None else suppressed_reply(found), _store_down)
+
+
+def _store_down(failure: Failure) -> NoReturn:
+    # The database is away (logged once by the store): the recipient gets
+    # the temporary local-error reply, without a traceback per command.
+    failure.trap(StorageUnavailable)
+    raise local_failure(failure.value)
 
 
 class Intake:

@@ -17,11 +17,13 @@ from zope.interface import implementer
 from smtpplus.interfaces import ISuppressionList
 from smtpplus.model import Suppression
 from smtpplus.storage.database import Database
+from smtpplus.storage.migrations import Migration
 
 COMPONENT = "suppressions"
 MIGRATIONS = [
     # The primary key is the lookup of every RCPT TO: one B-tree search.
-    """
+    Migration(
+        sqlite="""
     CREATE TABLE suppressions (
         user TEXT NOT NULL COLLATE NOCASE,
         address TEXT NOT NULL,
@@ -30,6 +32,16 @@ MIGRATIONS = [
         PRIMARY KEY (user, address)
     ) WITHOUT ROWID;
     """,
+        postgresql="""
+    CREATE TABLE suppressions (
+        "user" text COLLATE "C" NOT NULL,
+        address text COLLATE "C" NOT NULL,
+        reason text NOT NULL,
+        created_at double precision NOT NULL
+    );
+    CREATE UNIQUE INDEX suppressions_key ON suppressions (lower("user"), address);
+    """,
+    ),
 ]
 
 

@@ -20,13 +20,15 @@ from smtpplus.interfaces import IEventQuery, IEventRecorder
 from smtpplus.model import EventType, iso_utc
 from smtpplus.paging import decode_cursor, encode_cursor
 from smtpplus.storage.database import Database
+from smtpplus.storage.migrations import Migration
 
 log = Logger()
 
 _EVENT_TYPES = frozenset(t.value for t in EventType)
 
 MIGRATIONS = [
-    """
+    Migration(
+        sqlite="""
     CREATE TABLE events (
         seq INTEGER PRIMARY KEY AUTOINCREMENT,
         id TEXT NOT NULL UNIQUE,
@@ -39,6 +41,20 @@ MIGRATIONS = [
     CREATE INDEX events_by_type ON events (type, seq);
     CREATE INDEX events_by_user ON events (user, seq);
     """,
+        postgresql="""
+    CREATE TABLE events (
+        seq bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+        id text NOT NULL UNIQUE,
+        type text NOT NULL,
+        "user" text,
+        message_id text,
+        detail text NOT NULL,
+        created_at text NOT NULL
+    );
+    CREATE INDEX events_by_type ON events (type, seq);
+    CREATE INDEX events_by_user ON events ("user", seq);
+    """,
+    ),
 ]
 
 

@@ -41,15 +41,16 @@ from zope.interface import implementer
 from smtpplus.interfaces import IStatsQuery, IStatsRecorder
 from smtpplus.model import Aggregation
 from smtpplus.storage.database import Database
+from smtpplus.storage.migrations import Migration
 
 log = Logger()
 
 POLICIES = tuple(policy.value for policy in Aggregation)
 # week, month and year are answered from the day groups (keys derived in SQL).
-_STORED = {"week": "day", "month": "day", "year": "day"}
+STORED_AS = {"week": "day", "month": "day", "year": "day"}
 # Messages with a CampaignCode are counted once, under this policy, and
 # show up under their code whatever policy is asked for.
-_CAMPAIGN = "campaign"
+CAMPAIGN_POLICY = "campaign"
 # The user column of the groups that count every user together.
 _ALL_USERS = ""
 COLUMNS = ("messages", "recipients", "sent", "deferred", "bounced", "rejected")
@@ -62,7 +63,8 @@ UserPolicy = Callable[[str], Deferred[str | None]]
 FLUSH_COUNTERS = 20000
 
 MIGRATIONS = [
-    """
+    Migration(
+        sqlite="""
     CREATE TABLE stats_groups (
         policy TEXT NOT NULL,
         user TEXT NOT NULL,
@@ -76,6 +78,21 @@ MIGRATIONS = [
         PRIMARY KEY (policy, user, key)
     ) WITHOUT ROWID;
     """,
+        postgresql="""
+    CREATE TABLE stats_groups (
+        policy text NOT NULL,
+        "user" text NOT NULL,
+        key text COLLATE "C" NOT NULL,
+        messages bigint NOT NULL DEFAULT 0,
+        recipients bigint NOT NULL DEFAULT 0,
+        sent bigint NOT NULL DEFAULT 0,
+        deferred bigint NOT NULL DEFAULT 0,
+        bounced bigint NOT NULL DEFAULT 0,
+        rejected bigint NOT NULL DEFAULT 0,
+        PRIMARY KEY (policy, "user", key)
+    );
+    """,
+    ),
 ]
 
 # Variable parts of a subject, most specific first: each match becomes its
@@ -144,7 +161,7 @@ def group_keys(
     the message never got to DATA (refused at MAIL FROM).
     """
     if campaign_code:
-        pairs = [(_CAMPAIGN, campaign_code)]
+        pairs = [(CAMPAIGN_POLICY, campaign_code)]
     else:
         email, name = sender_of(mail_from, header_from)
         if subject is None:
@@ -199,13 +216,13 @@ def _select(conn: sqlite3.Connection, policy: str, user: str) -> tuple[str, str]
         sums = ", ".join(f"SUM({c}) AS {c}" for c in COLUMNS)
         inner = f"SELECT {expression} AS k, {sums} FROM stats_groups WHERE policy = ? AND user = ? GROUP BY k ORDER BY k"
     outer = f"SELECT json_group_array(json_array(k, {values})) FROM ({{}})"
-    groups = conn.execute(outer.format(inner), (_STORED.get(policy, policy), user)).fetchone()[0]
+    groups = conn.execute(outer.format(inner), (STORED_AS.get(policy, policy), user)).fetchone()[0]
     campaign_inner = f"SELECT key AS k, {values} FROM stats_groups WHERE policy = ? AND user = ? ORDER BY key"
-    campaigns = conn.execute(outer.format(campaign_inner), (_CAMPAIGN, user)).fetchone()[0]
+    campaigns = conn.execute(outer.format(campaign_inner), (CAMPAIGN_POLICY, user)).fetchone()[0]
     return groups, campaigns
 
 
-def _merge(groups: list[list[Any]], campaigns: list[list[Any]]) -> list[dict[str, Any]]:
+def merge_groups(groups: list[list[Any]], campaigns: list[list[Any]]) -> list[dict[str, Any]]:
     """Add the campaign groups (a code may equal a policy key), drop empty groups, sorted by key."""
     if campaigns:
         codes = {row[0]: row for row in campaigns}
@@ -386,7 +403,7 @@ class Statistics(StatisticsBase):
 
     def _read(self, policy: str, user: str) -> Deferred[list[dict[str, Any]]]:
         d = self._db.run(_select, policy, user)
-        return d.addCallback(lambda arrays: _merge(json.loads(arrays[0]), json.loads(arrays[1])))
+        return d.addCallback(lambda arrays: merge_groups(json.loads(arrays[0]), json.loads(arrays[1])))
 
 
 def _derived_key(policy: str, day: str) -> str:
@@ -418,12 +435,12 @@ class MemoryStatistics(StatisticsBase):
         )
 
     def _read(self, policy: str, user: str) -> Deferred[list[dict[str, Any]]]:
-        rows = self._rows(_STORED.get(policy, policy), user)
-        if policy in _STORED:
+        rows = self._rows(STORED_AS.get(policy, policy), user)
+        if policy in STORED_AS:
             summed: dict[str, list[int]] = {}
             for day, *counts in rows:
                 total = summed.setdefault(_derived_key(policy, day), [0] * len(COLUMNS))
                 for i, value in enumerate(counts):
                     total[i] += value
             rows = sorted([key, *counts] for key, counts in summed.items())
-        return succeed(_merge(rows, self._rows(_CAMPAIGN, user)))
+        return succeed(merge_groups(rows, self._rows(CAMPAIGN_POLICY, user)))

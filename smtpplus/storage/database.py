@@ -28,6 +28,8 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 
+from smtpplus.storage.migrations import Migration, sqlite_steps
+
 log = Logger()
 
 T = TypeVar("T")
@@ -35,6 +37,10 @@ T = TypeVar("T")
 FILE_MODE = 0o600
 # After a failed attempt to reopen a lost database file.
 REOPEN_RETRY = 5.0
+
+
+class StorageUnavailable(Exception):
+    """The configured database cannot be reached (a server backend: PostgreSQL)."""
 
 
 class DatabaseLost(sqlite3.OperationalError):
@@ -139,12 +145,13 @@ class Database:
             self._conn.close()
             self._conn = None
 
-    def migrate(self, component: str, migrations: Sequence[str]) -> int:
-        """Bring C{component}'s tables up to date; synchronous, at start-up."""
+    def migrate(self, component: str, migrations: Sequence[Migration]) -> int:
+        """Bring C{component}'s tables up to date with the SQLite side of C{migrations}; synchronous, at start-up."""
         self.open()
         assert self._conn is not None
-        self._migrations[component] = migrations
-        return apply_migrations(self._conn, component, migrations)
+        steps = sqlite_steps(list(migrations))
+        self._migrations[component] = steps
+        return apply_migrations(self._conn, component, steps)
 
     def on_reopen(self, listener: Callable[[], object]) -> None:
         """Call C{listener()} on the reactor after a lost file was replaced by a new one."""

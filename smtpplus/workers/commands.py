@@ -22,6 +22,7 @@ from twisted.protocols import amp
 from smtpplus.delivery.queue import NewMessage
 from smtpplus.model import User
 from smtpplus.smtp.tls import TLSMaterial
+from smtpplus.storage.database import StorageUnavailable
 
 # AMP carries at most this many bytes in one value.
 _CHUNK = 65535
@@ -100,8 +101,11 @@ class QuietAMP(amp.AMP):
         self.transport = None
 
 
-class StoreUnavailable(Exception):
-    """The coordinator could not record the messages (its store failed): the worker answers 4xx."""
+class StoreUnavailable(StorageUnavailable):
+    """
+    The coordinator's store failed to record or answer (PostgreSQL down,
+    say): the worker answers 4xx, and the link stays up.
+    """
 
 
 def pack_tls(material: TLSMaterial) -> bytes:
@@ -174,6 +178,7 @@ class GetUser(amp.Command):
 
     arguments = [(b"username", amp.Unicode())]
     response = [(b"user", amp.Unicode(optional=True))]
+    errors = {StoreUnavailable: b"STORE_UNAVAILABLE"}
 
 
 class LoginRefused(amp.Command):
@@ -219,6 +224,7 @@ class FindSuppression(amp.Command):
         (b"reason", amp.Unicode(optional=True)),
         (b"created_at", amp.Float(optional=True)),
     ]
+    errors = {StoreUnavailable: b"STORE_UNAVAILABLE"}
 
 
 class EffectivePriority(amp.Command):
@@ -226,6 +232,7 @@ class EffectivePriority(amp.Command):
 
     arguments = [(b"user", amp.Unicode()), (b"budget", amp.Integer()), (b"notify", amp.Boolean())]
     response = [(b"priority", amp.Integer())]
+    errors = {StoreUnavailable: b"STORE_UNAVAILABLE"}
 
 
 class Refused(amp.Command):

@@ -20,7 +20,7 @@ import os
 import socket
 import sys
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NoReturn
 
 import attrs
 from prometheus_client import CollectorRegistry, generate_latest
@@ -182,7 +182,7 @@ class WorkerLink(commands.QuietAMP):
         def answer(user: Any) -> dict[str, Any]:
             return {} if user is None else {"user": commands.user_to_json(user)}
 
-        return self._node.users.get(username).addCallback(answer)
+        return self._node.users.get(username).addCallbacks(answer, _store_failed)
 
     @commands.LoginRefused.responder
     def login_refused(self, username: str, ip: str) -> dict[str, Any]:
@@ -217,12 +217,12 @@ class WorkerLink(commands.QuietAMP):
                 return {"found": False}
             return {"found": True, "address": found.address, "reason": found.reason, "created_at": found.created_at}
 
-        return self._node.suppressions.find(user, address).addCallback(answer)
+        return self._node.suppressions.find(user, address).addCallbacks(answer, _store_failed)
 
     @commands.EffectivePriority.responder
     def effective_priority(self, user: str, budget: int, notify: bool) -> Deferred[dict[str, Any]]:
         d = maybeDeferred(self._node.budget.effective_priority, user, budget, notify)
-        return d.addCallback(lambda priority: {"priority": priority})
+        return d.addCallbacks(lambda priority: {"priority": priority}, _store_failed)
 
     @commands.Refused.responder
     def refused(self, user: str, mail_from: str, header_from: str, subject: str, detail: str) -> dict[str, Any]:
@@ -242,6 +242,12 @@ class WorkerLink(commands.QuietAMP):
     def connectionLost(self, reason: Failure) -> None:
         super().connectionLost(reason)
         self._worker.link = None
+
+
+def _store_failed(failure: Failure) -> NoReturn:
+    # An error AMP does not know would close the link (and end the
+    # worker's sessions): a store that cannot answer is a declared error.
+    raise commands.StoreUnavailable(str(failure.value))
 
 
 class WorkerProcess(ProcessProtocol):
