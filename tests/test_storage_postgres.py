@@ -240,3 +240,19 @@ class RedactionTests(unittest.TestCase):
                          "host=db user=relay password=*** dbname=smtp")
         self.assertEqual(redact_dsn("host=db password = 'a b\\' c' dbname=smtp"), "host=db password = *** dbname=smtp")
         self.assertEqual(redact_dsn("postgresql://relay@db/smtp"), "postgresql://relay@db/smtp")
+
+
+class DurabilityTests(unittest.TestCase):
+    """What the 250 relies on."""
+
+    @inlineCallbacks
+    def test_commits_are_synchronous_whatever_the_role_says(self) -> Any:
+        """A role defaulting to synchronous_commit = off still gets synchronous commits, pooled and at start-up."""
+        dsn = fresh_database(self)
+        server().admin("ALTER ROLE smtpplus IN DATABASE " + dsn.rsplit("=", 1)[1] + " SET synchronous_commit = off")
+        database = PostgresDatabase(reactor, dsn)
+        database.start()
+        self.addCleanup(database.stop)
+        show = "SHOW synchronous_commit"
+        self.assertEqual((yield database.run(lambda conn: conn.execute(show).fetchone()[0])), "on")
+        self.assertEqual(database.run_sync(lambda conn: conn.execute(show).fetchone()[0]), "on")

@@ -8,8 +8,9 @@ C{transaction}, C{write}, C{migrate}, C{probe}, C{run_sync}), and the
 stores written for it take the same place in the daemon as the SQLite ones.
 Each call is one transaction on one pooled connection: it commits when the
 function returns, and only then does its Deferred fire, so a caller that
-answers 250 afterwards answers it for committed rows (C{synchronous_commit}
-is the server's, on by default, and never turned off here).
+answers 250 afterwards answers it for committed rows: every connection
+sets C{synchronous_commit} on, whatever the server or the role defaults to,
+so a commit has reached the server's disk (or its synchronous standby).
 
 A broken connection or an unreachable server makes calls fail with
 L{StoreUnavailable}, at once for as long as the outage lasts; it is logged
@@ -73,8 +74,9 @@ def redact_dsn(dsn: str) -> str:
 def apply_migrations(conn: psycopg.Connection[Any], component: str, migrations: Sequence[Migration]) -> int:
     """
     Run the PostgreSQL side of the steps of C{component} this database has
-    not seen yet, each in its own transaction, under an advisory lock so
-    that nodes starting together do not race.  Returns the resulting version.
+    not seen yet, in one transaction (PostgreSQL's DDL is transactional: all
+    or none), under an advisory lock so that nodes starting together do not
+    race.  Returns the resulting version.
     """
     steps = postgresql_steps(list(migrations))
     with conn.transaction():
@@ -134,6 +136,7 @@ class PostgresDatabase:
             open=False,
             timeout=self._timeout,
             kwargs={"connect_timeout": max(1, round(self._timeout))},
+            configure=_durable,
             name=self._name,
         )
 
@@ -185,6 +188,7 @@ class PostgresDatabase:
         except psycopg.OperationalError as e:
             raise StoreUnavailable(f"cannot connect to PostgreSQL at {redact_dsn(self.dsn)}: {_reason(e)}") from None
         with conn:
+            _durable(conn)
             return fn(conn, *args, **kwargs)
 
     def _call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
@@ -246,6 +250,12 @@ def _connect(pool: psycopg_pool.ConnectionPool[Any], timeout: float, dsn: str) -
     except psycopg_pool.PoolTimeout:
         pool.close(timeout=0)
         raise StoreUnavailable(f"cannot connect to PostgreSQL at {redact_dsn(dsn)}") from None
+
+
+def _durable(conn: psycopg.Connection[Any]) -> None:
+    """Make the connection's commits wait for the disk (the 250 depends on it); leaves it idle."""
+    conn.execute("SET synchronous_commit = on")
+    conn.commit()
 
 
 def _reason(error: BaseException) -> str:
