@@ -361,6 +361,39 @@ class CheckTests(unittest.TestCase):
             self.assertEqual(config_warnings(config_from_text(f'[server]\nhostname = "{name}"\n')), [], name)
 
 
+
+    def test_storage(self) -> None:
+        """[storage] (contract section 5): the backend's name, a DSN required with postgresql and never echoed, a lease of at least 5 s."""
+        self.assertEqual(
+            (config_from_text("").storage.backend, config_from_text("").storage.lease_seconds), ("sqlite", 30)
+        )
+        self.assert_errors(
+            '[storage]\nbackend = "postgresql"\n',
+            '[storage] dsn: required with backend = "postgresql" (e.g. "postgresql://user:pass@host/db")',
+        )
+        self.assert_errors(
+            '[storage]\nbackend = "mysql"\nlease_seconds = 4\n',
+            "[storage] backend: must be one of 'sqlite', 'postgresql'",
+            "[storage] lease_seconds: must be at least 5",
+        )
+        self.assert_errors(
+            '[storage]\nbackend = "postgresql"\ndsn = "host=db password=s3cret broken"\n',
+            '[storage] dsn: is not a libpq connection string ("host=... dbname=...") or URI ("postgresql://...")',
+        )
+        config = config_from_text('[storage]\nbackend = "postgresql"\ndsn = "postgresql://relay:s3cret@db/smtp"\n')
+        self.assertEqual(config.storage.dsn, "postgresql://relay:s3cret@db/smtp")
+        self.assertNotIn("s3cret", repr(config))
+
+    def test_node_name(self) -> None:
+        """[server] node_name: empty means the hostname; a name with spaces or symbols is refused."""
+        self.assertEqual(config_from_text('[server]\nhostname = "mx.example.com"\n').server.node(), "mx.example.com")
+        self.assertEqual(config_from_text('[server]\nnode_name = "node-1.eu"\n').server.node(), "node-1.eu")
+        self.assert_errors(
+            '[server]\nnode_name = "node 1"\n',
+            "[server] node_name: must be letters, digits, '.', '_' and '-' (up to 253), starting with a letter or digit",
+        )
+
+
 class CommandLineTests(unittest.TestCase):
     def run_twistd(self, config_text: str, *args: str, directory: str | None = None) -> tuple[int | None, str]:
         directory = directory or temp_dir(self)

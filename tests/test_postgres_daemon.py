@@ -52,8 +52,13 @@ class PostgresDaemonTests(unittest.TestCase):
         client = logged_in(daemon.plain_ports[0], "shop", password)
         body = message("stored in postgresql", "a@example.com")
         reply = submit(client, "a@example.com", ["x@dest.test", "y@dest.test"], body)
+        # Past the spool's in-memory limit: the coordinator reads the bytes from the file.
+        big_body = "\r\n".join(f"line {i:05d} " + "x" * 50 for i in range(2000))
+        big_id = queue_id(submit(client, "a@example.com", ["z@dest.test"], message("big", "a@example.com", body=big_body)))
         client.quit()
         message_id = queue_id(reply)
+        (big,) = _rows(dsn, "SELECT content FROM queue_contents WHERE message_id = %s", big_id)
+        self.assertIn(big_body.encode(), bytes(big[0]))
         # The 250 came after the commit: the row and the content are there now.
         content = _rows(dsn, "SELECT content FROM queue_contents WHERE message_id = %s", message_id)
         self.assertEqual(len(content), 1)
