@@ -197,7 +197,9 @@ def build_service(
     os.makedirs(state_dir, mode=0o700, exist_ok=True)
     os.chmod(state_dir, 0o700)
     smtp = config.smtp
-    raise_open_files_limit(len(smtp.ports) + len(smtp.tls_ports) + smtp.max_connections + 256)
+    # The coordinator of N workers holds N sockets per port.
+    sockets = (len(smtp.ports) + len(smtp.tls_ports)) * config.server.worker_processes()
+    raise_open_files_limit(sockets + smtp.max_connections + 256)
     material = tls_material(config.tls, config.server.hostname, state_dir)
     tls_options = ReloadableTLS(material.options())
 
@@ -260,7 +262,7 @@ def build_service(
         plain, implicit = ServerFactory(), ServerFactory()
         plain.noisy = implicit.noisy = False
         listeners = SMTPListeners(
-            reactor, smtp.listen, smtp.ports, smtp.tls_ports, plain, implicit, smtp.require_all_ports, serve=False
+            reactor, smtp.listen, smtp.ports, smtp.tls_ports, plain, implicit, smtp.require_all_ports, workers=processes
         )
         delivery = delivery_service.delivery
         node = Node(

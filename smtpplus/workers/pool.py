@@ -334,7 +334,7 @@ class WorkerPool(Service):
             self._spawn(index, drop=os.getuid() == 0)
 
     def _spawn(self, index: int, restarts: int = 0, drop: bool = False) -> None:
-        plain, tls = self._listeners.descriptors()
+        plain, tls = self._listeners.descriptors(index)
         parent_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         channel = max([2, *plain, *tls]) + 1
         args = [
