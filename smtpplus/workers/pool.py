@@ -55,7 +55,7 @@ log = Logger()
 # cannot start does not spin.  Both within the contract's 2 s.
 RESTART_DELAY = 0.2
 CRASH_WINDOW = 5.0
-CRASH_DELAY = 1.5
+CRASH_DELAY = 1.0
 # After SIGTERM the workers get this long to drain; then they are killed.
 STOP_SECONDS = 8.0
 # Process collector gauges that describe the coordinator, not a sum.
