@@ -24,6 +24,7 @@ from smtpplus.auth.login import build_login_service
 from smtpplus.auth.store import SQLiteUserStore
 from smtpplus.auth.throttle import LoginThrottle
 from smtpplus.config import Config, ConfigError, TLSConfig, config_from_text, config_warnings, load_config
+from smtpplus.delivery.dkim import DKIMKeys, SQLiteDKIMStore
 from smtpplus.delivery.queue import ACTIVE, SQLiteQueueStore
 from smtpplus.delivery.service import build_delivery
 from smtpplus.delivery.threads import reactor_runner
@@ -213,6 +214,10 @@ def build_service(
         stats=stats,
     )
     delivery_service.setServiceParent(top)
+    dkim_store = SQLiteDKIMStore(database)
+    dkim_store.migrate()
+    dkim_keys = DKIMKeys(dkim_store, reactor, reactor_runner(reactor))
+    delivery_service.delivery.sign_with(dkim_keys)
     notifier = build_notifier(config.notifications, config.server.hostname, reactor, submit_internal)
     events.sink = notifier
     delivery_service.delivery.agent.results = notifier
@@ -307,6 +312,8 @@ def build_service(
         stats=stats,
         metrics=metrics,
         health=HealthCheck(reactor, database.probe, listening_ports),
+        policy=delivery_service.delivery.policy_check(smtp.max_recipients),
+        dkim=dkim_keys,
     )
     admin_service(reactor, config.admin, api, tls_options).setServiceParent(top)
     return top

@@ -13,12 +13,15 @@ import attrs
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, fail, inlineCallbacks, maybeDeferred
 from twisted.internet.interfaces import IReactorTCP, IReactorTime
+from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from smtpplus.auth.store import Standing
 from smtpplus.config import DeliveryConfig
 from smtpplus.delivery import queue
 from smtpplus.delivery.agent import DeliveryAgent
+from smtpplus.delivery.check import PolicyCheck
+from smtpplus.delivery.dkim import DKIMKeys, Signer
 from smtpplus.delivery.interfaces import IQueueStore, IRelay, RunInThread
 from smtpplus.delivery.query import MessageQuery, QueueControl, iso
 from smtpplus.delivery.queue import Committer, NewMessage
@@ -36,6 +39,11 @@ log = Logger()
 # After SIGTERM, attempts in flight get this long to finish; an attempt cut
 # short stays "sending" and is retried after the restart.
 STOP_GRACE = 3.0
+# Dedup records older than the window are deleted every PRUNE_INTERVAL
+# seconds, PRUNE_BATCH rows per transaction, at most PRUNE_ROUNDS of them.
+PRUNE_INTERVAL = 600.0
+PRUNE_BATCH = 5000
+PRUNE_ROUNDS = 20
 
 
 class Delivery:
@@ -79,7 +87,9 @@ class Delivery:
         self._hostname = hostname
         self._own_relay = relay is None
         self.relay = relay if relay is not None else Relay(clock, connector, config, hostname)
-        self.committer = Committer(run_in_thread, store, self.spool, self._queued)
+        self.committer = Committer(run_in_thread, store, self.spool, self._queued, config.dedup_window)
+        self._pruner = LoopingCall(self.prune_dedup)
+        self._pruner.clock = clock
         self.intake = Intake(clock, run_in_thread, self.spool, self.committer.commit, Refusals(events, stats), hostname)
         self.agent = DeliveryAgent(
             clock,
@@ -119,6 +129,7 @@ class Delivery:
         if self._own_relay and any(getattr(config, k) != getattr(self.config, k) for k in relay_keys):
             new_relay = Relay(self.clock, self._connector, config, self._hostname)
         self.config = config
+        self.committer.dedup_window = config.dedup_window
         self.agent.reconfigure(config.retry_schedule, config.max_queue_lifetime, delay_threshold, new_relay)
         self.scheduler.reconfigure(config.max_concurrency, config.rate_limit)
         if new_relay is not None:
@@ -128,6 +139,23 @@ class Delivery:
     def avatar(self, user: User, standing: Standing | None = None) -> ISubmitter:
         """The L{ISubmitter} for an authenticated user and the session's L{Standing}."""
         return Submitter(user, self.intake, standing)
+
+    def dry_run_avatar(self, user: User) -> Submitter:
+        """The submitter the policy dry-run asks: the sessions' rules, nothing recorded, logged or queued."""
+        return Submitter(user, self.intake.dry_run())
+
+    def policy_check(self, max_recipients: int) -> PolicyCheck:
+        """The policy dry-run of the admin API, for C{[smtp] max_recipients}."""
+        return PolicyCheck(self.dry_run_avatar, max_recipients)
+
+    def sign_with(self, keys: DKIMKeys) -> None:
+        """Sign relayed messages with the enabled keys of C{keys}."""
+        self.agent.signer = Signer(keys, self._in_thread, self._read_message)
+
+    def _read_message(self, message_id: str, length: int) -> bytes:
+        """The first C{length} bytes of a spool file: the message without its envelope record (worker thread)."""
+        with open(self.spool.path(message_id), "rb") as f:
+            return f.read(length)
 
     def submit_internal(
         self,
@@ -209,11 +237,33 @@ class Delivery:
         L{recover} found without a queue row (the database was lost).
         """
         self.scheduler.start()
+        self._pruner.start(PRUNE_INTERVAL, now=False)
         orphans, self._orphans = self._orphans, []
         if orphans:
             self._requeue(orphans, set()).addCallbacks(
                 self._rebuilt, lambda f: log.failure("queueing spool files again failed", f)
             )
+
+    @inlineCallbacks
+    def prune_dedup(self) -> Any:
+        """
+        Forget the dedup records older than the window, a bounded batch per
+        transaction so that a large backlog does not hold the database for
+        long; at most L{PRUNE_ROUNDS} batches per run.
+        """
+        before = self.clock.seconds() - self.config.dedup_window
+        try:
+            for _ in range(PRUNE_ROUNDS):
+                removed = yield self.store.prune_dedup(before, PRUNE_BATCH)
+                if removed < PRUNE_BATCH:
+                    break
+        except Exception:
+            log.failure("pruning the dedup records failed")
+
+    def stop_pruning(self) -> None:
+        """Stop the dedup pruning timer (shutdown)."""
+        if self._pruner.running:
+            self._pruner.stop()
 
     def _schedule(self, rows: list[dict[str, Any]]) -> None:
         for row in rows:
@@ -306,6 +356,7 @@ class DeliveryService(Service):
 
     def stopService(self) -> Deferred[None]:
         Service.stopService(self)
+        self.delivery.stop_pruning()
         clock = self.delivery.clock
         finished: Deferred[None] = Deferred()
         timer = clock.callLater(STOP_GRACE, lambda: done(None))
