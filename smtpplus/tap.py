@@ -24,7 +24,7 @@ from smtpplus.auth.login import build_login_service
 from smtpplus.auth.store import SQLiteUserStore
 from smtpplus.auth.throttle import LoginThrottle
 from smtpplus.config import Config, ConfigError, TLSConfig, config_from_text, config_warnings, load_config
-from smtpplus.delivery.dkim import DKIMKeys, SQLiteDKIMStore
+from smtpplus.delivery.dkim import DKIMKeys, SigningPool, SQLiteDKIMStore
 from smtpplus.delivery.queue import ACTIVE, SQLiteQueueStore
 from smtpplus.delivery.service import build_delivery
 from smtpplus.delivery.threads import reactor_runner
@@ -201,6 +201,9 @@ def build_service(
     events = EventStore(database, reactor)
     queue_store = SQLiteQueueStore(database)
     queue_store.migrate()
+    # Before delivery in the tree: it stops after the attempts that sign.
+    dkim_pool = SigningPool(reactor)
+    dkim_pool.setServiceParent(top)
     delivery_service, avatar_factory, message_query, submit_internal = build_delivery(
         config.delivery,
         hostname=config.server.hostname,
@@ -216,8 +219,8 @@ def build_service(
     delivery_service.setServiceParent(top)
     dkim_store = SQLiteDKIMStore(database)
     dkim_store.migrate()
-    dkim_keys = DKIMKeys(dkim_store, reactor, reactor_runner(reactor))
-    delivery_service.delivery.sign_with(dkim_keys)
+    dkim_keys = DKIMKeys(dkim_store, reactor, dkim_pool.run)
+    delivery_service.delivery.sign_with(dkim_keys, dkim_pool.run)
     notifier = build_notifier(config.notifications, config.server.hostname, reactor, submit_internal)
     events.sink = notifier
     delivery_service.delivery.agent.results = notifier

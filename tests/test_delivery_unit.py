@@ -315,7 +315,7 @@ class SubmissionOnFakesTests(_OnFakes):
         self.successResultOf(dkim_store.insert(key))
         store, relay = MemoryQueueStore(), _ScriptedRelay(250)
         delivery = self._delivery(store, relay)
-        delivery.sign_with(DKIMKeys(dkim_store, self.clock, run_synchronously))
+        delivery.sign_with(DKIMKeys(dkim_store, self.clock, run_synchronously), run_synchronously)
         delivery.start()
         return store, relay, delivery
 

@@ -148,9 +148,9 @@ class Delivery:
         """The policy dry-run of the admin API, for C{[smtp] max_recipients}."""
         return PolicyCheck(self.dry_run_avatar, max_recipients)
 
-    def sign_with(self, keys: DKIMKeys) -> None:
-        """Sign relayed messages with the enabled keys of C{keys}."""
-        self.agent.signer = Signer(keys, self._in_thread, self._read_message)
+    def sign_with(self, keys: DKIMKeys, run_in_thread: RunInThread) -> None:
+        """Sign relayed messages with the enabled keys of C{keys}, on C{run_in_thread}."""
+        self.agent.signer = Signer(keys, run_in_thread, self._read_message)
 
     def _read_message(self, message_id: str, length: int) -> bytes:
         """The first C{length} bytes of a spool file: the message without its envelope record (worker thread)."""

@@ -62,9 +62,9 @@ class HeaderSection:
     """
     What smtpplus reads from a message's header section (see
     L{read_header_section}): the fields, the values the queue keeps, the
-    effective priority (and the message's own), and the header C{From:} addresses or why they
-    cannot be read.  C{refusal}: the message is refused whatever its
-    sender (a mail loop, a bad X-SMTPAPI).
+    effective priority (and the message's own), and the header C{From:}
+    addresses or why they cannot be read.  C{refusal}: the message is
+    refused whatever its sender (a mail loop, a bad X-SMTPAPI).
     """
 
     fields: tuple[HeaderField, ...] = ()
