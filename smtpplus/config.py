@@ -46,6 +46,8 @@ FREQUENCIES = ("immediate", "hourly", "daily", "off")
 
 # Below this many characters a configured admin token is named in a warning.
 MIN_TOKEN_LENGTH = 16
+# More SMTP processes than this only add memory: each serves every port.
+MAX_WORKERS = 64
 
 
 def parse_port_spec(spec: str) -> tuple[int, ...]:
@@ -112,6 +114,11 @@ def _one_of(*choices: str) -> Callable[[str], None]:
             raise ValueError(f"must be one of {', '.join(repr(c) for c in choices)}")
 
     return check
+
+
+def _worker_count(value: int) -> None:
+    if not 0 <= value <= MAX_WORKERS:
+        raise ValueError(f"must be 0 (one per CPU core) to {MAX_WORKERS}")
 
 
 def _nonempty(value: str) -> None:
@@ -264,6 +271,13 @@ class ServerConfig:
 
     hostname: str = _key(attrs.Factory(_fqdn), _hostname, kinds=(str,))
     state_dir: str = _key("var", _nonempty)
+    workers: int = _key(0, _worker_count)
+
+    def worker_processes(self) -> int:
+        """How many SMTP processes C{workers} means here: 0 is one per CPU core this process may use."""
+        if self.workers:
+            return self.workers
+        return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
 
 
 @attrs.frozen
@@ -485,14 +499,18 @@ def load_config(
     path: str, overrides: Mapping[str, Mapping[str, Any]] | None = None, checks: SectionChecks | None = None
 ) -> Config:
     """Read and validate the TOML file at C{path}, like L{config_from_text}."""
+    return config_from_text(read_config_file(path), overrides, checks)
+
+
+def read_config_file(path: str) -> str:
+    """The text of the configuration file at C{path}; L{ConfigError} when it cannot be read."""
     try:
         with open(path, encoding="utf-8") as f:
-            text = f.read()
+            return f.read()
     except OSError as e:
         raise ConfigError(f"cannot read config file {path}: {e.strerror}") from None
     except UnicodeDecodeError:
         raise ConfigError(f"config file {path} is not UTF-8 text") from None
-    return config_from_text(text, overrides, checks)
 
 
 def config_warnings(config: Config) -> list[str]:

@@ -10,22 +10,25 @@ import os
 import sys
 from typing import Any, NoReturn
 
+from setproctitle import setproctitle
 from twisted.application.service import IService, MultiService, Service
 from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.protocol import ServerFactory
 from twisted.logger import ILogObserver, Logger
-from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python import usage
 from twisted.python.components import Componentized
 
 from smtpplus.admin.api import AdminAPI
 from smtpplus.admin.service import admin_service, admin_token
+from smtpplus.admin.sessions import ConsoleSessions
 from smtpplus.auth.hashing import PasswordHasher
 from smtpplus.auth.login import build_login_service
-from smtpplus.auth.store import SQLiteUserStore
+from smtpplus.auth.store import Revocations, SQLiteUserStore
 from smtpplus.auth.throttle import LoginThrottle
-from smtpplus.config import Config, ConfigError, TLSConfig, config_from_text, config_warnings, load_config
+from smtpplus.config import Config, ConfigError, TLSConfig, config_from_text, config_warnings, read_config_file
 from smtpplus.delivery.dkim import DKIMKeys, SigningPool, SQLiteDKIMStore
 from smtpplus.delivery.queue import ACTIVE, SQLiteQueueStore
+from smtpplus.delivery.rules import Refusals
 from smtpplus.delivery.service import build_delivery
 from smtpplus.delivery.threads import reactor_runner
 from smtpplus.log import DaemonLog, log_destination
@@ -35,9 +38,10 @@ from smtpplus.notify.events import EventStore
 from smtpplus.notify.stats import Statistics
 from smtpplus.reload import Appliers, ReloadableTLS, Reloader
 from smtpplus.smtp.listeners import BindError, SMTPListeners, raise_open_files_limit
-from smtpplus.smtp.protocol import SessionRegistry, SessionSettings, SMTPServerFactory
-from smtpplus.smtp.tls import check_tls_files, server_context
+from smtpplus.smtp.server import build_smtp_server, session_settings
+from smtpplus.smtp.tls import TLSMaterial, check_tls_files, tls_material
 from smtpplus.storage.database import Database, DatabaseService
+from smtpplus.workers.pool import Node, NodeConnections, WorkerPool
 
 log = Logger()
 
@@ -99,10 +103,14 @@ class Options(usage.Options):
 
         @raise ConfigError: one line per problem.
         """
-        checks = {TLSConfig: check_tls_files}
-        if self["config"] is None:
-            return config_from_text("", self.overrides, checks)
-        return load_config(self["config"], self.overrides, checks)
+        text = "" if self["config"] is None else read_config_file(self["config"])
+        config = config_from_text(text, self.overrides, {TLSConfig: check_tls_files})
+        if not hasattr(self, "text"):
+            # What SMTP workers run with: the file as it was at start (a
+            # reload changes only what needs no restart, and a worker that
+            # starts again must match the running coordinator).
+            self.text = text
+        return config
 
 
 class DaemonService(MultiService):
@@ -162,12 +170,22 @@ def build_service(
     load: Any = None,
     source: str = "",
     daemon_log: DaemonLog | None = None,
+    worker_config: tuple[str, dict[str, Any]] = ("", {}),
+    drop_to: tuple[int | None, int | None] = (None, None),
 ) -> MultiService:
     """
     Build the daemon's service tree for C{config} on C{reactor}.
 
     With C{load} (which reads the configuration file C{source} again),
     SIGHUP reloads it and reopens C{daemon_log}'s file.
+
+    With more than one SMTP process (C{[server] workers}), this process is
+    the coordinator: it binds the ports and runs the queue, delivery,
+    notifications and the admin API, and the workers (configured with
+    C{worker_config}: the configuration file's text and the command line's
+    overrides) serve the sessions; see L{smtpplus.workers.pool}.  They
+    start while this process is still root and drop to C{drop_to} (twistd's
+    C{--uid} and C{--gid}) themselves.
 
     Children start in this order and stop in reverse: the admin API and the
     listeners close first, sessions drain (still committing to the queue),
@@ -181,15 +199,26 @@ def build_service(
     os.chmod(state_dir, 0o700)
     smtp = config.smtp
     raise_open_files_limit(len(smtp.ports) + len(smtp.tls_ports) + smtp.max_connections + 256)
-    tls_options = ReloadableTLS(server_context(config.tls, config.server.hostname, state_dir))
+    material = tls_material(config.tls, config.server.hostname, state_dir)
+    tls_options = ReloadableTLS(material.options())
 
     top = DaemonService()
     metrics = daemon_metrics()
     database = Database(reactor, os.path.join(state_dir, "smtpplus.db"))
     DatabaseService(database).setServiceParent(top)
 
-    users = SQLiteUserStore(database, reactor)
+    processes = config.server.worker_processes()
+    # Set once the worker pool exists; user changes reach the workers through it.
+    pool: list[WorkerPool] = []
+
+    def user_changed(username: str, revoked: str | None = None) -> None:
+        if pool:
+            pool[0].user_changed(username, revoked)
+
+    users = SQLiteUserStore(database, reactor, Revocations(on_revoke=user_changed) if processes > 1 else None)
     users.migrate()
+    if processes > 1:
+        users.subscribe(user_changed)
     hasher = PasswordHasher(reactor)
     hasher.setServiceParent(top)
 
@@ -229,31 +258,39 @@ def build_service(
     notifier.setServiceParent(top)
 
     throttle = LoginThrottle(reactor, config.security, events)
-    login_service, _ = build_login_service(users, hasher, throttle, avatar_factory, reactor, metrics)
-    registry = SessionRegistry(
-        SessionSettings(
-            hostname=config.server.hostname,
-            max_message_size=smtp.max_message_size,
-            max_recipients=smtp.max_recipients,
-            max_connections=smtp.max_connections,
-            max_connections_per_ip=smtp.max_connections_per_ip,
-            idle_timeout=smtp.idle_timeout,
-            auth_requires_tls=smtp.auth_requires_tls,
-        ),
-        reactor,
-        metrics,
-    )
-    metrics.count_sessions(lambda: len(registry.sessions))
-    factory = SMTPServerFactory(registry, login_service, tls_options)
-    tls_factory = None
-    if smtp.tls_ports:
-        implicit = SMTPServerFactory(registry, login_service, None, implicit_tls=True)
-        tls_factory = TLSMemoryBIOFactory(tls_options, False, implicit)
-        tls_factory.noisy = False
-    listeners = SMTPListeners(reactor, smtp.listen, smtp.ports, smtp.tls_ports, factory, tls_factory, smtp.require_all_ports)
-    _CallableService("smtp-sessions", lambda: None, lambda: registry.drain(DRAIN_SECONDS)).setServiceParent(top)
-    listeners.setName("smtp")
-    listeners.setServiceParent(top)
+    settings = session_settings(smtp, config.server.hostname)
+    if processes > 1:
+        # The coordinator binds; its workers accept.  The factories only
+        # tell the STARTTLS ports from the implicit-TLS ones here.
+        plain, implicit = ServerFactory(), ServerFactory()
+        plain.noisy = implicit.noisy = False
+        listeners = SMTPListeners(
+            reactor, smtp.listen, smtp.ports, smtp.tls_ports, plain, implicit, smtp.require_all_ports, serve=False
+        )
+        delivery = delivery_service.delivery
+        node = Node(
+            users=users,
+            throttle=throttle,
+            record=delivery.record,
+            refusals=Refusals(events, stats),
+            spool=delivery.spool,
+            connections=NodeConnections(settings),
+        )
+        pool.append(
+            WorkerPool(reactor, processes, listeners, node, worker_config, material, config.log.level, metrics, drop_to)
+        )
+        listeners.setName("smtp")
+        listeners.setServiceParent(top)
+        pool[0].setServiceParent(top)
+    else:
+        login_service, _ = build_login_service(users, hasher, throttle, avatar_factory, reactor, metrics)
+        server = build_smtp_server(smtp, config.server.hostname, reactor, login_service, tls_options, metrics)
+        listeners = SMTPListeners(
+            reactor, smtp.listen, smtp.ports, smtp.tls_ports, server.factory, server.tls_factory, smtp.require_all_ports
+        )
+        _CallableService("smtp-sessions", lambda: None, lambda: server.registry.drain(DRAIN_SECONDS)).setServiceParent(top)
+        listeners.setName("smtp")
+        listeners.setServiceParent(top)
 
     if load is not None:
         delivery = delivery_service.delivery
@@ -269,26 +306,37 @@ def build_service(
             )
             reload_delivery(new)
 
-        def reload_tls(options: Any) -> None:
-            tls_options.options = options
+        def reload_tls(reloaded: tuple[TLSMaterial, Any]) -> None:
+            material, tls_options.options = reloaded
+            if pool:
+                pool[0].reload(material, reloader.config.log.level)
+
+        def reload_log(new: Config) -> None:
+            if daemon_log is not None:
+                daemon_log.configure(new.log)
 
         appliers = Appliers(
             tls=reload_tls,
             delivery=reload_delivery,
             notifications=reload_notifications,
             security=lambda new: throttle.reconfigure(new.security),
-            log=lambda new: daemon_log.configure(new.log) if daemon_log is not None else None,
+            log=reload_log,
         )
-        Reloader(
+        def make_tls(new: Config) -> tuple[TLSMaterial, Any]:
+            material = tls_material(new.tls, new.server.hostname, new.server.state_dir)
+            return material, material.options()
+
+        reloader = Reloader(
             reactor,
             config,
             source,
             load,
-            lambda new: server_context(new.tls, new.server.hostname, new.server.state_dir),
+            make_tls,
             appliers,
             daemon_log.reopen if daemon_log is not None else lambda: None,
             reactor_runner(reactor),
-        ).setServiceParent(top)
+        )
+        reloader.setServiceParent(top)
 
     def client_settings() -> dict[str, Any]:
         return {
@@ -299,11 +347,15 @@ def build_service(
             "listening_tls_ports": sorted(listeners.bound_tls),
             "encryption": "STARTTLS",
             "auth_mechanisms": ["PLAIN", "LOGIN"],
+            # Beyond the contract's keys: which processes serve the sessions.
+            "workers": pool[0].describe() if pool else [{"index": 0, "pid": os.getpid(), "serving": True}],
         }
 
     def listening_ports() -> int:
         # The lists outlive stopService; the admin API stops first anyway.
-        return len(listeners.bound) + len(listeners.bound_tls) if listeners.running else 0
+        if not listeners.running or (pool and not pool[0].serving()):
+            return 0
+        return len(listeners.bound) + len(listeners.bound_tls)
 
     api = AdminAPI(
         admin_token(config.admin, state_dir),
@@ -313,10 +365,11 @@ def build_service(
         messages=message_query,
         events=events,
         stats=stats,
-        metrics=metrics,
+        metrics=pool[0] if pool else metrics,
         health=HealthCheck(reactor, database.probe, listening_ports),
         policy=delivery_service.delivery.policy_check(smtp.max_recipients),
         dkim=dkim_keys,
+        sessions=ConsoleSessions(reactor),
     )
     admin_service(reactor, config.admin, api, tls_options).setServiceParent(top)
     return top
@@ -359,7 +412,15 @@ def makeService(options: Options) -> IService:
         log.warn("configuration warning: {warning}", warning=warning)
     source = options["config"] or "(no file: the defaults)"
     try:
-        service = build_service(config, reactor, options.load, source, daemon_log)
+        service = build_service(
+            config,
+            reactor,
+            options.load,
+            source,
+            daemon_log,
+            (options.text, options.overrides),
+            (parent.get("uid"), parent.get("gid")) if parent is not None else (None, None),
+        )
     except ConfigError as e:
         _fail(f"configuration error: {e}")
     except OSError as e:
@@ -372,6 +433,8 @@ def makeService(options: Options) -> IService:
         assert isinstance(service, DaemonService)
         service.log_observer = daemon_log
         daemon_log.rotate_on_usr1()
+    if config.server.worker_processes() > 1:
+        setproctitle(f"smtpplus: coordinator ({' '.join(sys.argv)})")
     if parent is not None:
         hand_over_state_dir(config.server.state_dir, parent.get("uid"), parent.get("gid"))
     return service

@@ -194,13 +194,13 @@ class PriorityAtScaleTests(unittest.TestCase):
 
         scheduler._deliver = recording
         queued_at: dict[str, int] = {}
-        on_queued = stack.delivery.committer._on_queued
+        on_queued = stack.delivery._queued
 
         def noting(message: Any, seq: int, content: bytes | None) -> None:
             queued_at[message.id] = len(started)
             on_queued(message, seq, content)
 
-        stack.delivery.committer._on_queued = noting
+        stack.delivery._queued = noting  # type: ignore[method-assign]
         stack.start()
         backlog = yield gatherResults(
             [

@@ -23,8 +23,8 @@ class PackagingTests(TestCase):
 
     def test_wheel_contents(self) -> None:
         """
-        The built wheel holds the plugin file, the templates and every
-        subpackage, and no twisted/__init__.py or twisted/plugins/__init__.py
+        The built wheel holds the plugin file, the templates, the web
+        console's files and every subpackage, and no twisted/__init__.py or twisted/plugins/__init__.py
         (either would shadow Twisted's own packages once installed).
         """
         with tempfile.TemporaryDirectory() as out:
@@ -43,4 +43,6 @@ class PackagingTests(TestCase):
         for package in ("smtp", "auth", "admin", "delivery", "notify", "storage"):
             self.assertIn(f"smtpplus/{package}/__init__.py", names)
         self.assertIn("smtpplus/templates/bounce.mail.txt", names)
+        for name in ("index.html", "console.js", "console.css", "icon.svg"):
+            self.assertIn(f"smtpplus/admin/static/{name}", names)
         self.assertFalse([name for name in names if name.startswith("tests/")])

@@ -32,6 +32,7 @@ from werkzeug.exceptions import HTTPException, MethodNotAllowed, NotFound
 
 from smtpplus.address import normalize_domain
 from smtpplus.admin.openapi import MAX_DEPTH, MAX_LIMIT, openapi_document
+from smtpplus.admin.sessions import Admission, ConsoleSessions
 from smtpplus.auth.hashing import PasswordHasher
 from smtpplus.auth.store import DuplicateUser
 from smtpplus.auth.users import ValidationError, generate_password, generate_username, new_user, validate_fields
@@ -138,6 +139,9 @@ class AdminAPI:
     @param health: what C{/health} asks, or None (always healthy).
     @param policy: the policy dry-run of C{/users/{u}/check}, or None (404).
     @param dkim: the DKIM keys of C{/dkim}, or None (404).
+    @param sessions: the web console's sessions, whose cookie (with the CSRF
+        token on a request that changes state) the API accepts instead of
+        the bearer token; None: bearer token only.
     """
 
     app = Klein()
@@ -155,6 +159,7 @@ class AdminAPI:
         health: HealthCheck | None = None,
         policy: IPolicyCheck | None = None,
         dkim: IDKIMKeys | None = None,
+        sessions: ConsoleSessions | None = None,
     ) -> None:
         if not token:
             raise ValueError("the admin token must not be empty")
@@ -169,6 +174,7 @@ class AdminAPI:
         self._health = health
         self._policy = policy
         self._dkim = dkim
+        self.sessions = sessions
 
     def resource(self) -> IResource:
         """The API as a web resource that answers every request with JSON."""
@@ -176,11 +182,21 @@ class AdminAPI:
 
     # authentication and errors
 
+    def token_matches(self, presented: bytes) -> bool:
+        """Whether C{presented} is the admin token, compared in constant time."""
+        return hmac.compare_digest(presented.strip(), self._token)
+
     def _check_token(self, request: Any) -> None:
-        header = request.getHeader(b"Authorization") or b""
-        scheme, _, presented = header.partition(b" ")
+        header = request.getHeader(b"Authorization")
+        if header is None and self.sessions is not None:
+            admission = self.sessions.admit(request)
+            if admission is Admission.ADMITTED:
+                return
+            if admission is Admission.NO_CSRF:
+                raise HTTPError(403, "csrf_failed", "missing or wrong X-CSRF-Token header for this console session")
+        scheme, _, presented = (header or b"").partition(b" ")
         # Compare even when the scheme is wrong, so timing shows nothing.
-        matches = hmac.compare_digest(presented.strip(), self._token)
+        matches = self.token_matches(presented)
         if scheme.lower() != b"bearer" or not matches:
             request.setHeader(b"WWW-Authenticate", b'Bearer realm="smtpplus"')
             raise HTTPError(401, "unauthorized", "missing or wrong bearer token")

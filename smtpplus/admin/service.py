@@ -18,6 +18,7 @@ from twisted.logger import Logger
 from twisted.web.server import Site
 
 from smtpplus.admin.api import AdminAPI, CappedRequest
+from smtpplus.admin.console import ConsoleResource
 from smtpplus.config import AdminConfig
 
 log = Logger()
@@ -54,9 +55,14 @@ def admin_token(admin: AdminConfig, state_dir: str) -> str:
     return token
 
 
-def admin_site(api: AdminAPI) -> Site:
-    """The HTTP site serving C{api}: no tracebacks, capped request bodies, no access log noise."""
-    site = Site(api.resource(), requestFactory=CappedRequest)
+def admin_site(api: AdminAPI, secure: bool = False) -> Site:
+    """
+    The HTTP site serving C{api}, and the web console in front of it when
+    the API has console sessions (C{secure}: served over TLS): no
+    tracebacks, capped request bodies, no access log noise.
+    """
+    root = api.resource() if api.sessions is None else ConsoleResource(api, api.sessions, secure)
+    site = Site(root, requestFactory=CappedRequest)
     site.displayTracebacks = False
     site.noisy = False
     return site
@@ -144,4 +150,4 @@ def admin_service(
     reactor: Any, admin: AdminConfig, api: AdminAPI, tls_options: ssl.CertificateOptions | None = None
 ) -> AdminListener:
     """The admin API's listening service; C{tls_options} serve it when C{[admin] tls = true}."""
-    return AdminListener(reactor, admin, admin_site(api), tls_options)
+    return AdminListener(reactor, admin, admin_site(api, secure=admin.tls), tls_options)

@@ -5,12 +5,12 @@ L{Portal} of the user checker and the submitter realm.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Protocol
 
 from twisted.cred.credentials import UsernamePassword
 from twisted.cred.error import UnauthorizedLogin
 from twisted.cred.portal import Portal
-from twisted.internet.defer import Deferred, fail
+from twisted.internet.defer import Deferred, fail, maybeDeferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
@@ -20,12 +20,21 @@ from zope.interface import implementer
 from smtpplus.auth.checker import UnknownUser, UserChecker
 from smtpplus.auth.hashing import PasswordHasher
 from smtpplus.auth.realm import AvatarFactory, SubmitterRealm
-from smtpplus.auth.throttle import LoginThrottle
 from smtpplus.interfaces import IUserStore
 from smtpplus.metrics import UNCOUNTED, Metrics
 from smtpplus.smtp.interfaces import ILoginService, ISubmitter, LoginThrottled
 
 log = Logger()
+
+
+class Throttle(Protocol):
+    """What L{LoginService} asks of a throttle: a L{LoginThrottle} or a worker's proxy of one."""
+
+    def refused(self, username: str, ip: str) -> bool | Deferred[bool]: ...
+
+    def failed(self, username: str, ip: str, known_user: bool) -> float | Deferred[float]: ...
+
+    def succeeded(self, username: str, ip: str) -> object: ...
 
 
 @implementer(ILoginService)
@@ -34,10 +43,15 @@ class LoginService:
     Logs SMTP clients in through a cred portal, throttled per IP and
     username; counts every refused login (wrong credentials or locked) in
     C{metrics}.
+
+    C{throttle} answers C{refused} and C{failed} either at once (the
+    L{LoginThrottle} of a single process) or with a Deferred (a worker
+    process asking the coordinator, which holds the one throttle of the
+    node).
     """
 
     def __init__(
-        self, portal: Portal, throttle: LoginThrottle, clock: IReactorTime, metrics: Metrics = UNCOUNTED
+        self, portal: Portal, throttle: Throttle, clock: IReactorTime, metrics: Metrics = UNCOUNTED
     ) -> None:
         self._portal = portal
         self._throttle = throttle
@@ -45,7 +59,11 @@ class LoginService:
         self._metrics = metrics
 
     def login(self, username: str, password: str, peer_ip: str) -> Deferred[Any]:
-        if self._throttle.refused(username, peer_ip):
+        d = maybeDeferred(self._throttle.refused, username, peer_ip)
+        return d.addCallback(self._check, username, password, peer_ip)
+
+    def _check(self, refused: bool, username: str, password: str, peer_ip: str) -> Deferred[Any]:
+        if refused:
             log.info("AUTH refused for {username!r} from {ip}: locked", username=username, ip=peer_ip)
             self._metrics.auth_failed()
             return fail(LoginThrottled())
@@ -61,12 +79,12 @@ class LoginService:
         def failed(failure: Failure) -> Deferred[Any] | Failure:
             if not failure.check(UnauthorizedLogin):
                 return failure
-            delay = self._throttle.failure_delay(username, peer_ip)
-            self._throttle.failed(username, peer_ip, known_user=not failure.check(UnknownUser))
             self._metrics.auth_failed()
             log.info("AUTH failure for {username!r} from {ip}", username=username, ip=peer_ip)
+            known = not failure.check(UnknownUser)
+            d = maybeDeferred(self._throttle.failed, username, peer_ip, known)
             # Answer the failure late, never holding the reactor.
-            return deferLater(self._clock, delay, lambda: failure)
+            return d.addCallback(lambda delay: deferLater(self._clock, delay, lambda: failure))
 
         return d.addCallbacks(succeeded, failed)
 
@@ -74,7 +92,7 @@ class LoginService:
 def build_login_service(
     store: IUserStore,
     hasher: PasswordHasher,
-    throttle: LoginThrottle,
+    throttle: Throttle,
     avatar_factory: AvatarFactory,
     clock: IReactorTime,
     metrics: Metrics = UNCOUNTED,

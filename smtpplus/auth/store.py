@@ -85,15 +85,19 @@ class Revocations:
     table's C{generation} column) calls L{revoke} in just the same way.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, on_revoke: Callable[[str, str], object] | None = None) -> None:
         self._count = 0
         # casefolded username -> (revocation number, reason)
         self._revoked: dict[str, tuple[int, str]] = {}
+        # Told of each revocation: the coordinator passes it on to its SMTP workers.
+        self._on_revoke = on_revoke
 
     def revoke(self, username: str, reason: str) -> None:
         """End every standing of C{username} issued so far; C{reason} is "disabled" or "deleted"."""
         self._count += 1
         self._revoked[username.casefold()] = (self._count, reason)
+        if self._on_revoke is not None:
+            self._on_revoke(username, reason)
 
     def standing(self, username: str) -> Standing:
         """A standing for a session of C{username} logging in now."""

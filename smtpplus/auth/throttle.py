@@ -207,19 +207,21 @@ class LoginThrottle:
             count = max(count, self._users.recent(username.casefold(), now))
         return min(self._max_delay, self._first_delay * 2**count)
 
-    def failed(self, username: str, ip: str, known_user: bool) -> None:
+    def failed(self, username: str, ip: str, known_user: bool) -> float:
         """
-        Count one failed attempt.  Unknown usernames are locked like known
+        Count one failed attempt; return how long to wait before answering
+        it (L{failure_delay} before this failure counted).  Unknown usernames are locked like known
         ones (so locking reveals nothing) but record no event.  A failure
         from an address the user logged in from recently counts for the IP
         only: the username lock does not apply there, and the user's own
         mistyped client should not lock the username everywhere else.
         """
+        delay = self.failure_delay(username, ip)
         now = self._clock.seconds()
         if self._ips.fail(ip, now):
             log.warn("AUTH from {ip} locked for {seconds} s after repeated failures", ip=ip, seconds=self._lock_seconds)
         if self._trusted(username, ip):
-            return
+            return delay
         if self._users.fail(username.casefold(), now):
             log.warn(
                 "AUTH for username {username!r} locked for {seconds} s after repeated failures",
@@ -234,6 +236,7 @@ class LoginThrottle:
                 d = self._events.record("account_block", username, None, detail)
                 if d is not None and hasattr(d, "addErrback"):
                     d.addErrback(lambda f: log.failure("recording account_block failed", f))
+        return delay
 
     def succeeded(self, username: str, ip: str) -> None:
         """

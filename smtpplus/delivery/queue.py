@@ -585,38 +585,35 @@ class StateWriter:
         return self._batcher.add(change)
 
 
+# Records a batch of durable messages, each with its bytes when they were
+# held in memory: inserts their rows and hands them to the scheduler.
+# Fires with their arrival sequence numbers, or a Duplicate for a message
+# resent within the dedup window (not queued; its file removed).
+RecordMessages = Callable[[list[tuple[NewMessage, "bytes | None"]]], Deferred[list["int | Duplicate"]]]
+
+
 class Committer:
     """
     Makes accepted messages durable in batches: every message that reaches
     the end of DATA while a batch is being synced joins the next batch, so
     concurrent sessions share one directory fsync and one transaction.
-    C{on_queued(message, seq, content)} is told of each committed message,
-    with its bytes when they were held in memory (else None); a message the
-    store finds resent within C{dedup_window} is answered with the first
-    one's id, its file removed, and nobody is told.
+    C{record(batch)} inserts the queue rows of a synced batch and schedules
+    them: in one process, the delivery's own; in an SMTP worker, a call to
+    the coordinator that owns the queue.  A message it answers with a
+    L{Duplicate} (resent within the dedup window; the recorder removed its
+    file) is answered with the first message's id.
 
     @ivar batches: how many batches were committed (observable in tests).
     """
 
-    def __init__(
-        self,
-        run_in_thread: RunInThread,
-        store: IQueueStore,
-        spool: Spool,
-        on_queued: Callable[[NewMessage, int, bytes | None], None],
-        dedup_window: float = 0,
-    ) -> None:
+    def __init__(self, run_in_thread: RunInThread, spool: Spool, record: RecordMessages) -> None:
         self._in_thread = run_in_thread
-        self._store = store
         self._spool = spool
-        self._on_queued = on_queued
+        self._record = record
         self._waiting: list[tuple[TempMessage, NewMessage, Deferred[str]]] = []
         self._current: list[tuple[TempMessage, NewMessage, Deferred[str]]] = []
         self._busy = False
         self.batches = 0
-        # Seconds within which a resent message is answered with the first
-        # one's id instead of being queued again; 0: off.
-        self.dedup_window = dedup_window
 
     def committing(self) -> set[str]:
         """The ids of the messages being committed: their files may be in C{msg/} before their rows exist."""
@@ -656,7 +653,7 @@ class Committer:
         if not synced:
             return
         try:
-            seqs = yield self._store.insert([message for _, message, _ in synced], self.dedup_window)
+            results = yield self._record([(message, temp.content) for temp, message, _ in synced])
         except Exception as e:
             log.error("cannot record {n} messages: {error}", n=len(synced), error=e)
             try:
@@ -667,22 +664,8 @@ class Committer:
                 d.errback(local_failure(e))
             return
         self.batches += 1
-        duplicates = [message.id for (_, message, _), seq in zip(synced, seqs, strict=True) if isinstance(seq, Duplicate)]
-        if duplicates:
-            self._in_thread(self._spool.remove, duplicates).addErrback(
-                lambda f: log.failure("removing the files of duplicate messages failed", f)
-            )
-        for (temp, message, d), seq in zip(synced, seqs, strict=True):
-            if isinstance(seq, Duplicate):
-                log.info(
-                    "message {id} is a resent copy of {first} (same user, Message-ID and recipients): not queued again",
-                    id=message.id,
-                    first=seq.first_id,
-                )
-                d.callback(seq.first_id)
+        for (_, message, d), result in zip(synced, results, strict=True):
+            if isinstance(result, Duplicate):
+                d.callback(result.first_id)
                 continue
             d.callback(message.id)
-            try:
-                self._on_queued(message, seq, temp.content)
-            except Exception:
-                log.failure("scheduling message {id} failed", id=message.id)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Iterable, Sequence
+from typing import Protocol
 
 import attrs
 from twisted.internet.defer import maybeDeferred
@@ -248,6 +249,13 @@ def parse_address_list(value: str) -> tuple[str, ...] | None:
         return None
     addresses = _AddressParser(tokens).address_list()
     return None if addresses is None else tuple(addresses)
+
+
+class RecordsRefusals(Protocol):
+    """Where a refusal by the sender rules is recorded: L{Refusals}, or a worker's link to the coordinator's."""
+
+    def record(self, user: str, mail_from: str, header_from: str, subject: str, detail: str) -> None:
+        """Record one refused message; returns at once."""
 
 
 class Refusals:

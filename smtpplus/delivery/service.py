@@ -22,7 +22,7 @@ from smtpplus.delivery import queue
 from smtpplus.delivery.agent import DeliveryAgent
 from smtpplus.delivery.check import PolicyCheck
 from smtpplus.delivery.dkim import DKIMKeys, Signer
-from smtpplus.delivery.interfaces import IQueueStore, IRelay, RunInThread
+from smtpplus.delivery.interfaces import Duplicate, IQueueStore, IRelay, RunInThread
 from smtpplus.delivery.query import MessageQuery, QueueControl, iso
 from smtpplus.delivery.queue import Committer, NewMessage
 from smtpplus.delivery.relay import Relay
@@ -87,7 +87,7 @@ class Delivery:
         self._hostname = hostname
         self._own_relay = relay is None
         self.relay = relay if relay is not None else Relay(clock, connector, config, hostname)
-        self.committer = Committer(run_in_thread, store, self.spool, self._queued, config.dedup_window)
+        self.committer = Committer(run_in_thread, self.spool, self.record)
         self._pruner = LoopingCall(self.prune_dedup)
         self._pruner.clock = clock
         self.intake = Intake(clock, run_in_thread, self.spool, self.committer.commit, Refusals(events, stats), hostname)
@@ -129,7 +129,6 @@ class Delivery:
         if self._own_relay and any(getattr(config, k) != getattr(self.config, k) for k in relay_keys):
             new_relay = Relay(self.clock, self._connector, config, self._hostname)
         self.config = config
-        self.committer.dedup_window = config.dedup_window
         self.agent.reconfigure(config.retry_schedule, config.max_queue_lifetime, delay_threshold, new_relay)
         self.scheduler.reconfigure(config.max_concurrency, config.rate_limit)
         if new_relay is not None:
@@ -193,6 +192,43 @@ class Delivery:
             created_at=now,
         )
         return self.committer.commit(temp, message)
+
+    def record(self, batch: list[tuple[NewMessage, bytes | None]]) -> Deferred[list[int | Duplicate]]:
+        """
+        Insert the rows of durable messages (their files are in C{msg/}) in
+        one transaction, then count and schedule each; fires with their
+        sequence numbers.  C{batch} pairs each message with its bytes when
+        they are still in memory, which spares the first attempt a read.
+
+        A message resent within C{dedup_window} is not inserted: its answer
+        is a L{Duplicate} of the first, and its file is removed here, where
+        every committed file is accounted for (one process or many).
+        """
+
+        def inserted(results: list[int | Duplicate]) -> list[int | Duplicate]:
+            copies = []
+            for (message, content), result in zip(batch, results, strict=True):
+                if isinstance(result, Duplicate):
+                    log.info(
+                        "message {id} is a resent copy of {first} (same user, Message-ID and recipients):"
+                        " not queued again",
+                        id=message.id,
+                        first=result.first_id,
+                    )
+                    copies.append(message.id)
+                    continue
+                try:
+                    self._queued(message, result, content)
+                except Exception:
+                    log.failure("scheduling message {id} failed", id=message.id)
+            if copies:
+                self._in_thread(self.spool.remove, copies).addErrback(
+                    lambda f: log.failure("removing the files of resent messages failed", f)
+                )
+            return results
+
+        messages = [message for message, _ in batch]
+        return self.store.insert(messages, self.config.dedup_window).addCallback(inserted)
 
     def _queued(self, message: NewMessage, seq: int, content: bytes | None) -> None:
         if self.stats is not None and not message.internal:

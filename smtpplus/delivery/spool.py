@@ -279,11 +279,19 @@ def _try(fn: Callable[[], None]) -> OSError | None:
 
 
 class Spool:
-    """The spool directories; see the module docstring."""
+    """
+    The spool directories; see the module docstring.
 
-    def __init__(self, root: str) -> None:
+    @param worker: an SMTP worker process's index: its partial files go
+        into C{tmp/w<index>}, which the coordinator empties when that
+        worker dies (L{clear_partial}) while the other workers go on.
+    """
+
+    def __init__(self, root: str, worker: int = 0) -> None:
         self.root = root
         self.tmp_dir = os.path.join(root, "tmp")
+        if worker:
+            self.tmp_dir = os.path.join(self.tmp_dir, f"w{worker}")
         self.msg_dir = os.path.join(root, "msg")
         self.free_dir = os.path.join(root, "free")
         self.corrupt_dir = os.path.join(root, "corrupt")
@@ -313,6 +321,23 @@ class Spool:
                 return os.open(path, os.O_WRONLY | os.O_CLOEXEC), path
             except OSError as e:
                 log.warn("cannot reuse spool file {name}: {error}", name=name, error=e)
+
+    def take_free(self, names: Iterable[str]) -> None:
+        """Files of C{free/} handed to this process (by the coordinator, to a worker) to write over."""
+        for name in names:
+            if len(self._free) >= FREE_LIMIT:
+                break
+            self._free.append(name)
+
+    def give_free(self, count: int) -> list[str]:
+        """Up to C{count} names of C{free/} this process gives away: they are no longer its to reuse."""
+        names = []
+        while len(names) < count:
+            try:
+                names.append(self._free.popleft())
+            except IndexError:
+                break
+        return names
 
     def create(self, message_id: str) -> TempMessage:
         """Open a new temporary file for C{message_id}."""
@@ -435,10 +460,7 @@ class Spool:
         250 for them) and reload C{free/}.  Returns the partial count and
         the ids in C{msg/}, for the caller to match with the queue.
         """
-        partial = 0
-        for name in os.listdir(self.tmp_dir):
-            os.unlink(os.path.join(self.tmp_dir, name))
-            partial += 1
+        partial = self.clear_partial(self.tmp_dir)
         self._free.clear()
         for name in os.listdir(self.free_dir):
             if len(self._free) < FREE_LIMIT:
@@ -446,6 +468,18 @@ class Spool:
             else:
                 os.unlink(os.path.join(self.free_dir, name))
         return partial, os.listdir(self.msg_dir)
+
+    def clear_partial(self, directory: str) -> int:
+        """Delete the partial files under C{directory} (a C{tmp/} tree); returns how many."""
+        removed = 0
+        for parent, _, names in os.walk(directory):
+            for name in names:
+                try:
+                    os.unlink(os.path.join(parent, name))
+                except FileNotFoundError:
+                    continue
+                removed += 1
+        return removed
 
     def set_aside(self, message_id: str) -> str:
         """Move an accepted file whose envelope cannot be read into C{corrupt/}; returns its new path."""
@@ -459,7 +493,9 @@ class Spool:
             os.chmod(directory, DIR_MODE)
             if directory != self.root:
                 for name in os.listdir(directory):
-                    os.chmod(os.path.join(directory, name), FILE_MODE)
+                    path = os.path.join(directory, name)
+                    # tmp/ holds the SMTP workers' own directories.
+                    os.chmod(path, DIR_MODE if os.path.isdir(path) else FILE_MODE)
 
 
 def _message_length(tail: bytes, size: int) -> int:

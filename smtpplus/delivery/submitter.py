@@ -31,7 +31,7 @@ from smtpplus.delivery.headers import (
 )
 from smtpplus.delivery.interfaces import RunInThread
 from smtpplus.delivery.queue import NewMessage
-from smtpplus.delivery.rules import Refusals, SenderRules, header_from_addresses, unauthorized
+from smtpplus.delivery.rules import RecordsRefusals, Refusals, SenderRules, header_from_addresses, unauthorized
 from smtpplus.delivery.spool import Spool, TempMessage, local_failure, new_queue_id
 from smtpplus.model import User
 from smtpplus.smtp.interfaces import Envelope, IMessageWriter, ISubmitter, SessionInfo, SMTPReply
@@ -157,7 +157,7 @@ class Intake:
         run_in_thread: RunInThread,
         spool: Spool,
         commit: Callable[[TempMessage, NewMessage], Deferred[str]],
-        refusals: Refusals,
+        refusals: RecordsRefusals,
         hostname: str,
     ) -> None:
         self.clock = clock

@@ -10,8 +10,11 @@ every failure in one line.
 from __future__ import annotations
 
 import errno
+import os
 import resource
+import socket
 from collections.abc import Iterable
+from typing import Any
 
 from twisted.application.service import Service
 from twisted.internet import tcp
@@ -24,6 +27,10 @@ from twisted.logger import Logger
 from smtpplus.config import format_port_list
 
 log = Logger()
+
+# Connections the kernel queues per port before one is accepted; with
+# workers they wait there while a worker starts or restarts.
+BACKLOG = 128
 
 
 class _QuietPort(tcp.Port):
@@ -90,9 +97,61 @@ def _reason(error: CannotListenError) -> str:
     return getattr(socket_error, "strerror", None) or str(socket_error)
 
 
+class _BoundSocket:
+    """
+    A port bound for SMTP workers: bound here (before twistd drops root)
+    but not listening until the first worker serves it (L{adopt_ports}), so
+    that a connection is refused rather than left unanswered in a backlog
+    while no worker runs.
+    """
+
+    def __init__(self, interface: str, port: int, factory: ServerFactory) -> None:
+        self.factory = factory
+        family = socket.AF_INET6 if ":" in interface else socket.AF_INET
+        self._socket = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            self._socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            self._socket.setblocking(False)
+            self._socket.bind((interface, port))
+        except OSError as e:
+            self._socket.close()
+            raise CannotListenError(interface, port, e) from None
+
+    def fileno(self) -> int:
+        return self._socket.fileno()
+
+    def stopListening(self) -> None:
+        self._socket.close()
+
+
+def adopt_ports(reactor: Any, family: int, descriptors: Iterable[int], factory: ServerFactory) -> list[IListeningPort]:
+    """
+    Listen on and serve sockets inherited from the process that bound them
+    (an SMTP worker's ports); the inherited descriptors are closed, the
+    ports keep their own copies.
+    """
+    ports = []
+    for fd in descriptors:
+        # The first worker makes the socket listen; for the others it only
+        # sets the same backlog again.
+        inherited = socket.socket(fileno=fd)
+        inherited.listen(BACKLOG)
+        inherited.detach()
+        port = _QuietPort._fromListeningDescriptor(reactor, fd, family, factory)
+        port.startListening()
+        os.close(fd)
+        ports.append(port)
+    return ports
+
+
 class SMTPListeners(Service):
     """
     Listens on every port of the STARTTLS set and the implicit-TLS set.
+
+    With C{serve=False} (the coordinator of SMTP workers) the ports are
+    bound and listening, so the kernel queues connections from the first
+    moment, but this process never accepts them: its workers do, on the
+    descriptors L{descriptors} lists.
 
     @ivar bound: the STARTTLS ports actually listening.
     @ivar bound_tls: the implicit-TLS ports actually listening.
@@ -107,8 +166,10 @@ class SMTPListeners(Service):
         factory: ServerFactory,
         tls_factory: ServerFactory | None,
         require_all: bool,
+        serve: bool = True,
     ) -> None:
         self._reactor = reactor
+        self._serve = serve
         self.interface = interface
         self.ports = tuple(ports)
         self.tls_ports = tuple(tls_ports)
@@ -155,14 +216,23 @@ class SMTPListeners(Service):
         bound = []
         for port in ports:
             try:
-                listening = _QuietPort(port, factory, 128, self.interface, self._reactor)
-                listening.startListening()
+                if self._serve:
+                    listening: Any = _QuietPort(port, factory, BACKLOG, self.interface, self._reactor)
+                    listening.startListening()
+                else:
+                    listening = _BoundSocket(self.interface, port, factory)
             except CannotListenError as e:
                 failures.setdefault(_reason(e), []).append(port)
                 continue
             self._listening.append(listening)
             bound.append(port)
         return bound
+
+    def descriptors(self) -> tuple[list[int], list[int]]:
+        """The bound sockets' descriptors of the STARTTLS and of the implicit-TLS ports, for the workers."""
+        plain = [p.fileno() for p in self._listening if p.factory is self.factory]
+        tls = [p.fileno() for p in self._listening if p.factory is not self.factory]
+        return plain, tls
 
     def _stop_listening(self) -> Deferred[object]:
         listening, self._listening = self._listening, []

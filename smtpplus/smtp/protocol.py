@@ -204,6 +204,23 @@ class SMTPSession(PipelinedLineReceiver):
         self.started = self.registry.clock.seconds()
         self.registry.add(self, self.peer_ip)
         super().connectionMade()
+        admission = self.registry.admit_to_node(self, self.peer_ip)
+        if admission is None:
+            self.reply(220, "", f"{self.settings.hostname} ESMTP smtpplus")
+            return
+        # Nothing the client sends is read before the node has answered.
+        self.transport.pauseProducing()
+        admission.addCallback(self._admitted)
+
+    def _admitted(self, refusal: str | None) -> None:
+        if self.registry.draining or self not in self.registry.sessions:
+            return
+        self.transport.resumeProducing()
+        if refusal is not None:
+            self.outcome = "refused"
+            self.transport.write(refusal.encode("ascii") + b"\r\n")
+            self.transport.loseConnection()
+            return
         self.reply(220, "", f"{self.settings.hostname} ESMTP smtpplus")
 
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
@@ -215,7 +232,7 @@ class SMTPSession(PipelinedLineReceiver):
         self.registry.remove(self, self.peer_ip)
         log.info(
             "smtp session peer={peer}:{peer_port} port={port} tls={tls} user={user} messages={messages} "
-            "outcome={outcome} seconds={seconds:.3f}",
+            "outcome={outcome} seconds={seconds} worker={worker}",
             peer=self.peer_ip,
             peer_port=self.peer_port,
             port=self.local_port,
@@ -223,7 +240,10 @@ class SMTPSession(PipelinedLineReceiver):
             user=self.username or "-",
             messages=self.messages,
             outcome=self.outcome,
-            seconds=self.registry.clock.seconds() - self.started,
+            # Rounded here rather than by the format: a worker's events
+            # reach the log flattened, format specifications lost.
+            seconds=round(self.registry.clock.seconds() - self.started, 3),
+            worker=self.registry.worker,
         )
 
     def timeoutConnection(self) -> None:

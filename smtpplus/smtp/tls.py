@@ -289,11 +289,39 @@ def _warn_if_expiring(cert_path: str, cert: x509.Certificate, now: datetime.date
         )
 
 
-def server_context(
-    tls: TLSConfig, hostname: str, state_dir: str, now: datetime.datetime | None = None
-) -> ProfileCertificateOptions:
+@attrs.frozen
+class TLSMaterial:
     """
-    Build the server's TLS options for the C{tls.profile}.
+    The server's certificates and keys as PEM, with the profile: what the
+    coordinator hands its SMTP workers (which may not read the key files
+    once privileges are dropped) to build the same options.
+    """
+
+    profile: str
+    pairs: tuple[tuple[bytes, bytes], ...]
+
+    def options(self) -> ProfileCertificateOptions:
+        """The TLS options for these certificates."""
+        loaded = []
+        for chain_pem, key_pem in self.pairs:
+            chain = [
+                crypto.load_certificate(crypto.FILETYPE_PEM, c.public_bytes(serialization.Encoding.PEM))
+                for c in x509.load_pem_x509_certificates(chain_pem)
+            ]
+            loaded.append((chain, crypto.load_privatekey(crypto.FILETYPE_PEM, key_pem)))
+        (first_chain, first_key), *others = loaded
+        return ProfileCertificateOptions(
+            PROFILES[self.profile],
+            tuple((chain[0], key) for chain, key in others),
+            privateKey=first_key,
+            certificate=first_chain[0],
+            extraCertChain=first_chain[1:],
+        )
+
+
+def tls_material(tls: TLSConfig, hostname: str, state_dir: str, now: datetime.datetime | None = None) -> TLSMaterial:
+    """
+    Read (and when needed generate) the server's certificates for C{[tls]}.
 
     Without a configured certificate, serve a self-signed ECDSA one and an
     RSA-2048 one beside it (for TLS 1.2 clients whose groups exclude P-256),
@@ -309,25 +337,19 @@ def server_context(
         tls_dir = os.path.join(state_dir, "tls")
         os.makedirs(tls_dir, mode=0o700, exist_ok=True)
         pairs = [_generated_pair(hostname, tls_dir, key_type, now) for key_type in ("ecdsa", "rsa")]
-    loaded = []
+    material = []
     for cert_path, key_path in pairs:
         chain, key_pem = _load_pair(cert_path, key_path)
         fingerprint = chain[0].fingerprint(hashes.SHA256()).hex(":").upper()
         log.info("TLS certificate {path} SHA-256 fingerprint {fingerprint}", path=cert_path, fingerprint=fingerprint)
         if tls.certificate:
             _warn_if_expiring(cert_path, chain[0], now)
-        pem = [c.public_bytes(serialization.Encoding.PEM) for c in chain]
-        loaded.append(
-            (
-                [crypto.load_certificate(crypto.FILETYPE_PEM, p) for p in pem],
-                crypto.load_privatekey(crypto.FILETYPE_PEM, key_pem),
-            )
-        )
-    (first_chain, first_key), *others = loaded
-    return ProfileCertificateOptions(
-        PROFILES[tls.profile],
-        tuple((chain[0], key) for chain, key in others),
-        privateKey=first_key,
-        certificate=first_chain[0],
-        extraCertChain=first_chain[1:],
-    )
+        material.append((b"".join(c.public_bytes(serialization.Encoding.PEM) for c in chain), key_pem))
+    return TLSMaterial(tls.profile, tuple(material))
+
+
+def server_context(
+    tls: TLSConfig, hostname: str, state_dir: str, now: datetime.datetime | None = None
+) -> ProfileCertificateOptions:
+    """Build the server's TLS options for C{[tls]} (see L{tls_material})."""
+    return tls_material(tls, hostname, state_dir, now).options()
