@@ -330,6 +330,8 @@ class DeliveryConfig:
     retry_schedule: tuple[int, ...] = _key((60, 300, 900, 3600, 14400), _retry_schedule, converter=tuple)
     max_queue_lifetime: int = _key(432000, _positive)
     dedup_window: int = _key(86400, _non_negative)
+    # Contract section 8: on by default, a new protection on purpose.
+    suppress_hard_bounces: bool = _key(True)
 
 
 @attrs.frozen

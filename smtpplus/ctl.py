@@ -300,6 +300,8 @@ def run(args: argparse.Namespace, out: Callable[[str], None]) -> None:
     command = args.command
     if command == "users":
         users(api, args, out)
+    elif command == "suppressions":
+        suppressions(api, args, out)
     elif command == "queue":
         queue(api, args, out)
     elif command == "retry":
@@ -354,6 +356,20 @@ def users(api: API, args: argparse.Namespace, out: Callable[[str], None]) -> Non
     elif action == "delete":
         api.call("DELETE", _user_path(args.name))
         out(f"{args.name}: deleted")
+
+
+def suppressions(api: API, args: argparse.Namespace, out: Callable[[str], None]) -> None:
+    path = f"{_user_path(args.name)}/suppressions"
+    if args.action == "list":
+        entries = api.call("GET", path)["suppressions"]
+        out(table(["ADDRESS", "SINCE", "REASON"], [[e["address"], e["created_at"], e["reason"]] for e in entries]))
+    elif args.action == "add":
+        body = {"address": args.address} if args.reason is None else {"address": args.address, "reason": args.reason}
+        entry = api.call("POST", path, body=body)
+        out(f"{entry['address']}: suppressed for {args.name}")
+    elif args.action == "remove":
+        api.call("DELETE", f"{path}/{quote(args.address, safe='')}")
+        out(f"{args.address}: no longer suppressed for {args.name}")
 
 
 def queue(api: API, args: argparse.Namespace, out: Callable[[str], None]) -> None:
@@ -432,6 +448,17 @@ def parser() -> Parser:
     setter.add_argument("name")
     setter.add_argument("settings", nargs="+", metavar="key=value")
 
+    suppress_parser = commands.add_parser("suppressions", help="a user's suppressed recipients: list, add, remove")
+    suppress_actions = suppress_parser.add_subparsers(dest="action", metavar="ACTION", required=True, parser_class=Parser)
+    suppress_actions.add_parser("list", help="the user's suppressed recipients").add_argument("name")
+    suppress_add = suppress_actions.add_parser("add", help="refuse RCPT TO this address for the user")
+    suppress_add.add_argument("name")
+    suppress_add.add_argument("address")
+    suppress_add.add_argument("--reason", help="why (shown in the 550 reply)")
+    suppress_remove = suppress_actions.add_parser("remove", help="lift a suppression")
+    suppress_remove.add_argument("name")
+    suppress_remove.add_argument("address")
+
     queue_parser = commands.add_parser("queue", help="the messages not yet delivered, like mailq")
     queue_parser.add_argument("--user", help="only this user's")
     retry_parser = commands.add_parser("retry", help="try a deferred or scheduled message now")
@@ -443,7 +470,7 @@ def parser() -> Parser:
     stats.add_argument("--user")
     stats.add_argument("--policy", help="day, week, month, year, subject, ..., user")
     notes = commands.add_parser("notifications", help="notification events, newest first")
-    notes.add_argument("--type", help="sender_domain, send_problem, bounce, delivery_delay or account_block")
+    notes.add_argument("--type", help="sender_domain, send_problem, bounce, delivery_delay, account_block or priority_budget")
     notes.add_argument("--user")
     notes.add_argument("--limit", type=int, default=50, help="at most this many (default 50)")
     return top

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 from twisted.internet.defer import Deferred
 from zope.interface import Interface
 
-from smtpplus.model import Aggregation, EventType, RecipientStatus, User
+from smtpplus.model import Aggregation, EventType, RecipientStatus, Suppression, User
 
 if TYPE_CHECKING:
     from smtpplus.auth.store import LoginRecord, Standing
@@ -74,6 +74,29 @@ class IUserStore(Interface):
         call.  Take it before reading the user, so that a change racing the
         read is seen either way.  A password change does not revoke it.
         """
+
+
+class ISuppressionList(Interface):
+    """
+    Each user's suppressed recipients (contract section 8): addresses its
+    messages may no longer go to.  Addresses are compared lower-cased,
+    usernames case-insensitively.  Every method returns a Deferred.
+    """
+
+    def find(user: str, address: str) -> Deferred[Suppression | None]:
+        """Fire with C{user}'s suppression of C{address}, or None."""
+
+    def add(user: str, address: str, reason: str, created_at: float) -> Deferred[Suppression]:
+        """
+        Suppress C{address} for C{user}; an address suppressed already
+        takes the new reason and date.  Fire with the stored suppression.
+        """
+
+    def remove(user: str, address: str) -> Deferred[bool]:
+        """Lift a suppression; fire with True, or False when there was none."""
+
+    def list(user: str) -> Deferred[list[Suppression]]:
+        """Fire with C{user}'s suppressions, ordered by address."""
 
 
 class IEventRecorder(Interface):

@@ -32,6 +32,8 @@ class MessageStatus(StrEnum):
     PARTIAL = "partial"
     # Final: dropped from the queue by an administrator.
     DELETED = "deleted"
+    # Final: a sandbox user's message, accepted and never relayed.
+    SANDBOXED = "sandboxed"
 
 
 class RecipientStatus(StrEnum):
@@ -43,6 +45,7 @@ class RecipientStatus(StrEnum):
     SENT = "sent"
     BOUNCED = "bounced"
     DELETED = "deleted"
+    SANDBOXED = "sandboxed"
 
 
 class EventType(StrEnum):
@@ -53,6 +56,7 @@ class EventType(StrEnum):
     BOUNCE = "bounce"
     DELIVERY_DELAY = "delivery_delay"
     ACCOUNT_BLOCK = "account_block"
+    PRIORITY_BUDGET = "priority_budget"
 
 
 class Aggregation(StrEnum):
@@ -75,6 +79,7 @@ USERNAME_RE = re.compile(USERNAME_PATTERN)
 MIN_PRIORITY, MAX_PRIORITY, DEFAULT_PRIORITY = 1, 5, 3
 MAX_NOTES = 10000
 MAX_LIST_ITEMS = 1000
+MAX_PRIORITY_BUDGET = 1_000_000
 
 # What a user's lists hold, as regular expressions that mean the same to
 # Python's re.fullmatch (the API's check) and anchored in the OpenAPI
@@ -177,6 +182,23 @@ class User:
         converter=Aggregation,
         metadata=_schema({"type": "string", "enum": [a.value for a in Aggregation]}),
     )
+    sandbox: bool = attrs.field(
+        default=False,
+        metadata=_schema(
+            {"type": "boolean", "description": "Messages pass every rule and are queued, but are never relayed."}
+        ),
+    )
+    priority_budget: int = attrs.field(
+        default=0,
+        metadata=_schema(
+            {
+                "type": "integer",
+                "minimum": 0,
+                "maximum": MAX_PRIORITY_BUDGET,
+                "description": "Messages per rolling hour sent at priority 1; past it they go at 2. 0: no limit.",
+            }
+        ),
+    )
     created_at: str = attrs.field(default="", metadata=_schema({"type": "string", "format": "date-time"}))
     updated_at: str = attrs.field(default="", metadata=_schema({"type": "string", "format": "date-time"}))
 
@@ -203,3 +225,19 @@ DKIM_DEFAULT_ALGORITHM = "rsa-sha256"
 DKIM_DEFAULT_SELECTOR = "smtpplus"
 DKIM_SELECTOR_PATTERN = rf"{_LABEL}(?:\.{_LABEL})*"
 DKIM_SELECTOR_RE = re.compile(DKIM_SELECTOR_PATTERN)
+@attrs.frozen
+class Suppression:
+    """
+    One address a user's messages may no longer go to: the next hop
+    refused it for good (C{reason} is its reply), or an administrator
+    added it.  C{address} is lower-cased; C{created_at} in seconds since
+    the epoch.
+    """
+
+    address: str
+    reason: str
+    created_at: float
+
+    def to_json(self) -> dict[str, Any]:
+        """The contract's suppression object."""
+        return {"address": self.address, "reason": self.reason, "created_at": iso_utc(self.created_at)}

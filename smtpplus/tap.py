@@ -28,8 +28,8 @@ from smtpplus.auth.throttle import LoginThrottle
 from smtpplus.config import Config, ConfigError, TLSConfig, config_from_text, config_warnings, read_config_file
 from smtpplus.delivery.dkim import DKIMKeys, SigningPool, SQLiteDKIMStore
 from smtpplus.delivery.queue import ACTIVE, SQLiteQueueStore
-from smtpplus.delivery.rules import Refusals
 from smtpplus.delivery.service import build_delivery
+from smtpplus.delivery.suppressions import SQLiteSuppressionList
 from smtpplus.delivery.threads import reactor_runner
 from smtpplus.log import DaemonLog, log_destination
 from smtpplus.metrics import HealthCheck, daemon_metrics
@@ -233,6 +233,8 @@ def build_service(
     # Before delivery in the tree: it stops after the attempts that sign.
     dkim_pool = SigningPool(reactor)
     dkim_pool.setServiceParent(top)
+    suppressions = SQLiteSuppressionList(database)
+    suppressions.migrate()
     delivery_service, avatar_factory, message_query, submit_internal = build_delivery(
         config.delivery,
         hostname=config.server.hostname,
@@ -244,6 +246,7 @@ def build_service(
         store=queue_store,
         events=events,
         stats=stats,
+        suppressions=suppressions,
     )
     delivery_service.setServiceParent(top)
     dkim_store = SQLiteDKIMStore(database)
@@ -272,9 +275,11 @@ def build_service(
             users=users,
             throttle=throttle,
             record=delivery.record,
-            refusals=Refusals(events, stats),
+            refusals=delivery.intake.refusals,
             spool=delivery.spool,
             connections=NodeConnections(settings),
+            suppressions=suppressions,
+            budget=delivery.intake.budget,
         )
         pool.append(
             WorkerPool(reactor, processes, listeners, node, worker_config, material, config.log.level, metrics, drop_to)
@@ -370,6 +375,8 @@ def build_service(
         policy=delivery_service.delivery.policy_check(smtp.max_recipients),
         dkim=dkim_keys,
         sessions=ConsoleSessions(reactor),
+        suppressions=suppressions,
+        clock=reactor,
     )
     admin_service(reactor, config.admin, api, tls_options).setServiceParent(top)
     return top

@@ -66,6 +66,8 @@ class UserStoreContract:
             "authorized_domains": ["example.com"],
             "authorized_senders": [],
             "aggregation": "day",
+            "sandbox": False,
+            "priority_budget": 0,
             "created_at": "2024-05-01T12:00:00Z",
             "updated_at": "2024-05-01T12:00:00Z",
         })

@@ -229,6 +229,23 @@ class PolicyDryRunTests(TestCase):
             if code != 250:
                 self.assertIsNone(answer["effective_priority"], name)
 
+    def test_suppressed_recipient(self) -> None:
+        """A recipient on the user's suppression list gets the session's 550 5.1.1 in the dry-run too."""
+        d = DAEMON.get()
+        user, password = d.create_user(authorized_domains=["ok.test"])
+        added = d.api("POST", f"/api/v1/users/{user}/suppressions", {"address": "gone@dest.test", "reason": "550 no such user"})
+        self.assertEqual(added.status, 201, added.json)
+        body = {"mail_from": "a@ok.test", "recipients": ["gone@dest.test"]}
+        answer = d.api("POST", f"/api/v1/users/{user}/check", body).json
+        client = logged_in(d.plain_ports[0], user, password)
+        try:
+            code, text = submit(client, "a@ok.test", ["gone@dest.test"], _message("a@ok.test", {"Subject": "s"}))
+        finally:
+            client.quit()
+        self.assertEqual((code, text.split(" ", 1)[0]), (550, "5.1.1"))
+        self.assertEqual(_status(answer["reply"]), (code, "5.1.1"))
+        self.assertFalse(answer["accepted"])
+
     def test_several_recipients(self) -> None:
         """
         With several recipients each gets its RCPT reply; the message is

@@ -92,7 +92,7 @@ class ConfigTests(unittest.TestCase):
         self.assertEqual((n.recipients, n.webhook_url, n.delivery_delay_threshold, n.templates_dir), ((), "", 3600, ""))
         self.assertEqual(
             dict(n.frequency),
-            {t: "immediate" for t in ("sender_domain", "send_problem", "bounce", "delivery_delay", "account_block")},
+            {t: "immediate" for t in ("sender_domain", "send_problem", "bounce", "delivery_delay", "account_block", "priority_budget")},
         )
         sec = c.security
         self.assertEqual((sec.auth_failures_per_ip, sec.auth_failures_per_user, sec.auth_lock_seconds), (10, 10, 900))

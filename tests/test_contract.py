@@ -43,6 +43,8 @@ USER_FIELDS = {
     "authorized_domains",
     "authorized_senders",
     "aggregation",
+    "sandbox",
+    "priority_budget",
     "created_at",
     "updated_at",
 }
@@ -556,6 +558,8 @@ class AdminAPIContractTests(_MainDaemon, unittest.TestCase):
             "authorized_domains": [],
             "authorized_senders": [],
             "aggregation": "day",
+            "sandbox": False,
+            "priority_budget": 0,
         }
         self.assertEqual({k: user[k] for k in expected}, expected)
         fetched = self.d.api("GET", f"/api/v1/users/{user['username']}")

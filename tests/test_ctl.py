@@ -233,6 +233,24 @@ class ReportCommandTests(CtlTestCase):
         self.assertFailed(ctl("--config", self.d.config_path, "stats", "--policy", "hour"), "policy")
 
 
+class SuppressionCommandTests(CtlTestCase):
+    def test_add_list_remove(self) -> None:
+        """suppressions add, list and remove manage a user's list; removing one not listed fails with one line."""
+        username, _ = self.user()
+        self.assertEqual(
+            self.run_ok("suppressions", "add", username, "Gone@Dest.test", "--reason", "asked to stop"),
+            f"gone@dest.test: suppressed for {username}\n",
+        )
+        listed = self.run_ok("suppressions", "list", username).splitlines()
+        self.assertEqual(listed[0].split(), ["ADDRESS", "SINCE", "REASON"])
+        self.assertRegex(listed[1], r"^gone@dest\.test +\d{4}-\d\d-\d\dT[\d:]+Z +asked to stop$")
+        self.run_ok("suppressions", "remove", username, "gone@dest.test")
+        self.assertEqual(self.run_ok("suppressions", "list", username).splitlines()[1:], [])
+        self.assertFailed(
+            ctl("--config", self.d.config_path, "suppressions", "remove", username, "gone@dest.test"), "not suppressed"
+        )
+
+
 class AddressAndTokenTests(CtlTestCase):
     def test_url_and_token_options(self) -> None:
         """--url with --token reaches the API; --url without a token fails naming where a token comes from."""

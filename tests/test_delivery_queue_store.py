@@ -75,6 +75,45 @@ class QueueStoreContract:
         self.assertIsNone(missing)
 
     @inlineCallbacks
+    def test_sandbox_flag_round_trip(self) -> Any:
+        """A sandbox user's message loads back with its flag set, and a rebuilt row keeps it."""
+        yield self.store.insert([_message("M1", sandbox=True), _message("M2")])
+        loaded = yield self.store.load_message("M1")
+        self.assertEqual(loaded, {**queue.as_row(_message("M1", sandbox=True)), "seq": loaded["seq"]})
+        self.assertEqual((loaded["sandbox"], (yield self.store.load_message("M2"))["sandbox"]), (1, 0))
+        # A row lost while its attempt ran is rebuilt from what the attempt knew.
+        lost = {**queue.as_row(_message("M3", sandbox=True)), "seq": None}
+        update = RecipientUpdate(0, "sandboxed", 0, "250 sandboxed", None)
+        errors = yield self.store.write_state([FinishAttempt(lost, "sandboxed", None, [update], False, 9.0)])
+        self.assertEqual(errors, [None])
+        rebuilt = yield self.store.load_message("M3")
+        self.assertEqual(
+            (rebuilt["sandbox"], rebuilt["status"], rebuilt["recipients"][0]["status"]), (1, "sandboxed", "sandboxed")
+        )
+
+    @inlineCallbacks
+    def test_count_urgent(self) -> Any:
+        """
+        The priority budget's count: one user's own messages at priority 1
+        created from the given time on, not the daemon's own (bounces),
+        not other priorities, not other users'.
+        """
+        yield self.store.insert(
+            [
+                _message("M1", priority=1, created_at=100.0),
+                _message("M2", priority=1, created_at=200.0),
+                _message("M3", priority=1, created_at=300.0),
+                _message("M4", priority=2, created_at=300.0),
+                _message("M5", priority=1, created_at=300.0, internal=True),
+                _message("M6", priority=1, created_at=300.0, user="other"),
+            ]
+        )
+        self.assertEqual((yield self.store.count_urgent("u", 0.0)), 3)
+        self.assertEqual((yield self.store.count_urgent("u", 200.0)), 2)
+        self.assertEqual((yield self.store.count_urgent("u", 300.5)), 0)
+        self.assertEqual((yield self.store.count_urgent("nobody", 0.0)), 0)
+
+    @inlineCallbacks
     def test_insert_is_all_or_none(self) -> Any:
         """A batch holding an id that is queued already is refused as a whole."""
         yield self.store.insert([_message("M1")])

@@ -40,14 +40,14 @@ class VocabularyTests(TestCase):
         """The enumerations hold exactly the contract's strings, in the contract's order."""
         self.assertEqual(
             [s.value for s in MessageStatus],
-            ["queued", "scheduled", "sending", "deferred", "sent", "bounced", "partial", "deleted"],
+            ["queued", "scheduled", "sending", "deferred", "sent", "bounced", "partial", "deleted", "sandboxed"],
         )
         self.assertEqual(
-            [s.value for s in RecipientStatus], ["queued", "sending", "deferred", "sent", "bounced", "deleted"]
+            [s.value for s in RecipientStatus], ["queued", "sending", "deferred", "sent", "bounced", "deleted", "sandboxed"]
         )
         self.assertEqual(
             [t.value for t in EventType],
-            ["sender_domain", "send_problem", "bounce", "delivery_delay", "account_block"],
+            ["sender_domain", "send_problem", "bounce", "delivery_delay", "account_block", "priority_budget"],
         )
         self.assertEqual(
             [a.value for a in Aggregation],
@@ -70,6 +70,7 @@ class UserTests(TestCase):
             json.dumps(user.to_json()),
             '{"username": "alice", "enabled": true, "priority": 3, "notes": "", '
             '"authorized_domains": ["example.com"], "authorized_senders": [], "aggregation": "day", '
+            '"sandbox": false, "priority_budget": 0, '
             '"created_at": "2024-05-01T12:00:00Z", "updated_at": ""}',
         )
         self.assertIs(type(user.to_json()["aggregation"]), str)

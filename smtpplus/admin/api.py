@@ -14,6 +14,7 @@ import functools
 import hmac
 import json
 import re
+import time
 from collections.abc import Awaitable, Callable, Iterable
 from enum import StrEnum
 from typing import Any
@@ -22,6 +23,7 @@ from urllib.parse import unquote_to_bytes
 import attrs
 from klein import Klein
 from prometheus_client import CONTENT_TYPE_LATEST
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.http import parse_qs
@@ -43,11 +45,13 @@ from smtpplus.interfaces import (
     IMessageQuery,
     IPolicyCheck,
     IStatsQuery,
+    ISuppressionList,
     IUserStore,
     QueueConflict,
 )
 from smtpplus.metrics import HealthCheck, Metrics
 from smtpplus.model import (
+    ADDRESS_PATTERN,
     DKIM_ALGORITHMS,
     DKIM_DEFAULT_ALGORITHM,
     DKIM_DEFAULT_SELECTOR,
@@ -160,6 +164,8 @@ class AdminAPI:
         policy: IPolicyCheck | None = None,
         dkim: IDKIMKeys | None = None,
         sessions: ConsoleSessions | None = None,
+        suppressions: ISuppressionList | None = None,
+        clock: IReactorTime | None = None,
     ) -> None:
         if not token:
             raise ValueError("the admin token must not be empty")
@@ -175,6 +181,8 @@ class AdminAPI:
         self._policy = policy
         self._dkim = dkim
         self.sessions = sessions
+        self._suppressions = suppressions
+        self._now = time.time if clock is None else clock.seconds
 
     def resource(self) -> IResource:
         """The API as a web resource that answers every request with JSON."""
@@ -537,6 +545,35 @@ class AdminAPI:
         request.setHeader(b"Content-Type", b"application/json")
         return b""
 
+    @app.route("/api/v1/users/<username>/suppressions", methods=["GET"])
+    @authenticated
+    async def list_suppressions(self, request: Any, username: str) -> bytes:
+        user = await self._existing(username)
+        found = [] if self._suppressions is None else await self._suppressions.list(user.username)
+        return json_body(request, 200, {"suppressions": [s.to_json() for s in found]})
+
+    @app.route("/api/v1/users/<username>/suppressions", methods=["POST"])
+    @authenticated
+    async def add_suppression(self, request: Any, username: str) -> bytes:
+        address, reason = _suppression_input(self._read_json(request, required=True))
+        user = await self._existing(username)
+        if self._suppressions is None:
+            raise HTTPError(404, "not_found", "no suppression list")
+        entry = await self._suppressions.add(user.username, address, reason, self._now())
+        log.info("admin API suppressed {address} for {username}", address=entry.address, username=user.username)
+        return json_body(request, 201, entry.to_json())
+
+    @app.route("/api/v1/users/<username>/suppressions/<address>", methods=["DELETE"])
+    @authenticated
+    async def remove_suppression(self, request: Any, username: str, address: str) -> bytes:
+        user = await self._existing(username)
+        if self._suppressions is None or not await self._suppressions.remove(user.username, _address_key(address)):
+            raise HTTPError(404, "not_found", f"{address} is not suppressed for user {user.username}")
+        log.info("admin API lifted the suppression of {address} for {username}", address=address, username=user.username)
+        request.setResponseCode(204)
+        request.setHeader(b"Content-Type", b"application/json")
+        return b""
+
     async def _existing(self, username: str) -> User:
         user = await self._users.get(username)
         if user is None:
@@ -623,6 +660,40 @@ class _UTF8URLs(Resource):
             except HTTPError as e:
                 return error_body(request, e.status, e.code, e.message)
         return error_body(request, 400, code, message)
+
+
+_ADDRESS_RE = re.compile(ADDRESS_PATTERN)
+MAX_REASON = 1000
+
+
+def _suppression_input(data: Any) -> tuple[str, str]:
+    """The address (its domain as IDNA A-labels) and reason of a suppression to add; a 400 when invalid."""
+    if not isinstance(data, dict):
+        raise HTTPError(400, "validation_error", "the request body must be a JSON object")
+    unknown = sorted(set(data) - {"address", "reason"})
+    if unknown:
+        raise HTTPError(400, "validation_error", f"{unknown[0]}: unknown field")
+    address = data.get("address")
+    if not isinstance(address, str):
+        raise HTTPError(400, "validation_error", "address: required, an email address")
+    address = _address_key(address)
+    if not _ADDRESS_RE.fullmatch(address):
+        raise HTTPError(400, "validation_error", "address: not an email address (its local part must be ASCII)")
+    reason = data.get("reason", "added by an administrator")
+    if not isinstance(reason, str) or len(reason) > MAX_REASON or "\0" in reason:
+        raise HTTPError(400, "validation_error", f"reason: must be a string of at most {MAX_REASON} characters")
+    return address, reason
+
+
+def _address_key(address: str) -> str:
+    """C{address} lower-cased, a domain written in Unicode as its IDNA A-labels (as the sessions see it)."""
+    local, at, domain = address.strip().rpartition("@")
+    if at and domain and not domain.isascii():
+        try:
+            domain = normalize_domain(domain)
+        except ValueError:
+            pass
+    return f"{local}{at}{domain}".lower()
 
 
 def _no_user(username: str) -> HTTPError:

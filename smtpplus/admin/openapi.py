@@ -19,6 +19,7 @@ from typing import Any
 import attrs
 
 from smtpplus.model import (
+    ADDRESS_PATTERN,
     DKIM_ALGORITHMS,
     DKIM_DEFAULT_ALGORITHM,
     DKIM_DEFAULT_SELECTOR,
@@ -287,6 +288,77 @@ SCHEMAS: dict[str, Any] = {
         },
     },
 }
+
+# Contract section 8: each user's suppressed recipients.
+SCHEMAS.update(
+    {
+        "Suppression": {
+            "type": "object",
+            "required": ["address", "reason", "created_at"],
+            "additionalProperties": False,
+            "properties": {
+                "address": {"type": "string", "description": "Lower-cased; an international domain as IDNA A-labels."},
+                "reason": {"type": "string", "description": "The next hop's reply, or the administrator's reason."},
+                "created_at": {"type": "string", "format": "date-time"},
+            },
+        },
+        "SuppressionList": {
+            "type": "object",
+            "required": ["suppressions"],
+            "properties": {"suppressions": {"type": "array", "items": _ref("Suppression")}},
+        },
+        "SuppressionCreate": {
+            "type": "object",
+            "required": ["address"],
+            "additionalProperties": False,
+            "properties": {
+                "address": {"type": "string", "pattern": anchored(ADDRESS_PATTERN)},
+                "reason": {"type": "string", "maxLength": 1000, "description": 'Default "added by an administrator".'},
+            },
+        },
+    }
+)
+
+
+def _suppression_paths() -> dict[str, Any]:
+    """The suppression list's operations."""
+    return {
+        "/api/v1/users/{username}/suppressions": {
+            "parameters": [_USERNAME_PARAM],
+            "get": {
+                "operationId": "listSuppressions",
+                "summary": "The user's suppressed recipients, by address",
+                "responses": {
+                    "200": _json(_ref("SuppressionList"), "The suppressions."),
+                    **_ERRORS,
+                    "404": _error("No such user."),
+                },
+            },
+            "post": {
+                "operationId": "addSuppression",
+                "summary": "Suppress a recipient for the user (whatever suppress_hard_bounces says)",
+                "requestBody": {"required": True, "content": {"application/json": {"schema": _ref("SuppressionCreate")}}},
+                "responses": {
+                    "201": _json(_ref("Suppression"), "The suppression (an address suppressed already takes the new reason and date)."),
+                    **_BODY_ERRORS,
+                    "404": _error("No such user."),
+                },
+            },
+        },
+        "/api/v1/users/{username}/suppressions/{address}": {
+            "parameters": [_USERNAME_PARAM, {"name": "address", "in": "path", "required": True, "schema": {"type": "string"}}],
+            "delete": {
+                "operationId": "removeSuppression",
+                "summary": "Lift a suppression",
+                "responses": {
+                    "204": {"description": "Lifted."},
+                    **_ERRORS,
+                    "404": _error("No such user, or the address is not suppressed."),
+                },
+            },
+        },
+    }
+
 
 _LIMIT = _query("limit", {"type": "integer", "minimum": 1, "maximum": MAX_LIMIT}, "At most this many (default 100).")
 _USER_FILTER = _query("user", {"type": "string"}, "Only this user's.")
@@ -665,5 +737,6 @@ def openapi_document() -> dict[str, Any]:
                     "responses": {"200": _json({"type": "object"}, "The OpenAPI document."), **_ERRORS},
                 }
             },
+            **_suppression_paths(),
         },
     }

@@ -43,6 +43,11 @@ MIGRATIONS = [
         updated_at TEXT NOT NULL
     );
     """,
+    # Sandbox users and the priority budget (contract section 8).
+    """
+    ALTER TABLE users ADD COLUMN sandbox INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE users ADD COLUMN priority_budget INTEGER NOT NULL DEFAULT 0;
+    """,
 ]
 
 class DuplicateUser(Exception):

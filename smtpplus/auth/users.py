@@ -26,6 +26,7 @@ from smtpplus.model import (
     MAX_LIST_ITEMS,
     MAX_NOTES,
     MAX_PRIORITY,
+    MAX_PRIORITY_BUDGET,
     MIN_PRIORITY,
     USER_TIMESTAMPS,
     USERNAME_RE,
@@ -157,6 +158,12 @@ def _aggregation(field: str, value: Any) -> Aggregation:
     return Aggregation(value)
 
 
+def _priority_budget(field: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_PRIORITY_BUDGET:
+        raise ValidationError(field, f"must be an integer from 0 (no limit) to {MAX_PRIORITY_BUDGET}")
+    return value
+
+
 # One check per writable field of L{User}, in the same order.
 CHECKS: dict[str, Callable[[str, Any], Any]] = {
     "username": lambda field, value: validate_username(value),
@@ -166,6 +173,8 @@ CHECKS: dict[str, Callable[[str, Any], Any]] = {
     "authorized_domains": _domains,
     "authorized_senders": _senders,
     "aggregation": _aggregation,
+    "sandbox": _enabled,
+    "priority_budget": _priority_budget,
 }
 
 

@@ -26,7 +26,7 @@ from smtpplus.delivery.interfaces import IQueueStore, IRelay, RunInThread
 from smtpplus.delivery.query import iso
 from smtpplus.delivery.relay import HopOutcome
 from smtpplus.delivery.spool import Spool
-from smtpplus.interfaces import IEventRecorder, IStatsRecorder
+from smtpplus.interfaces import IEventRecorder, IStatsRecorder, ISuppressionList
 from smtpplus.metrics import UNCOUNTED, Metrics
 
 log = Logger()
@@ -35,6 +35,8 @@ FRESH_LIMIT = 10000
 # Bytes of fresh messages' content kept for their first attempt; past it
 # they are read back from the spool.
 FRESH_BYTES = 16 * 1024 * 1024
+# The recipients' last response when a sandbox user's message is finished.
+SANDBOXED_RESPONSE = "250 2.0.0 Sandboxed: accepted and never relayed (sandbox user)"
 # Delays between writes of a result that could not be stored.
 RESULT_RETRY_FIRST = 1.0
 RESULT_RETRY_MAX = 60.0
@@ -56,6 +58,9 @@ class DeliveryAgent:
         (the notifier's message webhooks); None: nobody.
     @param metrics: counts each recipient's stored result, the daemon's own
         mail included.
+    @param suppressions: where a recipient the next hop refused for good
+        is suppressed for the message's user (while
+        C{suppress_hard_bounces}); None suppresses nothing.
     """
 
     def __init__(
@@ -74,6 +79,8 @@ class DeliveryAgent:
         submit_internal: Callable[..., Deferred[str]],
         results: Any = None,
         metrics: Metrics = UNCOUNTED,
+        suppressions: ISuppressionList | None = None,
+        suppress_hard_bounces: bool = True,
     ) -> None:
         self._clock = clock
         self._in_thread = run_in_thread
@@ -91,6 +98,8 @@ class DeliveryAgent:
         self.metrics = metrics
         # Adds a DKIM signature before relaying (L{smtpplus.delivery.dkim.Signer}); None: no signing.
         self.signer: Any = None
+        self.suppressions = suppressions
+        self.suppress_hard_bounces = suppress_hard_bounces
         # Next hops that failed since their last success: one send_problem
         # event per outage.
         self.outages: set[str] = set()
@@ -163,6 +172,8 @@ class DeliveryAgent:
             return None
         self.attempting.add(message_id)
         try:
+            if message.get("sandbox"):
+                return (yield self._finish_sandboxed(message))
             # Not waited for: only the admin API sees "sending"; after a crash
             # the message is active either way and is tried again.
             self.writer.write(queue.MarkSending(message_id, self._clock.seconds())).addErrback(
@@ -186,16 +197,48 @@ class DeliveryAgent:
             results: dict[str, tuple[int, str]] = {}
             problem = "no result from the next hop"
             hops: dict[str, str] = {}
+            refused: dict[str, tuple[int, str]] = {}
             for outcome in outcomes:
                 results.update(outcome.results)
+                if not outcome.local:
+                    refused.update((a, r) for a, r in outcome.results.items() if r[0] >= 500)
                 hops.update((address, outcome.hop) for address in outcome.results)
                 if outcome.problem:
                     problem = outcome.problem
                     hops.update((address, outcome.hop) for address in addresses if address not in hops)
                 self._track_hop(outcome, message)
+            self._suppress(message, refused)
             return (yield self._conclude(message, pending, results, problem, hops))
         finally:
             self.attempting.discard(message_id)
+
+    @inlineCallbacks
+    def _finish_sandboxed(self, message: dict[str, Any]) -> Any:
+        """A sandbox user's message: every recipient ends C{sandboxed}, nothing is relayed."""
+        now = self._clock.seconds()
+        updates = [
+            queue.RecipientUpdate(r["idx"], "sandboxed", r["attempts"], SANDBOXED_RESPONSE, None)
+            for r in message["recipients"]
+            if r["status"] not in queue.FINAL_RECIPIENT
+        ]
+        yield self._store(message, "sandboxed", None, updates, False, now)
+        self._removals.add(message["id"]).addErrback(
+            lambda f: log.failure("removing spooled message {id} failed", f, id=message["id"])
+        )
+        self._log_attempt(message, updates, "sandboxed", None, {})
+        return None
+
+    def _suppress(self, message: dict[str, Any], refused: dict[str, tuple[int, str]]) -> None:
+        """Suppress, for the message's user, each recipient the next hop refused for good (contract section 8)."""
+        if not refused or self.suppressions is None or not self.suppress_hard_bounces:
+            return
+        if message["internal"] or not message["user"]:
+            return
+        now = self._clock.seconds()
+        for address, (code, text) in refused.items():
+            self.suppressions.add(message["user"], address, f"{code} {text}", now).addErrback(
+                lambda f, a=address: log.failure("suppressing {address} failed", f, address=a)
+            )
 
     def _track_hop(self, outcome: HopOutcome, message: dict[str, Any]) -> None:
         if outcome.problem is None:

@@ -93,12 +93,12 @@ class PolicyCheck:
             else:
                 answers.append({"address": recipient, "accepted": True, "reply": "250 2.1.5 Recipient ok"})
                 reasons.append(f"RCPT TO <{address}>: accepted")
-        answer = self._data(submitter, sender, header_from, headers, answers, reasons)
+        answer = await self._data(submitter, sender, header_from, headers, answers, reasons)
         if len(recipients) > 1:
             answer["recipients"] = answers
         return answer
 
-    def _data(
+    async def _data(
         self,
         submitter: Submitter,
         sender: str,
@@ -126,4 +126,13 @@ class PolicyCheck:
             f"effective priority {section.priority}: the higher of the user's {submitter.priority}"
             f" and the message's {section.requested_priority}"
         )
-        return _answer(True, ACCEPTED_REPLY, reasons, section.priority)
+        priority = section.priority
+        if priority == 1 and submitter.priority_budget > 0:
+            # The session's budget question, without the event a session's
+            # message past the budget records.
+            priority = await submitter.intake.effective_priority(
+                submitter.username, submitter.priority_budget, notify=False
+            )
+            if priority != 1:
+                reasons.append(f"priority budget of {submitter.priority_budget} an hour used up: priority {priority}")
+        return _answer(True, ACCEPTED_REPLY, reasons, priority)

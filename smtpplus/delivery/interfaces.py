@@ -126,6 +126,13 @@ class IQueueStore(Interface):
         The Deferred fails as a whole when the store cannot be written.
         """
 
+    def count_urgent(user: str, since: float) -> Deferred[int]:
+        """
+        How many of C{user}'s own messages (not the daemon's, such as its
+        bounces) at priority 1 were created from C{since} on: the priority
+        budget's count.
+        """
+
     def on_reset(listener: Callable[[], object]) -> None:
         """
         Call C{listener()} on the reactor thread after the store lost its

@@ -149,6 +149,15 @@ class MemoryQueueStore:
                     r.update(status="deleted", next_attempt=None)
         return succeed((status, _copy(row)))
 
+    def count_urgent(self, user: str, since: float) -> Deferred[int]:
+        return succeed(
+            sum(
+                1
+                for row in self.rows.values()
+                if row["user"] == user and row["priority"] == 1 and not row["internal"] and row["created_at"] >= since
+            )
+        )
+
     def write_state(self, changes: list[StateChange]) -> Deferred[list[BaseException | None]]:
         errors: list[BaseException | None] = []
         for change in changes:

@@ -69,6 +69,12 @@ MIGRATIONS = [
     CREATE INDEX queue_messages_campaign ON queue_messages (campaign_code, seq);
     CREATE INDEX queue_messages_created ON queue_messages (created_at);
     """,
+    # Sandbox users' messages, and the priority budget's count: a user's
+    # own messages at effective priority 1 since a time (contract section 8).
+    """
+    ALTER TABLE queue_messages ADD COLUMN sandbox INTEGER NOT NULL DEFAULT 0;
+    CREATE INDEX queue_messages_urgent ON queue_messages (user, created_at) WHERE priority = 1 AND internal = 0;
+    """,
     # Idempotent submission: one row per (user, Message-ID, recipient set)
     # accepted within the window, found through its unique index; pruned by
     # age through the created_at index.
@@ -91,7 +97,7 @@ ACTIVE = ("queued", "scheduled", "sending", "deferred")
 DELETABLE = ("queued", "scheduled", "deferred")
 # What an administrator's retry cuts short: a retry timer, a schedule.
 WAITING = ("scheduled", "deferred")
-FINAL_RECIPIENT = ("sent", "bounced", "deleted")
+FINAL_RECIPIENT = ("sent", "bounced", "deleted", "sandboxed")
 
 
 @attrs.frozen
@@ -114,6 +120,8 @@ class NewMessage:
     # The Message-ID header as received: with the user and the recipients
     # it tells a resent message (see L{dedup_key}); None never matches.
     header_message_id: str | None = None
+    # A sandbox user's message: queued, then finished without relaying.
+    sandbox: bool = False
 
     @property
     def status(self) -> str:
@@ -175,12 +183,12 @@ def insert_messages(
             )
         cursor = conn.execute(
             "INSERT INTO queue_messages (id, user, mail_from, header_from, subject, priority, status, "
-            "campaign_name, campaign_code, schedule_at, next_attempt, size, internal, created_at, updated_at) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "campaign_name, campaign_code, schedule_at, next_attempt, size, internal, created_at, updated_at, sandbox) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 m.id, m.user, m.mail_from, m.header_from, m.subject, m.priority, m.status,
                 m.campaign_name, m.campaign_code, m.schedule_at, m.schedule_at, m.size,
-                int(m.internal), m.created_at, m.created_at,
+                int(m.internal), m.created_at, m.created_at, int(m.sandbox),
             ),
         )
         seqs.append(cursor.lastrowid)
@@ -212,6 +220,7 @@ def as_row(m: NewMessage) -> dict[str, Any]:
         "duplicates": 0,
         "created_at": m.created_at,
         "updated_at": m.created_at,
+        "sandbox": int(m.sandbox),
         "recipients": [
             {"idx": i, "address": address, "status": "queued", "attempts": 0, "last_response": None, "next_attempt": None}
             for i, address in enumerate(m.recipients)
@@ -322,6 +331,15 @@ def count_active(conn: sqlite3.Connection) -> dict[tuple[str, int], int]:
     return {(status, priority): count for status, priority, count in rows}
 
 
+def count_urgent(conn: sqlite3.Connection, user: str, since: float) -> int:
+    """How many of C{user}'s own messages at priority 1 arrived from C{since} on (the partial index)."""
+    row = conn.execute(
+        "SELECT COUNT(*) FROM queue_messages WHERE user = ? AND created_at >= ? AND priority = 1 AND internal = 0",
+        (user, since),
+    ).fetchone()
+    return int(row[0])
+
+
 def _status(conn: sqlite3.Connection, message_id: str) -> str | None:
     row = conn.execute("SELECT status FROM queue_messages WHERE id = ?", (message_id,)).fetchone()
     return None if row is None else row[0]
@@ -382,7 +400,8 @@ def mark_sending(conn: sqlite3.Connection, message_id: str, now: float) -> None:
         (now, message_id, *ACTIVE),
     )
     conn.execute(
-        "UPDATE queue_recipients SET status = 'sending' WHERE message_id = ? AND status NOT IN (?, ?, ?)",
+        f"UPDATE queue_recipients SET status = 'sending' WHERE message_id = ? "
+        f"AND status NOT IN ({', '.join('?' * len(FINAL_RECIPIENT))})",
         (message_id, *FINAL_RECIPIENT),
     )
 
@@ -438,12 +457,12 @@ def _reinsert(
     conn.execute(
         "INSERT INTO queue_messages (id, user, mail_from, header_from, subject, priority, status, "
         "campaign_name, campaign_code, schedule_at, next_attempt, size, internal, delay_notified, duplicates, "
-        "created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        "created_at, updated_at, sandbox) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         (
             message["id"], message["user"], message["mail_from"], message["header_from"], message["subject"],
             message["priority"], status, message["campaign_name"], message["campaign_code"], message["schedule_at"],
             next_attempt, message["size"], int(message["internal"]), int(delay_notified or message["delay_notified"]),
-            message.get("duplicates", 0), message["created_at"], now,
+            message.get("duplicates", 0), message["created_at"], now, int(message.get("sandbox", 0)),
         ),
     )
     conn.executemany(
@@ -549,6 +568,9 @@ class SQLiteQueueStore:
 
     def delete_message(self, message_id: str, now: float) -> Deferred[tuple[str, dict[str, Any]] | None]:
         return self._database.transaction(delete_message, message_id, now)
+
+    def count_urgent(self, user: str, since: float) -> Deferred[int]:
+        return self._database.run(count_urgent, user, since)
 
     def count_active(self) -> Deferred[dict[tuple[str, int], int]]:
         """The queue's size per active status and priority, for the metrics."""

@@ -40,11 +40,14 @@ class HopOutcome:
         hop answered for.
     @ivar problem: why the hop could not be used at all (connection refused,
         DNS failure, TLS required but unavailable...), else None.
+    @ivar local: the results are this daemon's own verdict (an address it
+        cannot write, a domain that takes no mail), not a next hop's reply.
     """
 
     hop: str
     results: dict[str, tuple[int, str]]
     problem: str | None = None
+    local: bool = False
 
 
 def _server_address(text: str, default_port: int) -> tuple[str, int]:
@@ -142,7 +145,9 @@ class Relay:
         try:
             wire_from = wire_address(mail_from)
         except ValueError as e:
-            return succeed([HopOutcome("", {a: (553, f"5.6.7 Sender address refused: {e}") for a in recipients})])
+            return succeed(
+                [HopOutcome("", {a: (553, f"5.6.7 Sender address refused: {e}") for a in recipients}, local=True)]
+            )
         unwritable: dict[str, tuple[int, str]] = {}
         originals: dict[str, list[str]] = {}
         for address in recipients:
@@ -158,7 +163,7 @@ class Relay:
                 for o in outcomes
             ]
             if unwritable:
-                result.append(HopOutcome("", unwritable))
+                result.append(HopOutcome("", unwritable, local=True))
             return result
 
         return d.addCallback(as_given)
@@ -182,7 +187,7 @@ class Relay:
         try:
             servers = yield self._route(domain)
         except _PermanentRoute as e:
-            return HopOutcome(domain, {a: (550, str(e)) for a in recipients})
+            return HopOutcome(domain, {a: (550, str(e)) for a in recipients}, local=True)
         except Exception as e:
             return HopOutcome(domain, {}, f"DNS lookup for {domain} failed: {_dns_error(e)}")
         outcome = yield self._offer(domain, servers, mail_from, recipients, message, "opportunistic")

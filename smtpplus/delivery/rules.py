@@ -257,6 +257,9 @@ class RecordsRefusals(Protocol):
     def record(self, user: str, mail_from: str, header_from: str, subject: str, detail: str) -> None:
         """Record one refused message; returns at once."""
 
+    def recipient(self, user: str, mail_from: str) -> None:
+        """Count one refused recipient; returns at once."""
+
 
 class Refusals:
     """
@@ -278,6 +281,13 @@ class Refusals:
         if self._stats is not None:
             maybeDeferred(self._stats.rejected, user, mail_from, header_from, subject).addErrback(
                 lambda f: log.failure("counting a rejected message failed", f)
+            )
+
+    def recipient(self, user: str, mail_from: str) -> None:
+        """Count one refused recipient (a suppressed one) as C{rejected}; returns at once."""
+        if self._stats is not None:
+            maybeDeferred(self._stats.rejected, user, mail_from, "", None).addErrback(
+                lambda f: log.failure("counting a rejected recipient failed", f)
             )
 
 

@@ -20,6 +20,7 @@ from smtpplus.auth.store import Standing
 from smtpplus.config import DeliveryConfig
 from smtpplus.delivery import queue
 from smtpplus.delivery.agent import DeliveryAgent
+from smtpplus.delivery.budget import PriorityBudget
 from smtpplus.delivery.check import PolicyCheck
 from smtpplus.delivery.dkim import DKIMKeys, Signer
 from smtpplus.delivery.interfaces import Duplicate, IQueueStore, IRelay, RunInThread
@@ -30,7 +31,7 @@ from smtpplus.delivery.rules import Refusals
 from smtpplus.delivery.scheduler import Job, Scheduler
 from smtpplus.delivery.spool import EnvelopeError, Spool, local_failure, new_queue_id
 from smtpplus.delivery.submitter import Intake, Submitter
-from smtpplus.interfaces import IEventRecorder, IStatsRecorder
+from smtpplus.interfaces import IEventRecorder, IStatsRecorder, ISuppressionList
 from smtpplus.model import User
 from smtpplus.smtp.interfaces import ISubmitter
 
@@ -60,6 +61,7 @@ class Delivery:
     @param connector: opens connections to the next hops.
     @param store: the queue records.
     @param relay: the next hop; None: a L{Relay} for C{config}.
+    @param suppressions: the users' suppression lists; None: none kept.
     """
 
     def __init__(
@@ -76,6 +78,7 @@ class Delivery:
         events: IEventRecorder | None,
         stats: IStatsRecorder | None,
         relay: IRelay | None = None,
+        suppressions: ISuppressionList | None = None,
     ) -> None:
         self.clock = clock
         self.store = store
@@ -90,7 +93,16 @@ class Delivery:
         self.committer = Committer(run_in_thread, self.spool, self.record)
         self._pruner = LoopingCall(self.prune_dedup)
         self._pruner.clock = clock
-        self.intake = Intake(clock, run_in_thread, self.spool, self.committer.commit, Refusals(events, stats), hostname)
+        self.intake = Intake(
+            clock,
+            run_in_thread,
+            self.spool,
+            self.committer.commit,
+            Refusals(events, stats),
+            hostname,
+            suppressions=suppressions,
+            budget=PriorityBudget(clock, store, events),
+        )
         self.agent = DeliveryAgent(
             clock,
             run_in_thread,
@@ -104,6 +116,8 @@ class Delivery:
             delay_threshold,
             hostname,
             self.submit_internal,
+            suppressions=suppressions,
+            suppress_hard_bounces=config.suppress_hard_bounces,
         )
         self.scheduler = Scheduler(clock, self.agent.deliver, config.max_concurrency, config.rate_limit)
         self.query = MessageQuery(
@@ -130,6 +144,7 @@ class Delivery:
             new_relay = Relay(self.clock, self._connector, config, self._hostname)
         self.config = config
         self.agent.reconfigure(config.retry_schedule, config.max_queue_lifetime, delay_threshold, new_relay)
+        self.agent.suppress_hard_bounces = config.suppress_hard_bounces
         self.scheduler.reconfigure(config.max_concurrency, config.rate_limit)
         if new_relay is not None:
             old, self.relay = self.relay, new_relay
@@ -424,6 +439,7 @@ def build_delivery(
     events: IEventRecorder | None,
     stats: IStatsRecorder | None,
     relay: IRelay | None = None,
+    suppressions: ISuppressionList | None = None,
 ) -> tuple[DeliveryService, Callable[[dict[str, Any]], ISubmitter], MessageQuery, Callable[..., Deferred[str]]]:
     """
     Build delivery for the daemon (the arguments are L{Delivery}'s) and
@@ -443,6 +459,7 @@ def build_delivery(
         events=events,
         stats=stats,
         relay=relay,
+        suppressions=suppressions,
     )
     delivery.recover()
     return DeliveryService(delivery), delivery.avatar, delivery.query, delivery.submit_internal

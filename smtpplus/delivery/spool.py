@@ -112,6 +112,8 @@ class Envelope:
     created_at: float
     # Absent from the records of older versions.
     header_message_id: str | None = None
+    # Absent from the records of older releases.
+    sandbox: bool = False
 
 
 class EnvelopeError(ValueError):
@@ -199,6 +201,32 @@ class TempMessage:
                 return
         try:
             self._file.write(data)
+        except OSError as e:
+            self.error = e
+
+    def overwrite(self, offset: int, data: bytes) -> None:
+        """
+        Replace the bytes written at C{offset} with C{data} of the same
+        length (a header value decided at the end of DATA); a failure is
+        kept in L{error}.  The part replaced lies within one L{write}.
+        """
+        if self.error is not None:
+            return
+        if self._file is None:
+            start = 0
+            for i, chunk in enumerate(self._chunks):
+                end = start + len(chunk)
+                if start <= offset and offset + len(data) <= end:
+                    at = offset - start
+                    self._chunks[i] = chunk[:at] + data + chunk[at + len(data) :]
+                    return
+                start = end
+            raise ValueError(f"no written bytes at {offset}")
+        try:
+            # A spilled message: its buffer goes to the page cache first,
+            # as every later write would.
+            self._file.flush()
+            os.pwrite(self._file.fileno(), data, offset)
         except OSError as e:
             self.error = e
 

@@ -9,13 +9,14 @@ import copy
 from collections.abc import Callable
 
 import attrs
-from twisted.internet.defer import Deferred, fail
+from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from smtpplus.auth.store import Standing
+from smtpplus.delivery.budget import PriorityBudget
 from smtpplus.delivery.headers import (
     MAX_HEADER_SECTION,
     MAX_HOPS,
@@ -33,7 +34,8 @@ from smtpplus.delivery.interfaces import RunInThread
 from smtpplus.delivery.queue import NewMessage
 from smtpplus.delivery.rules import RecordsRefusals, Refusals, SenderRules, header_from_addresses, unauthorized
 from smtpplus.delivery.spool import Spool, TempMessage, local_failure, new_queue_id
-from smtpplus.model import User
+from smtpplus.interfaces import ISuppressionList
+from smtpplus.model import Suppression, User, iso_utc
 from smtpplus.smtp.interfaces import Envelope, IMessageWriter, ISubmitter, SessionInfo, SMTPReply
 
 log = Logger()
@@ -53,6 +55,18 @@ def log_refusal(reply: SMTPReply, user: str, mail_from: str, peer: str, message_
         mail_from=mail_from,
         peer=peer,
         reason=reason,
+        reply=f"{reply.code} {reply.status} {reply.text}",
+    )
+
+
+def log_recipient_refusal(reply: SMTPReply, user: str, mail_from: str, recipient: str, peer: str) -> None:
+    """The log line of a refused recipient (a suppressed one)."""
+    log.info(
+        "recipient refused user={user} mail_from=<{mail_from}> to=<{to}> peer={peer} reply={reply}",
+        user=user,
+        mail_from=mail_from,
+        to=recipient,
+        peer=peer,
         reply=f"{reply.code} {reply.status} {reply.text}",
     )
 
@@ -144,11 +158,33 @@ def _not_committed(temp: TempMessage, message: NewMessage) -> Deferred[str]:
     raise AssertionError("the policy dry-run never commits a message")
 
 
+def suppressed_reply(suppression: Suppression) -> SMTPReply:
+    """The refusal of a suppressed recipient: C{550 5.1.1} with the date it was suppressed."""
+    day = iso_utc(suppression.created_at)[:10]
+    return SMTPReply(550, "5.1.1", f"Recipient suppressed since {day}: {suppression.reason}", reason="suppressed")
+
+
+def suppression_refusal(
+    suppressions: ISuppressionList | None, user: str, recipient: str
+) -> Deferred[SMTPReply | None]:
+    """
+    The suppression rule of C{RCPT TO} (contract section 8): fire with the
+    refusal when C{user} has C{recipient} suppressed, else None.  The
+    session and the policy dry-run both ask this.
+    """
+    if suppressions is None:
+        return succeed(None)
+    d = suppressions.find(user, recipient)
+    return d.addCallback(lambda found: None if found is None else suppressed_reply(found))
+
+
 class Intake:
     """
     What every submitter shares: the clock (queue ids, C{Date:},
     C{created_at}), a way to remove files off the reactor, the spool, the
-    committer, the refusal recorder and the hostname.
+    committer, the refusal recorder and the hostname; the suppression list
+    and the priority budget, shared state asked by every session (None:
+    no such rule, in tests).
     """
 
     def __init__(
@@ -159,6 +195,8 @@ class Intake:
         commit: Callable[[TempMessage, NewMessage], Deferred[str]],
         refusals: RecordsRefusals,
         hostname: str,
+        suppressions: ISuppressionList | None = None,
+        budget: PriorityBudget | None = None,
     ) -> None:
         self.clock = clock
         self.run_in_thread = run_in_thread
@@ -166,7 +204,23 @@ class Intake:
         self.commit = commit
         self.refusals = refusals
         self.hostname = hostname
+        self.suppressions = suppressions
+        self.budget = budget
         self.log_refusal: Callable[..., None] = log_refusal
+        self.log_recipient_refusal: Callable[..., None] = log_recipient_refusal
+
+    def recipient_refusal(self, user: str, recipient: str) -> Deferred[SMTPReply | None]:
+        """L{suppression_refusal} against this daemon's suppression list."""
+        return suppression_refusal(self.suppressions, user, recipient)
+
+    def effective_priority(self, user: str, budget: int, notify: bool = True) -> Deferred[int]:
+        """
+        A priority-1 message's priority once the user's budget is applied
+        (1 without a budget); C{notify} false records no event (a dry-run).
+        """
+        if self.budget is None or budget <= 0:
+            return succeed(1)
+        return self.budget.effective_priority(user, budget, notify)
 
     def dry_run(self) -> Intake:
         """
@@ -176,7 +230,7 @@ class Intake:
         """
         dry = copy.copy(self)
         dry.refusals = Refusals(None, None)
-        dry.log_refusal = _not_logged
+        dry.log_refusal = dry.log_recipient_refusal = _not_logged
         dry.commit = _not_committed
         return dry
 
@@ -200,6 +254,8 @@ class Submitter:
     def __init__(self, user: User, intake: Intake, standing: Standing | None = None) -> None:
         self.username = user.username
         self.priority = user.priority
+        self.sandbox = user.sandbox
+        self.priority_budget = user.priority_budget
         self.rules = SenderRules.from_user(user)
         self.intake = intake
         self.standing = standing
@@ -248,10 +304,19 @@ class Submitter:
             550, "5.7.1", f"From: address {', '.join(bad)} is not authorized for user {self.username}", reason="sender"
         )
 
-    def validateTo(self, session: SessionInfo, mail_from: str, recipient: str) -> None:
-        # An authenticated user may relay to anyone; the protocol already
-        # refuses everything before AUTH.
+    def validateTo(self, session: SessionInfo, mail_from: str, recipient: str) -> Deferred[None]:
+        # An authenticated user may relay to anyone not on its suppression
+        # list; the protocol already refuses everything before AUTH.
         self.check_account()
+
+        def checked(refusal: SMTPReply | None) -> None:
+            if refusal is None:
+                return
+            self.intake.refusals.recipient(self.username, mail_from)
+            self.intake.log_recipient_refusal(refusal, self.username, mail_from, recipient, session.peer_ip)
+            raise refusal
+
+        return self.intake.recipient_refusal(self.username, recipient).addCallback(checked)
 
     def openMessage(self, envelope: Envelope) -> IMessageWriter:
         self.check_account()
@@ -282,6 +347,11 @@ class MessageWriter:
         self._refusal: SMTPReply | None = None
         # What the header section says, once read and not refused.
         self._section = HeaderSection()
+        # The effective priority; the priority budget may lower it at the final dot.
+        self._priority = 3
+        # Where the digit of the written X-Priority: field is, should the
+        # priority budget change it at the final dot.
+        self._priority_at: int | None = None
 
     def write(self, data: bytes) -> None:
         if self._temp is None:
@@ -316,7 +386,11 @@ class MessageWriter:
             return
         self._section = section
         assert self._temp is not None
-        self._temp.write(rewrite(section.fields, envelope.received, section.priority, self._missing_fields(section)))
+        self._priority = section.priority
+        head = rewrite(section.fields, envelope.received, section.priority, self._missing_fields(section))
+        # rewrite() ends the section with "X-Priority: <digit>\r\n".
+        self._priority_at = self._temp.size + len(head) - 3
+        self._temp.write(head)
         self._temp.write(rest)
 
     def _missing_fields(self, section: HeaderSection) -> list[bytes]:
@@ -351,6 +425,30 @@ class MessageWriter:
         if refusal is not None:
             self._intake.discard(temp)
             return fail(self._refused(refusal))
+        submitter = self._submitter
+        if self._priority != 1 or submitter.priority_budget <= 0:
+            return self._commit(temp)
+        d = self._intake.effective_priority(submitter.username, submitter.priority_budget)
+        d.addErrback(self._budget_unknown)
+        return d.addCallback(self._apply_priority, temp)
+
+    def _budget_unknown(self, failure: Failure) -> int:
+        # A fairness rule, not a protection: when the store cannot tell,
+        # the message keeps its priority rather than wait or be refused.
+        log.failure("cannot check the priority budget of {user}", failure, user=self._submitter.username)
+        return 1
+
+    def _apply_priority(self, priority: int, temp: TempMessage) -> Deferred[str]:
+        if priority != self._priority and self._priority_at is not None:
+            temp.overwrite(self._priority_at, b"%d" % priority)
+            if temp.error is not None:
+                log.error("cannot write message {id}: {error}", id=self._id, error=temp.error)
+                self._intake.discard(temp)
+                return fail(self._refused(local_failure(temp.error)))
+            self._priority = priority
+        return self._commit(temp)
+
+    def _commit(self, temp: TempMessage) -> Deferred[str]:
         envelope = self._envelope
         section = self._section
         message = NewMessage(
@@ -359,7 +457,7 @@ class MessageWriter:
             mail_from=envelope.mail_from,
             header_from=section.header_from,
             subject=section.subject,
-            priority=section.priority,
+            priority=self._priority,
             recipients=envelope.recipients,
             campaign_name=section.api.campaign_name,
             campaign_code=section.api.campaign_code,
@@ -368,6 +466,7 @@ class MessageWriter:
             internal=False,
             created_at=self._intake.clock.seconds(),
             header_message_id=section.message_id,
+            sandbox=self._submitter.sandbox,
         )
 
         def accepted(queue_id: str) -> str:

@@ -212,6 +212,25 @@ class Enqueue(amp.Command):
     errors = {StoreUnavailable: b"STORE_UNAVAILABLE"}
 
 
+class FindSuppression(amp.Command):
+    """Whether C{user} has C{address} suppressed: its reason and date when found."""
+
+    arguments = [(b"user", amp.Unicode()), (b"address", amp.Unicode())]
+    response = [
+        (b"found", amp.Boolean()),
+        (b"address", amp.Unicode(optional=True)),
+        (b"reason", amp.Unicode(optional=True)),
+        (b"created_at", amp.Float(optional=True)),
+    ]
+
+
+class EffectivePriority(amp.Command):
+    """A priority-1 message's priority once C{user}'s priority budget is applied (the event recorded when spent)."""
+
+    arguments = [(b"user", amp.Unicode()), (b"budget", amp.Integer()), (b"notify", amp.Boolean())]
+    response = [(b"priority", amp.Integer())]
+
+
 class Refused(amp.Command):
     """A message refused by the sender rules, for the event and the statistics."""
 
@@ -222,6 +241,13 @@ class Refused(amp.Command):
         (b"subject", amp.Unicode()),
         (b"detail", amp.Unicode()),
     ]
+    requiresAnswer = False
+
+
+class RefusedRecipient(amp.Command):
+    """A recipient refused at RCPT (suppressed), for the statistics."""
+
+    arguments = [(b"user", amp.Unicode()), (b"mail_from", amp.Unicode())]
     requiresAnswer = False
 
 

@@ -27,7 +27,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred, gatherResults, succeed
+from twisted.internet.defer import Deferred, gatherResults, maybeDeferred, succeed
 from twisted.internet.error import ProcessDone
 from twisted.internet.protocol import Factory, ProcessProtocol
 from twisted.logger import Logger, eventFromJSON, globalLogPublisher
@@ -37,11 +37,14 @@ from twisted.python.failure import Failure
 from smtpplus.auth.throttle import LoginThrottle
 from smtpplus.config import format_port_list
 from smtpplus.delivery.batching import Batcher
+from smtpplus.delivery.budget import PriorityBudget
 from smtpplus.delivery.interfaces import Duplicate
 from smtpplus.delivery.queue import NewMessage
 from smtpplus.delivery.rules import RecordsRefusals
 from smtpplus.delivery.spool import Spool
+from smtpplus.interfaces import ISuppressionList
 from smtpplus.metrics import Metrics
+from smtpplus.model import Suppression
 from smtpplus.smtp.registry import SHUTTING_DOWN, SessionSettings, limit_refusal
 from smtpplus.smtp.tls import TLSMaterial
 from smtpplus.workers import commands
@@ -121,6 +124,8 @@ class Node:
     refusals: RecordsRefusals
     spool: Spool
     connections: NodeConnections
+    suppressions: ISuppressionList
+    budget: PriorityBudget
 
 
 class WorkerLink(commands.QuietAMP):
@@ -206,9 +211,28 @@ class WorkerLink(commands.QuietAMP):
 
         return self._pool.enqueue(messages).addCallbacks(recorded, failed)
 
+    @commands.FindSuppression.responder
+    def find_suppression(self, user: str, address: str) -> Deferred[dict[str, Any]]:
+        def answer(found: Suppression | None) -> dict[str, Any]:
+            if found is None:
+                return {"found": False}
+            return {"found": True, "address": found.address, "reason": found.reason, "created_at": found.created_at}
+
+        return self._node.suppressions.find(user, address).addCallback(answer)
+
+    @commands.EffectivePriority.responder
+    def effective_priority(self, user: str, budget: int, notify: bool) -> Deferred[dict[str, Any]]:
+        d = maybeDeferred(self._node.budget.effective_priority, user, budget, notify)
+        return d.addCallback(lambda priority: {"priority": priority})
+
     @commands.Refused.responder
     def refused(self, user: str, mail_from: str, header_from: str, subject: str, detail: str) -> dict[str, Any]:
         self._node.refusals.record(user, mail_from, header_from, subject, detail)
+        return {}
+
+    @commands.RefusedRecipient.responder
+    def refused_recipient(self, user: str, mail_from: str) -> dict[str, Any]:
+        self._node.refusals.recipient(user, mail_from)
         return {}
 
     @commands.Log.responder

@@ -49,7 +49,7 @@ from smtpplus.delivery.submitter import Intake, Submitter
 from smtpplus.delivery.threads import reactor_runner
 from smtpplus.log import LEVELS
 from smtpplus.metrics import Metrics, daemon_metrics
-from smtpplus.model import User
+from smtpplus.model import Suppression, User
 from smtpplus.reload import ReloadableTLS
 from smtpplus.smtp.listeners import adopt_ports
 from smtpplus.smtp.registry import SessionRegistry
@@ -163,8 +163,34 @@ class RemoteNodeLimits:
         self._link.callRemote(commands.Release, ip=ip)
 
 
+class RemoteSuppressions:
+    """The suppression list as the RCPT rule asks it, in the coordinator's store."""
+
+    def __init__(self, link: amp.AMP) -> None:
+        self._link = link
+
+    def find(self, user: str, address: str) -> Deferred[Suppression | None]:
+        def found(answer: dict[str, Any]) -> Suppression | None:
+            if not answer["found"]:
+                return None
+            return Suppression(answer["address"], answer["reason"], answer["created_at"])
+
+        return self._link.callRemote(commands.FindSuppression, user=user, address=address).addCallback(found)
+
+
+class RemoteBudget:
+    """The priority budget, counted over the node's one queue by the coordinator."""
+
+    def __init__(self, link: amp.AMP) -> None:
+        self._link = link
+
+    def effective_priority(self, user: str, budget: int, notify: bool = True) -> Deferred[int]:
+        d = self._link.callRemote(commands.EffectivePriority, user=user, budget=budget, notify=notify)
+        return d.addCallback(lambda answer: answer["priority"])
+
+
 class RemoteRecorders:
-    """The event and statistics recorders of a refusal, in the coordinator."""
+    """The event and statistics recorders of refusals, in the coordinator."""
 
     def __init__(self, link: amp.AMP) -> None:
         self._link = link
@@ -173,6 +199,9 @@ class RemoteRecorders:
         self._link.callRemote(
             commands.Refused, user=user, mail_from=mail_from, header_from=header_from, subject=subject, detail=detail
         )
+
+    def recipient(self, user: str, mail_from: str) -> None:
+        self._link.callRemote(commands.RefusedRecipient, user=user, mail_from=mail_from)
 
 
 class RemoteQueue:
@@ -255,7 +284,16 @@ class Worker:
         spool = self.spool = Spool(os.path.join(config.server.state_dir, "spool"), worker=self.index)
         committer = Committer(run_in_thread, spool, RemoteQueue(self.link, spool).record)
         refusals = RemoteRecorders(self.link)
-        intake = Intake(reactor, run_in_thread, spool, committer.commit, refusals, config.server.hostname)
+        intake = Intake(
+            reactor,
+            run_in_thread,
+            spool,
+            committer.commit,
+            refusals,
+            config.server.hostname,
+            suppressions=RemoteSuppressions(self.link),  # type: ignore[arg-type]
+            budget=RemoteBudget(self.link),  # type: ignore[arg-type]
+        )
 
         def avatar(user: User, standing: Standing | None = None) -> Submitter:
             return Submitter(user, intake, standing)
