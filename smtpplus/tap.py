@@ -26,6 +26,7 @@ from smtpplus.auth.login import build_login_service
 from smtpplus.auth.store import Revocations, SQLiteUserStore
 from smtpplus.auth.throttle import LoginThrottle
 from smtpplus.config import Config, ConfigError, TLSConfig, config_from_text, config_warnings, read_config_file
+from smtpplus.delivery.dkim import DKIMKeys, SigningPool, SQLiteDKIMStore
 from smtpplus.delivery.queue import ACTIVE, SQLiteQueueStore
 from smtpplus.delivery.service import build_delivery
 from smtpplus.delivery.suppressions import SQLiteSuppressionList
@@ -231,6 +232,9 @@ def build_service(
     events = EventStore(database, reactor)
     queue_store = SQLiteQueueStore(database)
     queue_store.migrate()
+    # Before delivery in the tree: it stops after the attempts that sign.
+    dkim_pool = SigningPool(reactor)
+    dkim_pool.setServiceParent(top)
     suppressions = SQLiteSuppressionList(database)
     suppressions.migrate()
     delivery_service, avatar_factory, message_query, submit_internal = build_delivery(
@@ -247,6 +251,10 @@ def build_service(
         suppressions=suppressions,
     )
     delivery_service.setServiceParent(top)
+    dkim_store = SQLiteDKIMStore(database)
+    dkim_store.migrate()
+    dkim_keys = DKIMKeys(dkim_store, reactor, dkim_pool.run)
+    delivery_service.delivery.sign_with(dkim_keys, dkim_pool.run)
     notifier = build_notifier(config.notifications, config.server.hostname, reactor, submit_internal)
     events.sink = notifier
     delivery_service.delivery.agent.results = notifier
@@ -366,6 +374,8 @@ def build_service(
         stats=stats,
         metrics=pool[0] if pool else metrics,
         health=HealthCheck(reactor, database.probe, listening_ports),
+        policy=delivery_service.delivery.policy_check(smtp.max_recipients),
+        dkim=dkim_keys,
         sessions=ConsoleSessions(reactor),
         suppressions=suppressions,
         clock=reactor,

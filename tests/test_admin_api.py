@@ -363,7 +363,7 @@ class OpenAPITests(APITestCase):
         self.assertTrue(document["openapi"].startswith("3."))
         served = set()
         for rule in AdminAPI.app.url_map.iter_rules():
-            path = str(rule.rule).replace("<username>", "{username}").replace("<message_id>", "{id}").replace("<address>", "{address}")
+            path = str(rule.rule).replace("<username>", "{username}").replace("<message_id>", "{id}").replace("<address>", "{address}").replace("<domain>", "{domain}")
             for method in rule.methods - {"HEAD", "OPTIONS"}:
                 served.add((path, method.lower()))
         documented = {(p, m) for p, ops in document["paths"].items() for m in ops if m != "parameters"}

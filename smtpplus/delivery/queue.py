@@ -11,6 +11,7 @@ caller.  The in-memory store is L{smtpplus.delivery.memory}.
 
 from __future__ import annotations
 
+import hashlib
 import sqlite3
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
@@ -21,7 +22,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from smtpplus.delivery.batching import Batcher
-from smtpplus.delivery.interfaces import IQueueStore, MessageFilter, RunInThread
+from smtpplus.delivery.interfaces import Duplicate, IQueueStore, MessageFilter, RunInThread
 from smtpplus.delivery.spool import Envelope, Spool, TempMessage, local_failure
 from smtpplus.storage.database import Database
 
@@ -74,6 +75,21 @@ MIGRATIONS = [
     ALTER TABLE queue_messages ADD COLUMN sandbox INTEGER NOT NULL DEFAULT 0;
     CREATE INDEX queue_messages_urgent ON queue_messages (user, created_at) WHERE priority = 1 AND internal = 0;
     """,
+    # Idempotent submission: one row per (user, Message-ID, recipient set)
+    # accepted within the window, found through its unique index; pruned by
+    # age through the created_at index.
+    """
+    ALTER TABLE queue_messages ADD COLUMN duplicates INTEGER NOT NULL DEFAULT 0;
+    CREATE TABLE queue_dedup (
+        user TEXT NOT NULL,
+        message_id TEXT NOT NULL,
+        recipients TEXT NOT NULL,
+        first_id TEXT NOT NULL,
+        created_at REAL NOT NULL
+    );
+    CREATE UNIQUE INDEX queue_dedup_key ON queue_dedup (user, message_id, recipients);
+    CREATE INDEX queue_dedup_created ON queue_dedup (created_at);
+    """,
 ]
 
 ACTIVE = ("queued", "scheduled", "sending", "deferred")
@@ -101,6 +117,9 @@ class NewMessage:
     size: int
     internal: bool
     created_at: float
+    # The Message-ID header as received: with the user and the recipients
+    # it tells a resent message (see L{dedup_key}); None never matches.
+    header_message_id: str | None = None
     # A sandbox user's message: queued, then finished without relaying.
     sandbox: bool = False
 
@@ -114,10 +133,54 @@ class NewMessage:
         return cls(id=message_id, **attrs.asdict(envelope, recurse=False))
 
 
-def insert_messages(conn: sqlite3.Connection, messages: Sequence[NewMessage]) -> list[int]:
-    """Insert a batch of new messages; returns their arrival sequence numbers."""
-    seqs = []
+def dedup_key(m: NewMessage) -> tuple[str, str, str] | None:
+    """
+    What makes C{m} the same submission as another: its user, its
+    Message-ID and its set of envelope recipients, lower-cased (hashed, so
+    that the key stays short whatever the number of recipients).  None for
+    a message that is never deduplicated (the daemon's own, or without a
+    Message-ID).
+    """
+    if m.internal or m.user is None or not m.header_message_id:
+        return None
+    recipients = "\n".join(sorted({r.lower() for r in m.recipients}))
+    return m.user, m.header_message_id, hashlib.sha256(recipients.encode("utf-8")).hexdigest()
+
+
+def _first_of(conn: sqlite3.Connection, key: tuple[str, str, str], since: float) -> str | None:
+    """The id of the message C{key} was accepted as since C{since}, counting one more duplicate of it."""
+    row = conn.execute(
+        "SELECT first_id FROM queue_dedup WHERE user = ? AND message_id = ? AND recipients = ? AND created_at >= ?",
+        (*key, since),
+    ).fetchone()
+    if row is None:
+        return None
+    cursor = conn.execute("UPDATE queue_messages SET duplicates = duplicates + 1 WHERE id = ?", (row[0],))
+    # A first message whose row is gone cannot answer for the resent one.
+    return row[0] if cursor.rowcount else None
+
+
+def insert_messages(
+    conn: sqlite3.Connection, messages: Sequence[NewMessage], dedup_window: float = 0
+) -> list[int | Duplicate]:
+    """
+    Insert a batch of new messages; returns their arrival sequence
+    numbers, or a L{Duplicate} for a message resent within C{dedup_window}
+    seconds (0: none is), which is not inserted.
+    """
+    seqs: list[int | Duplicate] = []
     for m in messages:
+        key = dedup_key(m) if dedup_window > 0 else None
+        if key is not None:
+            first = _first_of(conn, key, m.created_at - dedup_window)
+            if first is not None:
+                seqs.append(Duplicate(first))
+                continue
+            conn.execute(
+                "INSERT OR REPLACE INTO queue_dedup (user, message_id, recipients, first_id, created_at) "
+                "VALUES (?, ?, ?, ?, ?)",
+                (*key, m.id, m.created_at),
+            )
         cursor = conn.execute(
             "INSERT INTO queue_messages (id, user, mail_from, header_from, subject, priority, status, "
             "campaign_name, campaign_code, schedule_at, next_attempt, size, internal, created_at, updated_at, sandbox) "
@@ -154,6 +217,7 @@ def as_row(m: NewMessage) -> dict[str, Any]:
         "size": m.size,
         "internal": int(m.internal),
         "delay_notified": 0,
+        "duplicates": 0,
         "created_at": m.created_at,
         "updated_at": m.created_at,
         "sandbox": int(m.sandbox),
@@ -162,6 +226,16 @@ def as_row(m: NewMessage) -> dict[str, Any]:
             for i, address in enumerate(m.recipients)
         ],
     }
+
+
+def prune_dedup(conn: sqlite3.Connection, before: float, limit: int) -> int:
+    """Forget at most C{limit} dedup records older than C{before}, oldest first; returns how many."""
+    cursor = conn.execute(
+        "DELETE FROM queue_dedup WHERE rowid IN "
+        "(SELECT rowid FROM queue_dedup WHERE created_at < ? ORDER BY created_at LIMIT ?)",
+        (before, limit),
+    )
+    return cursor.rowcount
 
 
 def schedule_row(m: NewMessage, seq: int) -> dict[str, Any]:
@@ -382,13 +456,13 @@ def _reinsert(
     )
     conn.execute(
         "INSERT INTO queue_messages (id, user, mail_from, header_from, subject, priority, status, "
-        "campaign_name, campaign_code, schedule_at, next_attempt, size, internal, delay_notified, created_at, updated_at, "
-        "sandbox) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        "campaign_name, campaign_code, schedule_at, next_attempt, size, internal, delay_notified, duplicates, "
+        "created_at, updated_at, sandbox) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         (
             message["id"], message["user"], message["mail_from"], message["header_from"], message["subject"],
             message["priority"], status, message["campaign_name"], message["campaign_code"], message["schedule_at"],
             next_attempt, message["size"], int(message["internal"]), int(delay_notified or message["delay_notified"]),
-            message["created_at"], now, int(message.get("sandbox", 0)),
+            message.get("duplicates", 0), message["created_at"], now, int(message.get("sandbox", 0)),
         ),
     )
     conn.executemany(
@@ -474,8 +548,11 @@ class SQLiteQueueStore:
     def recover(self, now: float) -> list[dict[str, Any]]:
         return self._database.run_sync(recover, now)
 
-    def insert(self, messages: list[NewMessage]) -> Deferred[list[int]]:
-        return self._database.transaction(insert_messages, messages)
+    def insert(self, messages: list[NewMessage], dedup_window: float = 0) -> Deferred[list[int | Duplicate]]:
+        return self._database.transaction(insert_messages, messages, dedup_window)
+
+    def prune_dedup(self, before: float, limit: int) -> Deferred[int]:
+        return self._database.transaction(prune_dedup, before, limit)
 
     def statuses(self, message_ids: list[str]) -> Deferred[dict[str, str]]:
         return self._database.run(statuses, message_ids)
@@ -532,8 +609,9 @@ class StateWriter:
 
 # Records a batch of durable messages, each with its bytes when they were
 # held in memory: inserts their rows and hands them to the scheduler.
-# Fires with their arrival sequence numbers.
-RecordMessages = Callable[[list[tuple[NewMessage, "bytes | None"]]], Deferred[list[int]]]
+# Fires with their arrival sequence numbers, or a Duplicate for a message
+# resent within the dedup window (not queued; its file removed).
+RecordMessages = Callable[[list[tuple[NewMessage, "bytes | None"]]], Deferred[list["int | Duplicate"]]]
 
 
 class Committer:
@@ -543,7 +621,9 @@ class Committer:
     concurrent sessions share one directory fsync and one transaction.
     C{record(batch)} inserts the queue rows of a synced batch and schedules
     them: in one process, the delivery's own; in an SMTP worker, a call to
-    the coordinator that owns the queue.
+    the coordinator that owns the queue.  A message it answers with a
+    L{Duplicate} (resent within the dedup window; the recorder removed its
+    file) is answered with the first message's id.
 
     @ivar batches: how many batches were committed (observable in tests).
     """
@@ -595,7 +675,7 @@ class Committer:
         if not synced:
             return
         try:
-            yield self._record([(message, temp.content) for temp, message, _ in synced])
+            results = yield self._record([(message, temp.content) for temp, message, _ in synced])
         except Exception as e:
             log.error("cannot record {n} messages: {error}", n=len(synced), error=e)
             try:
@@ -606,5 +686,8 @@ class Committer:
                 d.errback(local_failure(e))
             return
         self.batches += 1
-        for _, message, d in synced:
+        for (_, message, d), result in zip(synced, results, strict=True):
+            if isinstance(result, Duplicate):
+                d.callback(result.first_id)
+                continue
             d.callback(message.id)

@@ -38,6 +38,7 @@ from smtpplus.auth.throttle import LoginThrottle
 from smtpplus.config import format_port_list
 from smtpplus.delivery.batching import Batcher
 from smtpplus.delivery.budget import PriorityBudget
+from smtpplus.delivery.interfaces import Duplicate
 from smtpplus.delivery.queue import NewMessage
 from smtpplus.delivery.rules import RecordsRefusals
 from smtpplus.delivery.spool import Spool
@@ -119,7 +120,7 @@ class Node:
 
     users: Any
     throttle: LoginThrottle
-    record: Callable[[list[tuple[NewMessage, bytes | None]]], Deferred[list[int]]]
+    record: Callable[[list[tuple[NewMessage, bytes | None]]], Deferred[list[int | Duplicate]]]
     refusals: RecordsRefusals
     spool: Spool
     connections: NodeConnections
@@ -201,9 +202,9 @@ class WorkerLink(commands.QuietAMP):
     def enqueue(self, batch: bytes) -> Deferred[dict[str, Any]]:
         messages = commands.unpack_messages(batch)
 
-        def recorded(_: object) -> dict[str, Any]:
+        def recorded(duplicates: list[str]) -> dict[str, Any]:
             # The worker writes its next messages over these files.
-            return {"free": self._node.spool.give_free(len(messages))}
+            return {"free": self._node.spool.give_free(len(messages)), "duplicates": duplicates}
 
         def failed(failure: Failure) -> Failure:
             raise commands.StoreUnavailable(str(failure.value))
@@ -320,6 +321,8 @@ class WorkerPool(Service):
         self.workers: dict[int, WorkerProcess] = {}
         self._stopping = False
         self._enqueue = Batcher(self._record)
+        # Resent copies found by the batch just recorded: copy id -> first id.
+        self._duplicates: dict[str, str] = {}
 
     # Starting and restarting.
 
@@ -403,13 +406,28 @@ class WorkerPool(Service):
 
     # What the coordinator does for the workers.
 
-    def enqueue(self, messages: list[tuple[NewMessage, bytes | None]]) -> Deferred[None]:
-        """Record one worker's batch; batches of several workers arriving together share a transaction."""
-        return self._enqueue.add(messages)
+    def enqueue(self, messages: list[tuple[NewMessage, bytes | None]]) -> Deferred[list[str]]:
+        """
+        Record one worker's batch; batches of several workers arriving
+        together share a transaction.  Fires with, per message, the id of
+        the message it is a resent copy of, or "".
+        """
+
+        def firsts(_: object) -> list[str]:
+            return [self._duplicates.pop(message.id, "") for message, _ in messages]
+
+        return self._enqueue.add(messages).addCallback(firsts)
 
     def _record(self, batches: list[list[tuple[NewMessage, bytes | None]]]) -> Deferred[Sequence[BaseException | None]]:
         entries = [entry for batch in batches for entry in batch]
-        return self.node.record(entries).addCallback(lambda _: [None] * len(batches))
+
+        def recorded(results: list[Any]) -> list[None]:
+            for (message, _), result in zip(entries, results, strict=True):
+                if isinstance(result, Duplicate):
+                    self._duplicates[message.id] = result.first_id
+            return [None] * len(batches)
+
+        return self.node.record(entries).addCallback(recorded)
 
     def broadcast(self, command: type[amp.Command], **arguments: Any) -> list[Deferred[Any]]:
         """Send C{command} to every connected worker; returns the answers of those that answer."""

@@ -44,6 +44,7 @@ from smtpplus.auth.hashing import PasswordHasher
 from smtpplus.auth.login import build_login_service
 from smtpplus.auth.store import LoginRecord, Revocations, Standing
 from smtpplus.config import Config, config_from_text, parse_port_spec
+from smtpplus.delivery.interfaces import Duplicate
 from smtpplus.delivery.queue import Committer, NewMessage
 from smtpplus.delivery.spool import Spool
 from smtpplus.delivery.submitter import Intake, Submitter
@@ -217,12 +218,12 @@ class RemoteQueue:
         self._link = link
         self._spool = spool
 
-    def record(self, batch: list[tuple[NewMessage, bytes | None]]) -> Deferred[list[int]]:
+    def record(self, batch: list[tuple[NewMessage, bytes | None]]) -> Deferred[list[int | Duplicate]]:
         d = self._link.callRemote(commands.Enqueue, batch=commands.pack_messages(batch))
 
-        def recorded(answer: dict[str, Any]) -> list[int]:
+        def recorded(answer: dict[str, Any]) -> list[int | Duplicate]:
             self._spool.take_free(answer["free"])
-            return [0] * len(batch)
+            return [Duplicate(first) if first else 0 for first in answer["duplicates"]]
 
         return d.addCallback(recorded)
 
