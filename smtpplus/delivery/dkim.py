@@ -10,8 +10,9 @@ backup copies, so key and metadata can never disagree.  It is not
 encrypted: the key to decrypt it would have to live in the same state_dir.
 No API answer carries it.
 
-Signing is dkimpy's (RSA and Ed25519, relaxed/relaxed).  An RSA-2048
-signature costs about 13 ms of CPU, so it runs on a thread of its own
+Signing is dkimpy's (RSA and Ed25519, relaxed/relaxed), but for the RSA
+operation itself, which is OpenSSL's (L{_openssl_rsa_sign}); a signature
+costs a few milliseconds of CPU, so it runs on a thread of its own
 (L{SigningPool}), as key generation does.  The keys are held in memory (L{DKIMKeys.signing_key}) and
 reloaded after every change through the API.
 """
@@ -25,8 +26,9 @@ from typing import Any
 
 import attrs
 import dkim
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ed25519, padding, rsa
+from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorThreads, IReactorTime
@@ -129,6 +131,37 @@ def generate_key(domain: str, selector: str, algorithm: str, now: float) -> Stor
     )
 
 
+def _openssl_rsa_sign(digest: Any, private_key: dict[str, int]) -> bytes:
+    """
+    dkimpy's RSASSA-PKCS1-v1_5 signature, computed by OpenSSL through
+    C{cryptography}: dkimpy signs RSA with Python big integers (about 13 ms
+    a message, holding the GIL, so the coordinator's reactor stalls while
+    it runs); OpenSSL takes about 1 ms and lets the reactor run.  The
+    scheme is deterministic, so the bytes are the ones dkimpy would make.
+    """
+    key = _RSA_KEYS.get(private_key["modulus"])
+    if key is None:
+        public = rsa.RSAPublicNumbers(private_key["publicExponent"], private_key["modulus"])
+        numbers = rsa.RSAPrivateNumbers(
+            private_key["prime1"],
+            private_key["prime2"],
+            private_key["privateExponent"],
+            private_key["exponent1"],
+            private_key["exponent2"],
+            private_key["coefficient"],
+            public,
+        )
+        key = _RSA_KEYS[private_key["modulus"]] = numbers.private_key()
+    algorithm = hashes.SHA256() if digest.name == "sha256" else hashes.SHA1()
+    return key.sign(digest.digest(), padding.PKCS1v15(), Prehashed(algorithm))
+
+
+# Loaded RSA keys by modulus (a handful: one per signing domain).
+_RSA_KEYS: dict[int, rsa.RSAPrivateKey] = {}
+# dkim.sign looks the function up in its module at each call.
+dkim.RSASSA_PKCS1_v1_5_sign = _openssl_rsa_sign
+
+
 def sign(message: bytes, key: StoredKey) -> bytes:
     """
     C{message} with a DKIM-Signature field first, relaxed/relaxed over the
@@ -159,12 +192,11 @@ def from_domain(header_from: str) -> str | None:
 class SigningPool(Service):
     """
     DKIM's CPU work (key generation, signatures) on one thread of its own,
-    started and stopped with the daemon.  One, because dkimpy's RSA is
-    Python big-integer arithmetic that holds the GIL for about 5 ms per
-    step: several signing threads at once would keep the reactor from
-    running for tens of milliseconds, where one leaves it the GIL between
-    steps.  Its own, so that signatures never queue behind the spool's
-    file work on the reactor's pool.
+    started and stopped with the daemon.  One, because dkimpy's header
+    canonicalization is Python that holds the GIL: several signing threads
+    at once would keep the reactor from running longer than one does.  Its
+    own, so that signatures never queue behind the spool's file work on
+    the reactor's pool.
     """
 
     name = "dkim-pool"
