@@ -127,6 +127,27 @@ def tree_rss_mib(pid: int) -> float:
     return rss_mib(pid) + sum(value for child in descendants(pid) if (value := rss_mib(child)) == value)
 
 
+def pss_mib(pid: int) -> float:
+    """
+    Proportional memory of C{pid} in MiB (each shared page divided among
+    the processes mapping it), so that a sum over processes is what they
+    use together; NaN once it is gone or without C{smaps_rollup}.
+    """
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as f:
+            for line in f:
+                if line.startswith("Pss:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return float("nan")
+
+
+def tree_pss_mib(pid: int) -> float:
+    """Proportional memory of C{pid} and its live descendants, summed, in MiB."""
+    return pss_mib(pid) + sum(value for child in descendants(pid) if (value := pss_mib(child)) == value)
+
+
 def process_title(pid: int) -> str:
     """A process's command line as C{ps} shows it (the title setproctitle gave it); empty once gone."""
     try:
@@ -243,6 +264,10 @@ class ProbedDaemon:
     def rss(self) -> float:
         """Resident memory of the whole tree in MiB."""
         return tree_rss_mib(self.proc.pid)
+
+    def pss(self) -> float:
+        """Proportional memory of the whole tree in MiB."""
+        return tree_pss_mib(self.proc.pid)
 
     def workers(self) -> list[int]:
         """The PIDs of the SMTP worker processes now (none with C{workers = 1})."""

@@ -30,7 +30,7 @@ import tempfile
 import time
 from typing import Any
 
-from bench.common import HOST, descendants, loadavg, tree_cpu, tree_rss_mib, workers_setting
+from bench.common import HOST, descendants, loadavg, tree_cpu, tree_pss_mib, tree_rss_mib, workers_setting
 from smtpplus.config import ServerConfig, format_port_list, parse_port_spec
 from tests.harness.clients import api_request
 from tests.harness.daemon import twistd_command
@@ -110,6 +110,7 @@ class Daemon:
         self.admin = admin
 
     def all_workers_serving(self) -> bool:
+        """Every expected worker serves, as the admin API's settings document shows them."""
         if self.admin is None or self.workers < 2:
             return True
         port, token = self.admin
@@ -122,10 +123,11 @@ class Daemon:
 
 
 def _alive(pid: int) -> bool:
+    """C{pid} runs (a zombie waiting for init to reap it has ended)."""
     try:
-        os.kill(pid, 0)
-        return True
-    except ProcessLookupError:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
         return False
 
 
@@ -179,6 +181,7 @@ def measure(daemon: Daemon, ports: list[int], cwd: str, log_path: str) -> dict[s
         tree = [proc.pid, *descendants(proc.pid)]
         result["processes"] = len(tree)
         result["rss_mib"] = tree_rss_mib(proc.pid)
+        result["pss_mib"] = tree_pss_mib(proc.pid)
         before = tree_cpu(proc.pid)
         time.sleep(IDLE_SECONDS)
         result["idle_cpu_pct"] = 100 * (tree_cpu(proc.pid) - before) / IDLE_SECONDS
@@ -214,8 +217,14 @@ def _report(results: list[dict[str, Any]], ports: list[int], busy: list[int], lo
         f"workers = 0 here means {ServerConfig(workers=0).worker_processes()} SMTP worker processes plus the coordinator"
     )
     print(f"load average (1, 5, 15 min) before / after: {load} / {loadavg()}")
-    print("memory and CPU are of the whole process tree (coordinator + workers)")
-    header = f"{'':30}{'start (s)':>11}{'ports (s)':>11}{'processes':>11}{'RSS (MiB)':>11}{'idle CPU %':>12}{'stop (s)':>10}"
+    print(
+        "memory and CPU are of the whole process tree (coordinator + workers); RSS counts shared pages "
+        "in every process, PSS divides them among the processes sharing them"
+    )
+    header = (
+        f"{'':30}{'start (s)':>11}{'ports (s)':>11}{'processes':>11}{'RSS (MiB)':>11}{'PSS (MiB)':>11}"
+        f"{'idle CPU %':>12}{'stop (s)':>10}"
+    )
     print(header)
     for r in results:
         if "error" in r:
@@ -223,7 +232,7 @@ def _report(results: list[dict[str, Any]], ports: list[int], busy: list[int], lo
             continue
         print(
             f"{r['name']:30}{r['start_s']:>11.2f}{r['ports_s']:>11.2f}{r['processes']:>11}{r['rss_mib']:>11.1f}"
-            f"{r['idle_cpu_pct']:>12.2f}{r.get('stop_s', float('nan')):>10.2f}"
+            f"{r['pss_mib']:>11.1f}{r['idle_cpu_pct']:>12.2f}{r.get('stop_s', float('nan')):>10.2f}"
         )
     for r in results:
         for line in r.get("log", []):
@@ -233,7 +242,7 @@ def _report(results: list[dict[str, Any]], ports: list[int], busy: list[int], lo
         if "error" not in side and "error" not in peer:
             print(
                 f"{'ratio ' + side['name'].split()[-1] + ' / peer':30}{side['start_s'] / peer['start_s']:>11.2f}{'':>22}"
-                f"{side['rss_mib'] / peer['rss_mib']:>11.2f}"
+                f"{side['rss_mib'] / peer['rss_mib']:>11.2f}{side['pss_mib'] / peer['pss_mib']:>11.2f}"
             )
     for side in ours:
         if "error" in side:

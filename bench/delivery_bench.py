@@ -60,6 +60,7 @@ from bench.common import (
     proc_cpu,
     stop_process,
     tree_cpu,
+    tree_pss_mib,
     tree_rss_mib,
     workers_setting,
 )
@@ -383,6 +384,10 @@ class Postfix:
         """Resident memory of the master and its live children in MiB."""
         return tree_rss_mib(self.master_pid())
 
+    def pss(self) -> float:
+        """Proportional memory of the master and its live children in MiB."""
+        return tree_pss_mib(self.master_pid())
+
     def tail(self) -> str:
         text = ""
         for path in (os.path.join(self.directory, "postfix.out"), self.log):
@@ -524,7 +529,7 @@ async def _postfix_side(work: str) -> dict[str, Any]:
     try:
         postfix = Postfix(os.path.join(work, "postfix"), sink.port, SESSIONS)
         result = await run_side("postfix", sink, HOST, postfix.port, postfix.cpu, None)
-        result["rss_mib"] = postfix.rss()
+        result["rss_mib"], result["pss_mib"] = postfix.rss(), postfix.pss()
         return result
     finally:
         if postfix is not None:
@@ -549,7 +554,7 @@ async def _smtpplus_side(work: str, workers: int, run: int) -> dict[str, Any]:
         wall0 = time.time()
         result = await run_side(name, sink, HOST, daemon.port, daemon.cpu, ("bench", password))
         result["stall_ms"] = daemon.stalls(wall0, time.time())
-        result["rss_mib"] = daemon.rss()
+        result["rss_mib"], result["pss_mib"] = daemon.rss(), daemon.pss()
         result["worker_processes"] = len(daemon.workers())
         if not result["drained"] or result["bulk"]["failures"]:
             print(f"{name} output (last lines):\n" + daemon.tail(), flush=True)
@@ -623,6 +628,7 @@ def report(calibration: dict[str, Any] | None, variants: list[dict[str, Any]], p
     print("the server's process tree at the end")
     row("  SMTP worker processes", lambda s: s.get("worker_processes"), ratio=False)
     row("  RSS of the tree (MiB)", lambda s: s.get("rss_mib"), ratio=False)
+    row("  PSS of the tree (MiB)", lambda s: s.get("pss_mib"), ratio=False)
     for ours in variants:
         print(
             f"{ours['name']}: first AUTH (bcrypt, before the run) {_fmt(ours.get('warmup'), '.3f', ' s')}; "

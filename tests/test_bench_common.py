@@ -13,7 +13,17 @@ import time
 
 from twisted.trial import unittest
 
-from bench.common import descendants, percentile, proc_cpu, rss_mib, tree_cpu, tree_rss_mib, workers_setting
+from bench.common import (
+    descendants,
+    percentile,
+    proc_cpu,
+    pss_mib,
+    rss_mib,
+    tree_cpu,
+    tree_pss_mib,
+    tree_rss_mib,
+    workers_setting,
+)
 
 # A child that uses CPU until its own CPU time reaches the given seconds
 # (bounded by 60 s of wall time), says so, and waits for its stdin to close.
@@ -89,6 +99,8 @@ class ProcessTreeTests(unittest.TestCase):
         self.assertGreaterEqual(childs, 0.25)
         self.assertGreaterEqual(tree_cpu(os.getpid()), own + childs - 1e-9)
         self.assertGreaterEqual(tree_rss_mib(os.getpid()), rss_mib(os.getpid()) + rss_mib(child.pid) - 0.01)
+        self.assertGreater(pss_mib(child.pid), 0)
+        self.assertGreater(tree_pss_mib(os.getpid()), pss_mib(os.getpid()))
 
     def test_reaped_child_counts(self) -> None:
         """A child that ended and was reaped still counts, in its parent's children's time."""
@@ -101,12 +113,12 @@ class ProcessTreeTests(unittest.TestCase):
         self.assertGreaterEqual(tree_cpu(os.getpid()) - before, 0.25)
 
     def test_gone(self) -> None:
-        """A process that no longer exists has no CPU, and NaN memory."""
+        """A process that no longer exists has no CPU, and NaN memory of either kind."""
         child = subprocess.Popen([sys.executable, "-c", "pass"])
         child.wait(30)
         deadline = time.monotonic() + 10
         while os.path.exists(f"/proc/{child.pid}") and time.monotonic() < deadline:
             time.sleep(0.01)
         self.assertEqual(proc_cpu(child.pid), 0.0)
-        gone = rss_mib(child.pid)
-        self.assertNotEqual(gone, gone)
+        for gone in (rss_mib(child.pid), pss_mib(child.pid)):
+            self.assertNotEqual(gone, gone)
