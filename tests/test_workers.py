@@ -117,7 +117,7 @@ class _Echo(amp.AMP):
     @commands.Enqueue.responder
     def enqueue(self, batch: bytes) -> dict[str, Any]:
         self.batches.append(commands.unpack_messages(batch))
-        return {"free": ["F1"]}
+        return {"free": ["F1"], "duplicates": [""] * len(self.batches[-1])}
 
 
 def _message(n: int, recipients: int = 1) -> NewMessage:
@@ -151,7 +151,7 @@ class WireTests(unittest.TestCase):
         answers: list[Any] = []
         client.callRemote(commands.Enqueue, batch=commands.pack_messages(batch)).addBoth(answers.append)
         pump.flush()
-        self.assertEqual(answers, [{"free": ["F1"]}])
+        self.assertEqual(answers, [{"free": ["F1"], "duplicates": ["", "", ""]}])
         self.assertEqual(server.batches, [batch])
 
     def test_tls_material_round_trip(self) -> None:
