@@ -126,6 +126,22 @@ SCHEMAS: dict[str, Any] = {
             "listening_tls_ports": {"type": "array", "items": {"type": "integer"}},
             "encryption": {"type": "string", "enum": ["STARTTLS"]},
             "auth_mechanisms": {"type": "array", "items": {"type": "string"}},
+            "workers": {
+                "type": "array",
+                "description": "The processes serving SMTP sessions: the SMTP workers, or one entry with index 0 "
+                "for the single daemon process ([server] workers = 1).",
+                "items": {
+                    "type": "object",
+                    "required": ["index", "pid", "serving"],
+                    "properties": {
+                        "index": {"type": "integer", "minimum": 0},
+                        "pid": {"type": "integer", "nullable": True},
+                        "serving": {"type": "boolean"},
+                        "sessions": {"type": "integer", "minimum": 0},
+                        "restarts": {"type": "integer", "minimum": 0},
+                    },
+                },
+            },
         },
     },
     "User": {
