@@ -632,48 +632,75 @@ class Committer:
         self._in_thread = run_in_thread
         self._spool = spool
         self._record = record
+        # Two stages, each one batch at a time: files are synced while the
+        # previous batch's rows are being recorded.  Recording is a round
+        # trip to another process in a worker; waiting for it before the
+        # next fsync would leave the disk idle and the batches small.
         self._waiting: list[tuple[TempMessage, NewMessage, Deferred[str]]] = []
-        self._current: list[tuple[TempMessage, NewMessage, Deferred[str]]] = []
-        self._busy = False
+        self._syncing: list[tuple[TempMessage, NewMessage, Deferred[str]]] = []
+        self._synced: list[tuple[TempMessage, NewMessage, Deferred[str]]] = []
+        self._recording: list[tuple[TempMessage, NewMessage, Deferred[str]]] = []
+        self._sync_busy = False
+        self._record_busy = False
         self.batches = 0
 
     def committing(self) -> set[str]:
         """The ids of the messages being committed: their files may be in C{msg/} before their rows exist."""
-        return {message.id for _, message, _ in self._current + self._waiting}
+        entries = self._waiting + self._syncing + self._synced + self._recording
+        return {message.id for _, message, _ in entries}
 
     def commit(self, temp: TempMessage, message: NewMessage) -> Deferred[str]:
         """Fires with the queue id once file and record are durable."""
         d: Deferred[str] = Deferred()
         temp.envelope = message
         self._waiting.append((temp, message, d))
-        if not self._busy:
-            self._flush()
+        if not self._sync_busy:
+            self._sync_batches()
         return d
 
     @inlineCallbacks
-    def _flush(self) -> Any:
-        self._busy = True
+    def _sync_batches(self) -> Any:
+        self._sync_busy = True
         try:
             while self._waiting:
-                self._current, self._waiting = self._waiting, []
-                yield self._commit_batch(self._current)
+                self._syncing, self._waiting = self._waiting, []
+                synced = yield self._sync(self._syncing)
+                self._syncing = []
+                if synced:
+                    self._synced += synced
+                    if not self._record_busy:
+                        self._record_batches()
         finally:
-            self._current = []
-            self._busy = False
+            self._syncing = []
+            self._sync_busy = False
 
     @inlineCallbacks
-    def _commit_batch(self, batch: list[tuple[TempMessage, NewMessage, Deferred[str]]]) -> Any:
+    def _sync(self, batch: list[tuple[TempMessage, NewMessage, Deferred[str]]]) -> Any:
+        """Make a batch's files durable; fails the messages that could not be, returns the others."""
         try:
             errors = yield self._in_thread(self._spool.make_durable, [temp for temp, _, _ in batch])
         except Exception as e:
             errors = [e] * len(batch)
-        synced = [entry for entry, error in zip(batch, errors, strict=True) if error is None]
         for (_, message, d), error in zip(batch, errors, strict=True):
             if error is not None:
                 log.error("cannot store message {id}: {error}", id=message.id, error=error)
                 d.errback(local_failure(error))
-        if not synced:
-            return
+        return [entry for entry, error in zip(batch, errors, strict=True) if error is None]
+
+    @inlineCallbacks
+    def _record_batches(self) -> Any:
+        self._record_busy = True
+        try:
+            while self._synced:
+                # Every batch synced meanwhile: one transaction for all.
+                self._recording, self._synced = self._synced, []
+                yield self._record_batch(self._recording)
+        finally:
+            self._recording = []
+            self._record_busy = False
+
+    @inlineCallbacks
+    def _record_batch(self, synced: list[tuple[TempMessage, NewMessage, Deferred[str]]]) -> Any:
         try:
             results = yield self._record([(message, temp.content) for temp, message, _ in synced])
         except Exception as e:
