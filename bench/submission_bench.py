@@ -16,8 +16,8 @@ domain (every message signed before relaying).  For each:
     accepting plus relaying until the smarthost has every message (where
     signing works);
   - the reactor's worst stall meanwhile (a 10 ms probe timer): signing
-    runs on a thread, but dkimpy's RSA is Python big-integer arithmetic
-    that holds the GIL.
+    runs on a thread, but dkimpy's canonicalization is Python that holds
+    the GIL (the RSA operation itself is OpenSSL's).
 
 Run: python -m bench.submission_bench
 Environment: BENCH_SUBMISSION_MESSAGES (default 2000), BENCH_SUBMISSION_SESSIONS
