@@ -30,6 +30,7 @@ from twisted.application.service import Service
 from twisted.internet.defer import Deferred, gatherResults, maybeDeferred, succeed
 from twisted.internet.error import ProcessDone
 from twisted.internet.protocol import Factory, ProcessProtocol
+from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger, eventFromJSON, globalLogPublisher
 from twisted.protocols import amp
 from twisted.python.failure import Failure
@@ -381,7 +382,11 @@ class WorkerPool(Service):
     def worker_ended(self, worker: WorkerProcess, reason: Failure) -> None:
         """A worker's process is gone: free what it held, start another unless stopping."""
         self.node.connections.worker_gone(worker.index)
-        self.node.spool.clear_partial(os.path.join(self.node.spool.tmp_dir, f"w{worker.index}"))
+        # Off the reactor thread (a directory walk and unlinks), and before
+        # a new worker of the same index writes there.
+        partial = os.path.join(self.node.spool.tmp_dir, f"w{worker.index}")
+        cleared = deferToThreadPool(self._reactor, self._reactor.getThreadPool(), self.node.spool.clear_partial, partial)
+        cleared.addErrback(lambda f: log.failure("removing the partial files of smtp worker {i} failed", f, i=worker.index))
         if self.workers.get(worker.index) is worker:
             del self.workers[worker.index]
         if self._stopping:
@@ -398,7 +403,7 @@ class WorkerPool(Service):
             why=reason.value,
             delay=delay,
         )
-        self._reactor.callLater(delay, self._respawn, worker.index, worker.restarts + 1)
+        cleared.addCallback(lambda _: self._reactor.callLater(delay, self._respawn, worker.index, worker.restarts + 1))
 
     def _respawn(self, index: int, restarts: int) -> None:
         if not self._stopping and index not in self.workers:
