@@ -10,15 +10,47 @@ import os
 import resource
 import secrets
 import signal
+import statistics
 import subprocess
 import sys
 from typing import Any
 
+from smtpplus.config import ServerConfig
 from tests.harness.clients import api_request
 from tests.harness.daemon import spawn_twistd, write_config
+from tests.harness.polling import poll
 from tests.harness.ports import free_port, free_port_range, wait_for_ports
 
 HOST = "127.0.0.1"
+
+
+# --- the run -------------------------------------------------------------------
+
+
+def workers_setting() -> list[int]:
+    """The C{[server] workers} values to measure, in order: BENCH_WORKERS (default "1,0")."""
+    text = os.environ.get("BENCH_WORKERS", "1,0")
+    try:
+        values = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        values = []
+    if not values or any(v < 0 for v in values):
+        raise SystemExit(f"BENCH_WORKERS: comma-separated [server] workers values (>= 0), not {text!r}")
+    return values
+
+
+def percentile(values: list[float], fraction: float) -> float:
+    """The C{fraction} quantile of C{values} (interpolated between samples); NaN when empty."""
+    if len(values) < 2:
+        return values[0] if values else float("nan")
+    cuts = statistics.quantiles(values, n=1000, method="inclusive")
+    return cuts[round(fraction * 1000) - 1]
+
+
+def loadavg() -> str:
+    """The machine's load average over 1, 5 and 15 minutes, as C{uptime} shows it."""
+    with open("/proc/loadavg") as f:
+        return " ".join(f.read().split()[:3])
 
 
 # --- processes ------------------------------------------------------------------
@@ -65,7 +97,12 @@ def descendants(pid: int) -> list[int]:
 
 
 def tree_cpu(pid: int) -> float:
-    """CPU of a process, its live descendants and the children it reaped."""
+    """
+    CPU of a process and everything below it: each live process's own time
+    plus what its reaped children used (a child counts in its parent's
+    once the parent reaped it, and only then), so a worker that died and
+    was replaced during a measurement still counts.
+    """
     return proc_cpu(pid, children=True) + sum(proc_cpu(child, children=True) for child in descendants(pid))
 
 
@@ -79,6 +116,50 @@ def rss_mib(pid: int) -> float:
     except OSError:
         pass
     return float("nan")
+
+
+def tree_rss_mib(pid: int) -> float:
+    """
+    Resident memory of C{pid} and its live descendants, summed, in MiB.
+    Pages shared after fork count in each process, as C{ps} shows them;
+    the workers are fresh interpreters (exec), so they share little.
+    """
+    return rss_mib(pid) + sum(value for child in descendants(pid) if (value := rss_mib(child)) == value)
+
+
+def pss_mib(pid: int) -> float:
+    """
+    Proportional memory of C{pid} in MiB (each shared page divided among
+    the processes mapping it), so that a sum over processes is what they
+    use together; NaN once it is gone or without C{smaps_rollup}.
+    """
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as f:
+            for line in f:
+                if line.startswith("Pss:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return float("nan")
+
+
+def tree_pss_mib(pid: int) -> float:
+    """Proportional memory of C{pid} and its live descendants, summed, in MiB."""
+    return pss_mib(pid) + sum(value for child in descendants(pid) if (value := pss_mib(child)) == value)
+
+
+def process_title(pid: int) -> str:
+    """A process's command line as C{ps} shows it (the title setproctitle gave it); empty once gone."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().replace(b"\0", b" ").decode("utf-8", "replace").strip()
+    except OSError:
+        return ""
+
+
+def smtp_workers(pid: int) -> list[int]:
+    """The SMTP worker processes below the coordinator C{pid} (titled "smtpplus: smtp worker N")."""
+    return [child for child in descendants(pid) if "smtp worker" in process_title(child)]
 
 
 def stop_process(proc: subprocess.Popen[bytes], timeout: float = 15.0) -> None:
@@ -122,9 +203,16 @@ run()
 
 
 class ProbedDaemon:
-    """The real daemon under C{twistd} with the stall probe, on free ports, with a known admin token."""
+    """
+    The real daemon under C{twistd} with the stall probe, on free ports,
+    with a known admin token; ready once every SMTP worker serves.
 
-    def __init__(self, directory: str, extra_config: str = "", ports: int = 1) -> None:
+    @param workers: C{[server] workers} (None: the default, 0 = one worker
+        per core).  With workers the probe watches the coordinator's
+        reactor, not the sessions'.
+    """
+
+    def __init__(self, directory: str, extra_config: str = "", ports: int = 1, workers: int | None = None) -> None:
         self.directory = directory
         os.makedirs(directory)
         self.ports = free_port_range(ports)
@@ -135,7 +223,8 @@ class ProbedDaemon:
         config = write_config(
             directory,
             f'[server]\nhostname = "smtpplus.bench.localdomain"\nstate_dir = "{directory}/state"\n'
-            f'[smtp]\nlisten = "{HOST}"\nports = "{",".join(map(str, self.ports))}"\n'
+            + (f"workers = {workers}\n" if workers is not None else "")
+            +             f'[smtp]\nlisten = "{HOST}"\nports = "{",".join(map(str, self.ports))}"\n'
             f"max_connections_per_ip = 1000\n{extra_config}\n"
             f'[admin]\nlisten = "{HOST}"\nport = {self.admin_port}\ntoken = "{self.token}"\n',
         )
@@ -146,9 +235,16 @@ class ProbedDaemon:
             env={"SMTPPLUS_BENCH_PROBE": self.probe},
         )
         self.proc = self.process.proc
-        if not wait_for_ports([*self.ports, self.admin_port], 30, proc=self.proc):
+        self.expected_workers = ServerConfig(workers=workers or 0).worker_processes()
+        # A port listens once the first worker adopts it; the run starts
+        # when every worker serves, as the settings document shows them.
+        if not wait_for_ports([*self.ports, self.admin_port], 30, proc=self.proc) or not poll(self._all_serving, 30):
             self.stop()
             raise RuntimeError("smtpplus did not start:\n" + self.tail())
+
+    def _all_serving(self) -> bool:
+        serving = [w for w in self.api("GET", "/api/v1/settings").get("workers", []) if w.get("serving")]
+        return len(serving) >= self.expected_workers
 
     def api(self, method: str, path: str, body: Any = None) -> Any:
         """One admin API call; its JSON, or an error for any status but 2xx."""
@@ -162,7 +258,20 @@ class ProbedDaemon:
         return self.api("POST", "/api/v1/users", {"username": username, "authorized_domains": [domain]})["password"]
 
     def cpu(self) -> float:
-        return proc_cpu(self.proc.pid)
+        """CPU seconds of the whole tree: the twistd process (coordinator) and its SMTP workers."""
+        return tree_cpu(self.proc.pid)
+
+    def rss(self) -> float:
+        """Resident memory of the whole tree in MiB."""
+        return tree_rss_mib(self.proc.pid)
+
+    def pss(self) -> float:
+        """Proportional memory of the whole tree in MiB."""
+        return tree_pss_mib(self.proc.pid)
+
+    def workers(self) -> list[int]:
+        """The PIDs of the SMTP worker processes now (none with C{workers = 1})."""
+        return smtp_workers(self.proc.pid)
 
     def stalls(self, since: float, until: float) -> float | None:
         """The longest reactor stall (ms) the probe saw in the wall-clock window."""

@@ -1,6 +1,10 @@
 """
-Delivery benchmark (issue 4): smtpplus against a private Postfix instance,
-both relaying to the same kind of C{smtp-sink} (Postfix's test server).
+Delivery benchmark (issues 4 and 10): smtpplus against a private Postfix
+instance, all relaying to the same kind of C{smtp-sink} (Postfix's test
+server).  smtpplus runs once per C{[server] workers} value in
+BENCH_WORKERS (default "1,0": the single process, then one SMTP worker
+per core plus the coordinator), each with its own fresh state directory
+and sink; its CPU and memory are those of the whole process tree.
 
 For each side, in one run:
 
@@ -10,6 +14,10 @@ For each side, in one run:
     = false), Postfix without AUTH (relay for 127.0.0.0/8).  Both fsync
     every accepted message before the 250 (Postfix's default, smtpplus
     always);
+  - p50/p99 latency: per message, from writing the final dot to reading
+    its 250, as the generator sees it;
+  - CPU-s per 1,000 messages: the server's process tree (Postfix's master
+    and its children; smtpplus's twistd and its workers) over phase A;
   - end-to-end delivered/s: N+1 messages counted at the sink (its C{-c}
     counter) from the first connection to the last arrival;
   - priority: right after the last bulk 250, one more message with
@@ -22,6 +30,9 @@ The generator's own ceiling is measured first, directly against a sink.
 Run: python -m bench.delivery_bench
 Environment: BENCH_MESSAGES (default 20000), BENCH_SESSIONS (50),
 BENCH_SIZE (5120), BENCH_DRAIN_TIMEOUT (seconds, default 900),
+BENCH_WORKERS ("1,0": the [server] workers values to run, in that order),
+BENCH_PEER=0 (no Postfix), BENCH_CALIBRATE=0 (no generator ceiling),
+BENCH_KEEP=1 (keep the work directory),
 BENCH_INSTALL_POSTFIX=1 (as root: apt-get install postfix when missing).
 """
 
@@ -40,7 +51,20 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from bench.common import HOST, ProbedDaemon, own_cpu, proc_cpu, rss_mib, stop_process, tree_cpu
+from bench.common import (
+    HOST,
+    ProbedDaemon,
+    loadavg,
+    own_cpu,
+    percentile,
+    proc_cpu,
+    stop_process,
+    tree_cpu,
+    tree_pss_mib,
+    tree_rss_mib,
+    workers_setting,
+)
+from smtpplus.config import ServerConfig
 from tests.harness.clients import SMTPClient, SMTPError
 from tests.harness.messages import sized_message
 from tests.harness.ports import free_port, wait_for_ports
@@ -53,6 +77,10 @@ DRAIN_TIMEOUT = float(os.environ.get("BENCH_DRAIN_TIMEOUT", "900"))
 SINK_MARK = b"#BENCHMSG"
 POSTFIX_TOOLS = ("/usr/sbin/postfix", "/usr/sbin/smtp-sink", "/usr/sbin/postconf")
 TARGET_PRIORITY_S = 1.0
+# Issue 10: accept and end-to-end at least this many times Postfix's.
+TARGET_RATIO = 1.5
+
+WORKERS = workers_setting()
 
 
 async def generate(
@@ -68,10 +96,12 @@ async def generate(
     """
     Submit C{count} messages over C{sessions} concurrent sessions, each
     reusing its connection.  Returns counts, failures, the elapsed time
-    from the first connect to the last final reply, and the client's CPU.
+    from the first connect to the last final reply, the p50 and p99 of the
+    time from the final dot to the 250, and the client's CPU.
     """
     remaining = iter(range(count))
     accepted: list[float] = []
+    latencies: list[float] = []
     failures: dict[str, int] = {}
     cpu0 = own_cpu()
     started = time.monotonic()
@@ -93,6 +123,8 @@ async def generate(
                 code, text = await client.send(mail_from, recipient, sized_message(index, size, mail_from, recipient))
                 if code == 250:
                     accepted.append(time.monotonic())
+                    if client.dot_to_reply is not None:
+                        latencies.append(client.dot_to_reply)
                 else:
                     failed(f"{code} {text[:60]}")
         except (TimeoutError, OSError, SMTPError) as e:
@@ -109,6 +141,8 @@ async def generate(
         "ended": ended,
         "rate": len(accepted) / (ended - started) if accepted else 0.0,
         "client_cpu": own_cpu() - cpu0,
+        "p50": percentile(latencies, 0.50),
+        "p99": percentile(latencies, 0.99),
     }
 
 
@@ -343,7 +377,16 @@ class Postfix:
             return self.proc.pid
 
     def cpu(self) -> float:
+        """CPU seconds of the master and its children (smtpd, cleanup, qmgr, smtp, ...)."""
         return tree_cpu(self.master_pid())
+
+    def rss(self) -> float:
+        """Resident memory of the master and its live children in MiB."""
+        return tree_rss_mib(self.master_pid())
+
+    def pss(self) -> float:
+        """Proportional memory of the master and its live children in MiB."""
+        return tree_pss_mib(self.master_pid())
 
     def tail(self) -> str:
         text = ""
@@ -433,6 +476,10 @@ async def run_side(name: str, sink: Sink, host: str, port: int, cpu: Callable[[]
         started = time.monotonic()
         await (await _login(host, port, auth)).quit()
         warmup = time.monotonic() - started
+        # Each SMTP worker caches for itself: all the sessions at once, so
+        # that every worker that will serve some has verified the password.
+        for client in await asyncio.gather(*(_login(host, port, auth) for _ in range(SESSIONS))):
+            await client.quit()
     print(f"[{name}] submitting {MESSAGES} x {SIZE} B over {SESSIONS} sessions...", flush=True)
     cpu0, sink_cpu0 = cpu(), sink.cpu()
     bulk = await generate(host, port, MESSAGES, SESSIONS, SIZE, f"bulk@{SENDER_DOMAIN}", "rcpt@sink.example", auth)
@@ -481,30 +528,36 @@ async def _postfix_side(work: str) -> dict[str, Any]:
     postfix = None
     try:
         postfix = Postfix(os.path.join(work, "postfix"), sink.port, SESSIONS)
-        return await run_side("postfix", sink, HOST, postfix.port, postfix.cpu, None)
+        result = await run_side("postfix", sink, HOST, postfix.port, postfix.cpu, None)
+        result["rss_mib"], result["pss_mib"] = postfix.rss(), postfix.pss()
+        return result
     finally:
         if postfix is not None:
             postfix.stop()
         sink.stop()
 
 
-async def _smtpplus_side(work: str) -> dict[str, Any]:
-    sink = Sink(os.path.join(work, "sink-smtpplus"))
+async def _smtpplus_side(work: str, workers: int, run: int) -> dict[str, Any]:
+    """smtpplus with C{[server] workers = workers}, on its own state directory and sink."""
+    name = f"smtpplus w={workers}"
+    sink = Sink(os.path.join(work, f"sink-smtpplus-{run}-w{workers}"))
     daemon = None
     try:
         daemon = ProbedDaemon(
-            os.path.join(work, "smtpplus"),
+            os.path.join(work, f"smtpplus-{run}-w{workers}"),
             "auth_requires_tls = false\n"
             f'[delivery]\nmode = "smarthost"\nsmarthost = "{HOST}:{sink.port}"\nsmarthost_tls = "none"\n'
             f"max_concurrency = {SESSIONS}\n",
+            workers=workers,
         )
         password = daemon.create_user("bench", SENDER_DOMAIN)
         wall0 = time.time()
-        result = await run_side("smtpplus", sink, HOST, daemon.port, daemon.cpu, ("bench", password))
+        result = await run_side(name, sink, HOST, daemon.port, daemon.cpu, ("bench", password))
         result["stall_ms"] = daemon.stalls(wall0, time.time())
-        result["rss_mib"] = rss_mib(daemon.proc.pid)
+        result["rss_mib"], result["pss_mib"] = daemon.rss(), daemon.pss()
+        result["worker_processes"] = len(daemon.workers())
         if not result["drained"] or result["bulk"]["failures"]:
-            print("smtpplus output (last lines):\n" + daemon.tail(), flush=True)
+            print(f"{name} output (last lines):\n" + daemon.tail(), flush=True)
         return result
     finally:
         if daemon is not None:
@@ -518,69 +571,104 @@ def _fmt(value: float | None, spec: str = ".0f", unit: str = "") -> str:
     return f"{value:{spec}}{unit}"
 
 
-def report(calibration: dict[str, Any] | None, ours: dict[str, Any], peer: dict[str, Any] | None) -> None:
+def _ratio(ours: float | None, theirs: float | None) -> float | None:
+    if ours is None or theirs is None or ours != ours or theirs != theirs or not theirs:
+        return None
+    return ours / theirs
+
+
+LABEL = 36
+COLUMN = 14
+
+
+def report(calibration: dict[str, Any] | None, variants: list[dict[str, Any]], peer: dict[str, Any] | None) -> None:
+    """One table: Postfix, then each smtpplus variant, then each variant's ratio to Postfix."""
     print()
     print(
         f"delivery bench: {MESSAGES} messages x {SIZE} B, {SESSIONS} sessions, one recipient each; "
-        f"cores: {os.cpu_count()}; fsync on both sides; load average before/after: {LOADAVG[0]} / {_loadavg()}"
+        f"cores: {os.cpu_count()}; workers = 0 here means {ServerConfig(workers=0).worker_processes()} SMTP worker "
+        f"processes plus the coordinator; fsync on all sides"
     )
+    print(f"load average (1, 5, 15 min) before / after: {LOADAVG[0]} / {loadavg()}")
     if calibration is not None:
         print(
             f"generator ceiling (straight into smtp-sink, no AUTH): {calibration['rate']:.0f} msg/s "
             f"({calibration['accepted']} in {calibration['elapsed']:.1f} s, generator CPU {calibration['client_cpu']:.1f} s)"
         )
-    sides = [ours] + ([peer] if peer else [])
-    print(f"{'':34}" + "".join(f"{s['name']:>14}" for s in sides) + ("         ratio" if peer else ""))
+    sides = ([peer] if peer else []) + variants
+    compared = variants if peer else []
+    print(
+        f"{'':{LABEL}}"
+        + "".join(f"{s['name']:>{COLUMN}}" for s in sides)
+        + "".join(f"{s['name'].split()[-1] + ' / pf':>{COLUMN}}" for s in compared)
+    )
 
-    def row(label: str, values: list[float | None], spec: str = ".0f", ratio: bool = True) -> None:
-        line = f"{label:34}" + "".join(f"{_fmt(v, spec):>14}" for v in values)
-        if peer and ratio and all(v and v == v for v in values[:2]):
-            line += f"{values[0] / values[1]:>14.2f}"
+    def row(label: str, get: Callable[[dict[str, Any]], float | None], spec: str = ".0f", ratio: bool = True) -> None:
+        line = f"{label:{LABEL}}" + "".join(f"{_fmt(get(s), spec):>{COLUMN}}" for s in sides)
+        if ratio:
+            line += "".join(f"{_fmt(_ratio(get(s), get(peer)), '.2f'):>{COLUMN}}" for s in compared if peer)
         print(line)
 
     print("phase A: sink running")
-    row("  accepted msg/s", [s["bulk"]["rate"] for s in sides])
-    row("  end-to-end delivered msg/s", [s["e2e_rate"] for s in sides])
-    row("  drain after last 250 msg/s", [s["drain_rate"] for s in sides])
-    row("  at the sink at the last 250", [s["at_submit_end"] for s in sides], ratio=False)
-    row("  server CPU s / 1000 msg", [1000 * s["server_cpu"] / max(1, s["delivered"]) for s in sides], ".2f")
-    row("  generator CPU s", [s["bulk"]["client_cpu"] for s in sides], ".1f", ratio=False)
-    row("  sink CPU s", [s["sink_cpu"] for s in sides], ".1f", ratio=False)
+    row("  accepted msg/s", lambda s: s["bulk"]["rate"])
+    row("  end-to-end delivered msg/s", lambda s: s["e2e_rate"])
+    row("  drain after last 250 msg/s", lambda s: s["drain_rate"])
+    row("  final dot -> 250 p50 (ms)", lambda s: 1000 * s["bulk"]["p50"], ".1f")
+    row("  final dot -> 250 p99 (ms)", lambda s: 1000 * s["bulk"]["p99"], ".1f")
+    row("  at the sink at the last 250", lambda s: s["at_submit_end"], ratio=False)
+    row("  server tree CPU-s / 1000 msg", lambda s: 1000 * s["server_cpu"] / max(1, s["delivered"]), ".2f")
+    row("  generator CPU s", lambda s: s["bulk"]["client_cpu"], ".1f", ratio=False)
+    row("  sink CPU s", lambda s: s["sink_cpu"], ".1f", ratio=False)
     print(f"phase B: {MESSAGES} queued with the sink paused, then one priority-1 message, then the sink resumed")
-    row("  accepted msg/s (sink paused)", [s["priority"].get("backlog_rate") for s in sides])
-    row("  priority msg DATA->250 (s)", [s["priority"].get("data_to_250") for s in sides], ".3f", ratio=False)
-    row("  priority msg 250->sink (s)", [s["priority"].get("latency") for s in sides], ".3f")
-    row("  messages arriving before it", [s["priority"].get("overtaken_by") for s in sides], ratio=False)
-    row("  backlog drain msg/s", [s["priority"].get("drain_rate") for s in sides])
-    print(f"smtpplus: first AUTH (bcrypt, before the run) {_fmt(ours.get('warmup'), '.3f', ' s')}")
-    print(
-        f"smtpplus: reactor worst stall {_fmt(ours.get('stall_ms'), '.0f', ' ms')}, RSS at end "
-        f"{_fmt(ours.get('rss_mib'), '.0f', ' MiB')}; drained A/B: {ours['drained']}/{ours['priority'].get('drained')}"
-        + (f"; postfix drained A/B: {peer['drained']}/{peer['priority'].get('drained')}" if peer else "")
-    )
+    row("  accepted msg/s (sink paused)", lambda s: s["priority"].get("backlog_rate"))
+    row("  priority msg DATA->250 (s)", lambda s: s["priority"].get("data_to_250"), ".3f", ratio=False)
+    row("  priority msg 250->sink (s)", lambda s: s["priority"].get("latency"), ".3f")
+    row("  messages arriving before it", lambda s: s["priority"].get("overtaken_by"), ratio=False)
+    row("  backlog drain msg/s", lambda s: s["priority"].get("drain_rate"))
+    print("the server's process tree at the end")
+    row("  SMTP worker processes", lambda s: s.get("worker_processes"), ratio=False)
+    row("  RSS of the tree (MiB)", lambda s: s.get("rss_mib"), ratio=False)
+    row("  PSS of the tree (MiB)", lambda s: s.get("pss_mib"), ratio=False)
+    for ours in variants:
+        print(
+            f"{ours['name']}: first AUTH (bcrypt, before the run) {_fmt(ours.get('warmup'), '.3f', ' s')}; "
+            f"twistd reactor worst stall {_fmt(ours.get('stall_ms'), '.0f', ' ms')}; "
+            f"drained A/B: {ours['drained']}/{ours['priority'].get('drained')}"
+        )
+    if peer:
+        print(f"postfix: drained A/B: {peer['drained']}/{peer['priority'].get('drained')}")
     for side in sides:
         problems = [side["bulk"]["failures"], side["priority"].get("backlog_failures"), side["priority"].get("error")]
         if any(problems):
             print(f"{side['name']}: problems {problems}")
+    for ours in variants:
+        print(f"targets, {ours['name']}: " + "; ".join(_verdicts(ours, peer)))
+
+
+def _verdicts(ours: dict[str, Any], peer: dict[str, Any] | None) -> list[str]:
+    """Issue 10's targets for one smtpplus variant."""
+
+    def ok(good: bool) -> str:
+        return "OK" if good else "MISSED"
+
     verdicts = []
     if peer:
-        verdicts.append(f"accept {'OK' if ours['bulk']['rate'] >= peer['bulk']['rate'] else 'MISSED'} (>= postfix)")
-        verdicts.append(f"end-to-end {'OK' if ours['e2e_rate'] >= peer['e2e_rate'] else 'MISSED'} (>= postfix)")
+        for label, get in (("accept", lambda s: s["bulk"]["rate"]), ("end-to-end", lambda s: s["e2e_rate"])):
+            ratio = _ratio(get(ours), get(peer))
+            verdicts.append(f"{label} {_fmt(ratio, '.2f', 'x')} {ok(ratio is not None and ratio >= TARGET_RATIO)} (>= {TARGET_RATIO}x postfix)")
+        p99, theirs = ours["bulk"]["p99"], peer["bulk"]["p99"]
+        verdicts.append(f"p99 {ok(p99 <= theirs)} (<= postfix's {_fmt(1000 * theirs, '.1f', ' ms')})")
     latency = ours["priority"].get("latency")
-    verdicts.append(f"priority {'OK' if latency is not None and latency < TARGET_PRIORITY_S else 'MISSED'} (< 1 s)")
-    print("targets: " + "; ".join(verdicts))
-
-
-def _loadavg() -> str:
-    with open("/proc/loadavg") as f:
-        return " ".join(f.read().split()[:3])
+    verdicts.append(f"priority {ok(latency is not None and latency < TARGET_PRIORITY_S)} (< {TARGET_PRIORITY_S:.0f} s)")
+    return verdicts
 
 
 LOADAVG: list[str] = []
 
 
 async def _main(work: str) -> None:
-    LOADAVG[:] = [_loadavg()]
+    LOADAVG[:] = [loadavg()]
+    print(f"load average (1, 5, 15 min) at the start: {LOADAVG[0]}", flush=True)
     have_postfix = os.environ.get("BENCH_PEER", "1") != "0" and postfix_available()
     if not os.access("/usr/sbin/smtp-sink", os.X_OK):
         print(
@@ -592,8 +680,8 @@ async def _main(work: str) -> None:
     if calibration is not None:
         print(f"generator ceiling: {calibration['rate']:.0f} msg/s", flush=True)
     peer = await _postfix_side(work) if have_postfix else None
-    ours = await _smtpplus_side(work)
-    report(calibration, ours, peer)
+    variants = [await _smtpplus_side(work, workers, run) for run, workers in enumerate(WORKERS, 1)]
+    report(calibration, variants, peer)
 
 
 def main() -> None:

@@ -343,6 +343,7 @@ class DeliveryConfig:
     rate_limit: float = _key(0, _non_negative, kinds=(int, float))
     retry_schedule: tuple[int, ...] = _key((60, 300, 900, 3600, 14400), _retry_schedule, converter=tuple)
     max_queue_lifetime: int = _key(432000, _positive)
+    dedup_window: int = _key(86400, _non_negative)
     # Contract section 8: on by default, a new protection on purpose.
     suppress_hard_bounces: bool = _key(True)
 

@@ -214,3 +214,44 @@ class IMessageQuery(Interface):
         when there is none, or fail with L{QueueConflict} when it is final
         or being sent.
         """
+
+
+class IPolicyCheck(Interface):
+    """The policy dry-run of the admin API (contract section 8), owned by delivery."""
+
+    def check(
+        user: User, mail_from: str, header_from: str | None, recipients: list[str], headers: Mapping[str, list[str]]
+    ) -> Deferred[dict[str, Any]]:
+        """
+        What an SMTP session of C{user} would answer for this envelope and
+        header section, and why: C{{"accepted", "reply", "reasons",
+        "effective_priority"}} (and C{"recipients"} when several), with
+        nothing queued, counted or notified.
+        """
+
+
+class DKIMKeyConflict(Exception):
+    """A DKIM key exists for this domain already."""
+
+
+class IDKIMKeys(Interface):
+    """
+    The DKIM signing keys, one per domain, owned by delivery (which signs
+    with them).  Keys are shown as C{{"domain", "selector", "algorithm",
+    "dns_name", "dns_txt", "enabled", "created_at"}}, never the private key.
+    """
+
+    def create(domain: str, selector: str, algorithm: str) -> Deferred[dict[str, Any]]:
+        """Generate and store a key (enabled); fails with L{DKIMKeyConflict} when the domain has one."""
+
+    def list() -> Deferred[list[dict[str, Any]]]:
+        """Every key, by domain."""
+
+    def get(domain: str) -> Deferred[dict[str, Any] | None]:
+        """The key of C{domain}, or None."""
+
+    def set_enabled(domain: str, enabled: bool) -> Deferred[dict[str, Any] | None]:
+        """Turn signing with the key of C{domain} on or off; the key, or None when there is none."""
+
+    def delete(domain: str) -> Deferred[bool]:
+        """Remove the key of C{domain}; False when there was none."""

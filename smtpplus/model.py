@@ -218,6 +218,13 @@ USER_WRITABLE = tuple(f.name for f in attrs.fields(User) if f.name not in USER_T
 USER_LISTS = tuple(f.name for f in attrs.fields(User) if f.default == ())
 
 
+# DKIM keys (contract section 8): the algorithms, the defaults, and what a
+# selector may be (one or more DNS labels, RFC 6376 section 3.1).
+DKIM_ALGORITHMS = ("rsa-sha256", "ed25519-sha256")
+DKIM_DEFAULT_ALGORITHM = "rsa-sha256"
+DKIM_DEFAULT_SELECTOR = "smtpplus"
+DKIM_SELECTOR_PATTERN = rf"{_LABEL}(?:\.{_LABEL})*"
+DKIM_SELECTOR_RE = re.compile(DKIM_SELECTOR_PATTERN)
 @attrs.frozen
 class Suppression:
     """

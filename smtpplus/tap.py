@@ -27,6 +27,7 @@ from smtpplus.auth.login import build_login_service
 from smtpplus.auth.store import Revocations, SQLiteUserStore
 from smtpplus.auth.throttle import LoginThrottle
 from smtpplus.config import Config, ConfigError, TLSConfig, config_from_text, config_warnings, read_config_file
+from smtpplus.delivery.dkim import DKIMKeys, SigningPool, SQLiteDKIMStore
 from smtpplus.delivery.queue import ACTIVE, SQLiteQueueStore
 from smtpplus.delivery.service import build_delivery
 from smtpplus.delivery.suppressions import SQLiteSuppressionList
@@ -175,25 +176,26 @@ class _StoreKinds:
     events: Any
     queue: Any
     suppressions: Any
+    dkim: Any
 
     @classmethod
     def for_config(cls, config: Config, reactor: Any, state_dir: str) -> _StoreKinds:
         if config.storage.backend == "postgresql":
             # Imported here: psycopg is needed only with PostgreSQL.
             from smtpplus.auth.postgres import PostgresUserStore
-            from smtpplus.delivery.postgres import PostgresQueueStore, PostgresSuppressionList
+            from smtpplus.delivery.postgres import PostgresDKIMStore, PostgresQueueStore, PostgresSuppressionList
             from smtpplus.notify.postgres import PostgresEventStore, PostgresStatistics
             from smtpplus.storage.postgres import PostgresDatabase, PostgresDatabaseService
 
             pg = PostgresDatabase(reactor, config.storage.dsn)
             return cls(
                 pg, PostgresDatabaseService(pg), PostgresUserStore, PostgresStatistics, PostgresEventStore,
-                PostgresQueueStore, PostgresSuppressionList,
+                PostgresQueueStore, PostgresSuppressionList, PostgresDKIMStore,
             )
         database = Database(reactor, os.path.join(state_dir, "smtpplus.db"))
         return cls(
             database, DatabaseService(database), SQLiteUserStore, Statistics, EventStore, SQLiteQueueStore,
-            SQLiteSuppressionList,
+            SQLiteSuppressionList, SQLiteDKIMStore,
         )
 
 
@@ -231,7 +233,9 @@ def build_service(
     os.makedirs(state_dir, mode=0o700, exist_ok=True)
     os.chmod(state_dir, 0o700)
     smtp = config.smtp
-    raise_open_files_limit(len(smtp.ports) + len(smtp.tls_ports) + smtp.max_connections + 256)
+    # The coordinator of N workers holds N sockets per port.
+    sockets = (len(smtp.ports) + len(smtp.tls_ports)) * config.server.worker_processes()
+    raise_open_files_limit(sockets + smtp.max_connections + 256)
     material = tls_material(config.tls, config.server.hostname, state_dir)
     tls_options = ReloadableTLS(material.options())
 
@@ -264,6 +268,9 @@ def build_service(
     events = stores.events(database, reactor)
     queue_store = stores.queue(database)
     queue_store.migrate()
+    # Before delivery in the tree: it stops after the attempts that sign.
+    dkim_pool = SigningPool(reactor)
+    dkim_pool.setServiceParent(top)
     suppressions = stores.suppressions(database)
     suppressions.migrate()
     delivery_service, avatar_factory, message_query, submit_internal = build_delivery(
@@ -280,6 +287,10 @@ def build_service(
         suppressions=suppressions,
     )
     delivery_service.setServiceParent(top)
+    dkim_store = stores.dkim(database)
+    dkim_store.migrate()
+    dkim_keys = DKIMKeys(dkim_store, reactor, dkim_pool.run)
+    delivery_service.delivery.sign_with(dkim_keys, dkim_pool.run)
     notifier = build_notifier(config.notifications, config.server.hostname, reactor, submit_internal)
     events.sink = notifier
     delivery_service.delivery.agent.results = notifier
@@ -295,7 +306,7 @@ def build_service(
         plain, implicit = ServerFactory(), ServerFactory()
         plain.noisy = implicit.noisy = False
         listeners = SMTPListeners(
-            reactor, smtp.listen, smtp.ports, smtp.tls_ports, plain, implicit, smtp.require_all_ports, serve=False
+            reactor, smtp.listen, smtp.ports, smtp.tls_ports, plain, implicit, smtp.require_all_ports, workers=processes
         )
         delivery = delivery_service.delivery
         node = Node(
@@ -399,6 +410,8 @@ def build_service(
         stats=stats,
         metrics=pool[0] if pool else metrics,
         health=HealthCheck(reactor, database.probe, listening_ports),
+        policy=delivery_service.delivery.policy_check(smtp.max_recipients),
+        dkim=dkim_keys,
         sessions=ConsoleSessions(reactor),
         suppressions=suppressions,
         clock=reactor,

@@ -6,17 +6,15 @@ import json
 from typing import Any
 
 import jsonschema_rs
-import treq
-from twisted.internet import reactor
 from twisted.internet.defer import inlineCallbacks, succeed
 from twisted.trial.unittest import TestCase
-from twisted.web.client import Agent, HTTPConnectionPool
 
 from smtpplus.admin.api import MAX_BODY, AdminAPI
 from smtpplus.admin.service import admin_site
 from smtpplus.auth.hashing import PasswordHasher
 from smtpplus.auth.users import USERNAME_RE
 from tests.harness.stores import make_sqlite_store
+from tests.harness.web import http_client, serve
 
 TOKEN = "test-token-abc"
 SETTINGS = {
@@ -60,12 +58,8 @@ class AdminServer:
         self.store = make_sqlite_store(case)
         self.hasher = PasswordHasher(None, rounds=4)
         api = AdminAPI(TOKEN, self.store, self.hasher, lambda: dict(SETTINGS), queries, queries, queries)
-        port = reactor.listenTCP(0, admin_site(api), interface="127.0.0.1")
-        case.addCleanup(port.stopListening)
-        self.base = f"http://127.0.0.1:{port.getHost().port}"
-        pool = HTTPConnectionPool(reactor, persistent=False)
-        case.addCleanup(pool.closeCachedConnections)
-        self.http = treq.client.HTTPClient(Agent(reactor, pool=pool))
+        self.base = serve(case, admin_site(api))
+        self.http = http_client(case)
 
     @inlineCallbacks
     def call(
@@ -363,7 +357,7 @@ class OpenAPITests(APITestCase):
         self.assertTrue(document["openapi"].startswith("3."))
         served = set()
         for rule in AdminAPI.app.url_map.iter_rules():
-            path = str(rule.rule).replace("<username>", "{username}").replace("<message_id>", "{id}").replace("<address>", "{address}")
+            path = str(rule.rule).replace("<username>", "{username}").replace("<message_id>", "{id}").replace("<address>", "{address}").replace("<domain>", "{domain}")
             for method in rule.methods - {"HEAD", "OPTIONS"}:
                 served.add((path, method.lower()))
         documented = {(p, m) for p, ops in document["paths"].items() for m in ops if m != "parameters"}

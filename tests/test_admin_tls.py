@@ -13,14 +13,13 @@ import urllib.error
 import urllib.request
 from typing import Any
 
-import treq
 from twisted.internet import reactor
 from twisted.internet.defer import inlineCallbacks
 from twisted.internet.ssl import Certificate
 from twisted.internet.testing import MemoryReactor
 from twisted.logger import LogLevel, globalLogPublisher
 from twisted.trial.unittest import TestCase
-from twisted.web.client import Agent, BrowserLikePolicyForHTTPS, HTTPConnectionPool
+from twisted.web.client import BrowserLikePolicyForHTTPS
 
 from smtpplus.admin.api import AdminAPI
 from smtpplus.admin.service import admin_service, is_loopback
@@ -30,6 +29,7 @@ from smtpplus.smtp.tls import server_context
 from tests.harness.daemon import daemon_config, start_daemon
 from tests.harness.ports import free_port_range
 from tests.harness.stores import make_sqlite_store
+from tests.harness.web import http_client
 
 WARNING = "without TLS"
 
@@ -102,10 +102,7 @@ class InProcessTLSTests(TestCase):
         self.addCleanup(service.stopService)
         with open(os.path.join(state_dir, "tls", "cert.pem"), "rb") as f:
             authority = Certificate.loadPEM(f.read())
-        pool = HTTPConnectionPool(reactor, persistent=False)
-        self.addCleanup(pool.closeCachedConnections)
-        agent = Agent(reactor, BrowserLikePolicyForHTTPS(authority), pool=pool)
-        client = treq.client.HTTPClient(agent)
+        client = http_client(self, BrowserLikePolicyForHTTPS(authority))
         url = f"https://localhost:{service.port.getHost().port}/api/v1/settings"
         response = yield client.get(url, headers={"Authorization": ["Bearer tok"]})
         self.assertEqual(response.code, 200)

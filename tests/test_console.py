@@ -13,13 +13,12 @@ import re
 from http.cookies import SimpleCookie
 from typing import Any
 
-import treq
 from twisted.internet import reactor
 from twisted.internet.defer import inlineCallbacks
 from twisted.internet.ssl import Certificate
 from twisted.internet.task import Clock
 from twisted.trial.unittest import TestCase
-from twisted.web.client import Agent, BrowserLikePolicyForHTTPS, HTTPConnectionPool
+from twisted.web.client import BrowserLikePolicyForHTTPS
 
 from smtpplus.admin.api import AdminAPI
 from smtpplus.admin.console import SECURITY_HEADERS, static_files
@@ -29,6 +28,7 @@ from smtpplus.auth.hashing import PasswordHasher
 from smtpplus.config import AdminConfig, TLSConfig
 from smtpplus.smtp.tls import server_context
 from tests.harness.stores import make_sqlite_store
+from tests.harness.web import http_client, serve
 
 TOKEN = "console-test-token"
 
@@ -171,12 +171,8 @@ class ConsoleHTTP:
             lambda: {"hostname": "x"},
             sessions=self.sessions,
         )
-        port = reactor.listenTCP(0, admin_site(api), interface="127.0.0.1")
-        case.addCleanup(port.stopListening)
-        self.base = f"http://127.0.0.1:{port.getHost().port}"
-        pool = HTTPConnectionPool(reactor, persistent=False)
-        case.addCleanup(pool.closeCachedConnections)
-        self.http = treq.client.HTTPClient(Agent(reactor, pool=pool))
+        self.base = serve(case, admin_site(api))
+        self.http = http_client(case)
 
     @inlineCallbacks
     def call(
@@ -359,9 +355,7 @@ class TLSCookieTests(TestCase):
         self.addCleanup(service.stopService)
         with open(os.path.join(state_dir, "tls", "cert.pem"), "rb") as f:
             authority = Certificate.loadPEM(f.read())
-        pool = HTTPConnectionPool(reactor, persistent=False)
-        self.addCleanup(pool.closeCachedConnections)
-        client = treq.client.HTTPClient(Agent(reactor, BrowserLikePolicyForHTTPS(authority), pool=pool))
+        client = http_client(self, BrowserLikePolicyForHTTPS(authority))
         response = yield client.post(
             f"https://localhost:{service.port.getHost().port}/console/session",
             data=json.dumps({"token": TOKEN}).encode(),

@@ -249,6 +249,14 @@ class ConsoleBrowserTests(TestCase):
 
         page.get_by_role("button", name="Edit browser-user").click()
         edit.get_by_label("Enabled (may log in and send)").check()
+        edit.get_by_label("Budget: messages an hour at level 1 (0: no limit)").fill("25")
+        edit.get_by_label("Sandbox (accepted, never relayed)").check()
+        edit.get_by_role("button", name="Save changes").click()
+        expect(user_row.get_by_role("cell").nth(1)).to_have_text("enabled, sandbox")
+        stored = self.daemon.api("GET", "/api/v1/users/browser-user").json
+        self.assertEqual((stored["priority_budget"], stored["sandbox"]), (25, True))
+        page.get_by_role("button", name="Edit browser-user").click()
+        edit.get_by_label("Sandbox (accepted, never relayed)").uncheck()
         edit.get_by_role("button", name="Save changes").click()
         expect(user_row.get_by_role("cell").nth(1)).to_have_text("enabled")
         page.get_by_role("button", name="Edit browser-user").click()

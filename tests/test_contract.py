@@ -62,6 +62,7 @@ MESSAGE_FIELDS = {
     "updated_at",
     "next_attempt_at",
     "size",
+    "duplicates",
 }
 RECIPIENT_FIELDS = {"address", "status", "attempts", "last_response"}
 EVENT_FIELDS = {"id", "type", "user", "message_id", "detail", "created_at"}

@@ -16,7 +16,7 @@ from twisted.trial.unittest import SkipTest
 from zope.interface.verify import verifyObject
 
 from smtpplus.delivery import queue
-from smtpplus.delivery.interfaces import IQueueStore, MessageFilter
+from smtpplus.delivery.interfaces import Duplicate, IQueueStore, MessageFilter
 from smtpplus.delivery.memory import MemoryQueueStore
 from smtpplus.delivery.postgres import PostgresQueueStore
 from smtpplus.delivery.queue import FinishAttempt, MarkSending, NewMessage, RecipientUpdate, SQLiteQueueStore
@@ -331,6 +331,74 @@ class QueueStoreContract:
         loaded = yield self.store.load_message("M1")
         self.assertIsNone(loaded)
         yield self.store.insert([_message("M1")])
+
+    @inlineCallbacks
+    def test_dedup_answers_the_first_id(self) -> Any:
+        """
+        Within the window, a message of the same user, Message-ID and
+        recipient set (case and order aside) is not inserted: its answer is
+        a Duplicate of the first, whose duplicates count grows.
+        """
+        first = _message("M1", header_message_id="<a@b>", recipients=("X@y.z", "w@y.z"))
+        again = _message("M2", header_message_id="<a@b>", recipients=("w@Y.Z", "x@y.z"), created_at=100.0)
+        results = yield self.store.insert([first], 3600)
+        self.assertIsInstance(results[0], int)
+        results = yield self.store.insert([again], 3600)
+        self.assertEqual(results, [Duplicate("M1")])
+        self.assertIsNone((yield self.store.load_message("M2")))
+        loaded = yield self.store.load_message("M1")
+        self.assertEqual(loaded["duplicates"], 1)
+
+    @inlineCallbacks
+    def test_dedup_within_one_batch(self) -> Any:
+        """Two copies committed in one batch: the second is the first's duplicate."""
+        results = yield self.store.insert(
+            [_message("M1", header_message_id="<a@b>"), _message("M2", header_message_id="<a@b>")], 60
+        )
+        self.assertIsInstance(results[0], int)
+        self.assertEqual(results[1], Duplicate("M1"))
+
+    @inlineCallbacks
+    def test_dedup_keys(self) -> Any:
+        """
+        Another user, Message-ID or recipient set, no Message-ID, the
+        daemon's own mail, a copy past the window, or a window of 0: each
+        is inserted as a new message.
+        """
+        yield self.store.insert([_message("M0", header_message_id="<a@b>")], 60)
+        candidates = [
+            _message("M1", "other", header_message_id="<a@b>"),
+            _message("M2", header_message_id="<c@d>"),
+            _message("M3", header_message_id="<a@b>", recipients=("x@y.z",)),
+            _message("M4"),
+            _message("M5", header_message_id="<a@b>", internal=True),
+        ]
+        results = yield self.store.insert(candidates, 60)
+        self.assertTrue(all(isinstance(r, int) for r in results), results)
+        results = yield self.store.insert([_message("M6", header_message_id="<a@b>")], 0)
+        self.assertIsInstance(results[0], int)
+        results = yield self.store.insert([_message("M7", header_message_id="<a@b>", created_at=66.0)], 60)
+        self.assertIsInstance(results[0], int)
+        loaded = yield self.store.load_message("M0")
+        self.assertEqual(loaded["duplicates"], 0)
+
+    @inlineCallbacks
+    def test_prune_dedup(self) -> Any:
+        """Pruning forgets records older than the cut-off, oldest first and at most the limit."""
+        yield self.store.insert(
+            [_message(f"M{i}", header_message_id=f"<{i}@b>", created_at=float(i)) for i in range(5)], 3600
+        )
+        removed = yield self.store.prune_dedup(3.0, 2)
+        self.assertEqual(removed, 2)
+        removed = yield self.store.prune_dedup(3.0, 10)
+        self.assertEqual(removed, 1)
+        # M0 is forgotten: a copy now is new; M4 is still known.
+        results = yield self.store.insert(
+            [_message("N0", header_message_id="<0@b>", created_at=10.0), _message("N4", header_message_id="<4@b>", created_at=10.0)],
+            3600,
+        )
+        self.assertIsInstance(results[0], int)
+        self.assertEqual(results[1], Duplicate("M4"))
 
 
 class SQLiteQueueStoreTests(QueueStoreContract, unittest.TestCase):

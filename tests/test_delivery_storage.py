@@ -11,6 +11,7 @@ import sqlite3
 import stat
 from typing import Any
 
+import attrs
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, fail, inlineCallbacks, succeed
 from twisted.internet.task import Clock
@@ -182,6 +183,23 @@ class EnvelopeRecordTests(unittest.TestCase):
         path = self._commit(_message(), data)
         self.assertEqual(self.spool.read_small("M1"), (data, len(data)))
         self.assertEqual(queue.NewMessage.from_envelope("M1", self.spool.read_envelope(path)), _message())
+
+    def test_record_keeps_the_message_id(self) -> None:
+        """
+        The envelope record keeps the Message-ID that dedup compares, so a
+        message queued again from its file keeps it; a record written
+        before it was kept reads as None.
+        """
+        message = attrs.evolve(_message(), header_message_id="<1@example.com>")
+        path = self._commit(message, b"Subject: hi\r\n\r\nbody\r\n")
+        self.assertEqual(queue.NewMessage.from_envelope("M1", self.spool.read_envelope(path)), message)
+        old = envelope_record(_message()).replace(b', "header_message_id": null', b"")
+        self.assertNotIn(b"header_message_id", old)
+        old = old[: old.rindex(b"\n", 0, -1)]
+        path = self.spool.path("OLD")
+        with open(path, "wb") as f:
+            f.write(b"Subject: x\r\n\r\n" + old + b"\n%010d smtpplus-envelope-1\n" % len(old))
+        self.assertIsNone(self.spool.read_envelope(path).header_message_id)
 
     def test_large_message_length(self) -> None:
         """A message over the memory limit is read from the file up to its own length."""

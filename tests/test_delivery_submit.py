@@ -28,7 +28,7 @@ from tests.harness.stack import PASSWORD, Stack, wall_clock
 
 CONTRACT_MESSAGE_KEYS = {
     "id", "user", "mail_from", "header_from", "subject", "priority", "status",
-    "recipients", "campaign_code", "created_at", "updated_at", "next_attempt_at", "size",
+    "recipients", "campaign_code", "created_at", "updated_at", "next_attempt_at", "size", "duplicates",
 }
 
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 import os
 from typing import Any
 
+import attrs
+import dkim
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.task import Clock
 from twisted.trial import unittest
@@ -16,10 +18,12 @@ from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
 from smtpplus.config import config_from_text
+from smtpplus.delivery.dkim import DKIMKeys, MemoryDKIMStore, StoredKey, dns_txt, generate_key
 from smtpplus.delivery.interfaces import IRelay
 from smtpplus.delivery.memory import MemoryQueueStore
+from smtpplus.delivery.queue import NewMessage
 from smtpplus.delivery.relay import HopOutcome, Relay
-from smtpplus.delivery.service import Delivery
+from smtpplus.delivery.service import PRUNE_INTERVAL, Delivery
 from smtpplus.delivery.threads import run_synchronously
 from tests.harness.fakes import Recorder
 
@@ -76,23 +80,25 @@ class _SlowInserts(MemoryQueueStore):
 
     def __init__(self) -> None:
         super().__init__()
-        self.inserts: list[tuple[list[Any], Deferred[list[int]]]] = []
+        self.inserts: list[tuple[list[Any], float, Deferred[list[Any]]]] = []
         self.slow = False
 
-    def insert(self, messages: list[Any]) -> Deferred[list[int]]:
+    def insert(self, messages: list[Any], dedup_window: float = 0) -> Deferred[list[Any]]:
         if not self.slow:
-            return super().insert(messages)
-        d: Deferred[list[int]] = Deferred()
-        self.inserts.append((messages, d))
+            return super().insert(messages, dedup_window)
+        d: Deferred[list[Any]] = Deferred()
+        self.inserts.append((messages, dedup_window, d))
         return d
 
     def let_inserts_through(self) -> None:
         inserts, self.inserts = self.inserts, []
-        for messages, d in inserts:
-            super().insert(messages).chainDeferred(d)
+        for messages, dedup_window, d in inserts:
+            super().insert(messages, dedup_window).chainDeferred(d)
 
 
-class DeliveryOnFakesTests(unittest.TestCase):
+class _OnFakes(unittest.TestCase):
+    """Builds delivery on the fakes: memory store, a scripted relay, synchronous threads, a Clock."""
+
     def setUp(self) -> None:
         self.state_dir = os.path.abspath(self.mktemp())
         os.makedirs(self.state_dir)
@@ -100,8 +106,10 @@ class DeliveryOnFakesTests(unittest.TestCase):
         self.clock.advance(NOW)
         self.recorder = Recorder()
 
-    def _delivery(self, store: MemoryQueueStore, relay: _ScriptedRelay, retry: str = "[60]") -> Delivery:
-        config = config_from_text(f'[delivery]\nmode = "smarthost"\nsmarthost = "127.0.0.1:1"\nretry_schedule = {retry}\n')
+    def _delivery(self, store: MemoryQueueStore, relay: _ScriptedRelay, retry: str = "[60]", extra: str = "") -> Delivery:
+        config = config_from_text(
+            f'[delivery]\nmode = "smarthost"\nsmarthost = "127.0.0.1:1"\nretry_schedule = {retry}\n{extra}'
+        )
         delivery = Delivery(
             config.delivery,
             hostname="relay.test",
@@ -122,6 +130,8 @@ class DeliveryOnFakesTests(unittest.TestCase):
         d = delivery.submit_internal("me@example.com", list(recipients), b"Subject: unit\r\n\r\nbody\r\n", 2, "alice")
         return self.successResultOf(d)
 
+
+class DeliveryOnFakesTests(_OnFakes):
     def test_relay_provides_interface(self) -> None:
         """The real relay provides IRelay."""
         config = config_from_text('[delivery]\nmode = "smarthost"\nsmarthost = "127.0.0.1:1"\n')
@@ -240,7 +250,7 @@ class DeliveryOnFakesTests(unittest.TestCase):
         delivery.start()
         store.slow = True
         d = delivery.submit_internal("me@example.com", ["r@dest.test"], b"Subject: unit\r\n\r\nbody\r\n", 2, "alice")
-        [(messages, _)] = store.inserts
+        [(messages, _, _)] = store.inserts
         message_id = messages[0].id
         self.assertTrue(os.path.exists(delivery.spool.path(message_id)))
         store.reset()
@@ -250,6 +260,83 @@ class DeliveryOnFakesTests(unittest.TestCase):
         self.assertEqual(self.successResultOf(d), message_id)
         self.assertEqual(store.rows[message_id]["status"], "sent")
         self.assertEqual(len(relay.offered), 1)
+
+
+class SubmissionOnFakesTests(_OnFakes):
+    """Dedup in the committer, its pruning timer, and DKIM signing before the relay, on fakes."""
+
+    def _commit(self, delivery: Delivery, message_id: str, header_message_id: str | None, header_from: str = "") -> Deferred[str]:
+        data = f"From: {header_from}\r\nTo: r@dest.test\r\nSubject: s\r\nMessage-ID: {header_message_id}\r\n\r\nBody.\r\n"
+        temp = delivery.spool.create(message_id)
+        temp.write(data.encode())
+        message = NewMessage(
+            id=message_id, user="alice", mail_from="a@signed.test", header_from=header_from, subject="s", priority=3,
+            recipients=("r@dest.test",), campaign_name=None, campaign_code=None, schedule_at=None, size=len(data),
+            internal=False, created_at=self.clock.seconds(), header_message_id=header_message_id,
+        )
+        return delivery.committer.commit(temp, message)
+
+    def test_duplicate_is_answered_with_the_first_id(self) -> None:
+        """A resent message is answered with the first id; its spool file goes and it is never offered."""
+        store, relay = MemoryQueueStore(), _ScriptedRelay(250)
+        delivery = self._delivery(store, relay)
+        delivery.start()
+        self.assertEqual(self.successResultOf(self._commit(delivery, "FIRST", "<m@x>")), "FIRST")
+        self.assertEqual(self.successResultOf(self._commit(delivery, "AGAIN", "<m@x>")), "FIRST")
+        self.assertFalse(os.path.exists(delivery.spool.path("AGAIN")))
+        self.assertNotIn("AGAIN", store.rows)
+        self.assertEqual(store.rows["FIRST"]["duplicates"], 1)
+        self.assertEqual(len(relay.offered), 1)
+
+    def test_dedup_off(self) -> None:
+        """With dedup_window = 0 a resent message is queued again."""
+        store, relay = MemoryQueueStore(), _ScriptedRelay(250)
+        delivery = self._delivery(store, relay, extra="dedup_window = 0\n")
+        delivery.start()
+        self.successResultOf(self._commit(delivery, "FIRST", "<m@x>"))
+        self.assertEqual(self.successResultOf(self._commit(delivery, "AGAIN", "<m@x>")), "AGAIN")
+        self.assertEqual(len(relay.offered), 2)
+
+    def test_dedup_records_pruned_on_the_clock(self) -> None:
+        """The pruning timer forgets the records older than the window, and only those."""
+        store, relay = MemoryQueueStore(), _ScriptedRelay(250)
+        delivery = self._delivery(store, relay, extra="dedup_window = 1000\n")
+        delivery.start()
+        self.successResultOf(self._commit(delivery, "OLD", "<old@x>"))
+        self.clock.advance(PRUNE_INTERVAL)
+        self.successResultOf(self._commit(delivery, "NEW", "<new@x>"))
+        self.assertEqual(len(store.dedup), 2)
+        self.clock.advance(PRUNE_INTERVAL)
+        self.assertEqual([first for first, _ in store.dedup.values()], ["NEW"])
+        delivery.stop_pruning()
+
+    def _signing(self, key: StoredKey) -> tuple[MemoryQueueStore, _ScriptedRelay, Delivery]:
+        dkim_store = MemoryDKIMStore()
+        self.successResultOf(dkim_store.insert(key))
+        store, relay = MemoryQueueStore(), _ScriptedRelay(250)
+        delivery = self._delivery(store, relay)
+        delivery.sign_with(DKIMKeys(dkim_store, self.clock, run_synchronously), run_synchronously)
+        delivery.start()
+        return store, relay, delivery
+
+    def test_signed_before_relaying(self) -> None:
+        """A message whose From: domain has an enabled key is offered with a DKIM-Signature first, which verifies."""
+        key = generate_key("signed.test", "s1", "ed25519-sha256", NOW)
+        store, relay, delivery = self._signing(key)
+        self.successResultOf(self._commit(delivery, "M1", "<m@x>", "A <a@Signed.Test>"))
+        [(_, _, content)] = relay.offered
+        self.assertTrue(content.startswith(b"DKIM-Signature: "), content[:100])
+        txt = dns_txt(key.algorithm, key.public_key).encode()
+        self.assertTrue(dkim.verify(content, dnsfunc=lambda name, timeout=5: txt))
+
+    def test_signing_failure_relays_unsigned(self) -> None:
+        """A key that cannot sign: the message is relayed unsigned and ends sent."""
+        key = attrs.evolve(generate_key("signed.test", "s1", "ed25519-sha256", NOW), private_key="bm90IGEga2V5")
+        store, relay, delivery = self._signing(key)
+        self.successResultOf(self._commit(delivery, "M1", "<m@x>", "a@signed.test"))
+        [(_, _, content)] = relay.offered
+        self.assertTrue(content.startswith(b"From: a@signed.test"))
+        self.assertEqual(store.rows["M1"]["status"], "sent")
 
 
 @implementer(IRelay)

@@ -42,6 +42,7 @@ from smtpplus.metrics import (
 from smtpplus.smtp.interfaces import LoginThrottled, SMTPReply
 from smtpplus.storage.database import Database, DatabaseLost
 from tests.delivery_helpers import Stack, simple_message
+from tests.harness.web import serve
 from tests.test_admin_api import TOKEN, AdminServer
 from tests.test_smtp_protocol import Dialogue
 
@@ -427,9 +428,7 @@ class RoutesTests(AdminServer, TestCase):
         self.metrics = new_metrics()
         self.start_server(self)
         api = AdminAPI(TOKEN, self.store, self.hasher, dict, metrics=self.metrics, health=self)  # type: ignore[arg-type]
-        port = reactor.listenTCP(0, admin_site(api), interface="127.0.0.1")
-        self.addCleanup(port.stopListening)
-        self.base = f"http://127.0.0.1:{port.getHost().port}"
+        self.base = serve(self, admin_site(api))
 
     async def problem(self) -> str | None:
         """The test plays the health check."""

@@ -40,7 +40,10 @@ class PackagingTests(TestCase):
         self.assertIn("twisted/plugins/smtpplus_plugin.py", names)
         self.assertNotIn("twisted/__init__.py", names)
         self.assertNotIn("twisted/plugins/__init__.py", names)
-        for package in ("smtp", "auth", "admin", "delivery", "notify", "storage"):
+        source = os.path.join(ROOT, "smtpplus")
+        packages = [name for name in os.listdir(source) if os.path.exists(os.path.join(source, name, "__init__.py"))]
+        self.assertIn("workers", packages)
+        for package in packages:
             self.assertIn(f"smtpplus/{package}/__init__.py", names)
         self.assertIn("smtpplus/templates/bounce.mail.txt", names)
         for name in ("index.html", "console.js", "console.css", "icon.svg"):

@@ -17,7 +17,7 @@ from twisted.logger import Logger
 from twisted.trial import unittest
 
 from smtpplus.auth import store as users
-from smtpplus.delivery import queue, suppressions
+from smtpplus.delivery import dkim, queue, suppressions
 from smtpplus.delivery.postgres import PostgresQueueStore
 from smtpplus.notify import events, stats
 from smtpplus.storage import postgres
@@ -34,6 +34,7 @@ COMPONENTS = {
     suppressions.COMPONENT: suppressions.MIGRATIONS,
     "events": events.MIGRATIONS,
     "stats": stats.MIGRATIONS,
+    dkim.COMPONENT: dkim.MIGRATIONS,
 }
 # What only PostgreSQL has: the shared message contents and the nodes' room.
 POSTGRESQL_ONLY = {
@@ -82,16 +83,22 @@ def _postgresql_schema(conn: Any) -> list[tuple[Any, ...]]:
 class MigrationTests(unittest.TestCase):
     """One migration list per component, both dialects."""
 
-    def _sqlite(self, name: str, steps: int | None = None) -> str:
+    def _sqlite(self, name: str, previous: bool = False) -> str:
+        """
+        A SQLite database with every component's schema; with C{previous},
+        as the release before the PostgreSQL-only steps left it (the steps
+        up to each list's last one with SQLite text).
+        """
         path = os.path.abspath(self.mktemp())
         database = Database(reactor, path)
         self.addCleanup(database.stop)
         for component, migrations in COMPONENTS.items():
-            if steps is None:
+            if not previous:
                 database.migrate(component, migrations)
             else:
+                known = max(n + 1 for n, m in enumerate(migrations) if m.sqlite is not None)
                 database.open()
-                database.run_sync(apply_migrations, component, sqlite_steps(migrations)[:steps])
+                database.run_sync(apply_migrations, component, sqlite_steps(migrations)[:known])
         return path
 
     def test_sqlite_upgrade_from_previous_schema(self) -> None:
@@ -100,7 +107,7 @@ class MigrationTests(unittest.TestCase):
         upgrades to the schema a fresh database gets, keeping its rows; the
         new PostgreSQL-only step changes nothing in SQLite.
         """
-        previous = self._sqlite("previous", steps=3)
+        previous = self._sqlite("previous", previous=True)
         before = _sqlite_schema(previous)
         conn = sqlite3.connect(previous)
         conn.execute(

@@ -38,14 +38,36 @@ from smtpplus.admin.sessions import Admission, ConsoleSessions
 from smtpplus.auth.hashing import PasswordHasher
 from smtpplus.auth.store import DuplicateUser
 from smtpplus.auth.users import ValidationError, generate_password, generate_username, new_user, validate_fields
-from smtpplus.interfaces import IEventQuery, IMessageQuery, IStatsQuery, ISuppressionList, IUserStore, QueueConflict
+from smtpplus.interfaces import (
+    DKIMKeyConflict,
+    IDKIMKeys,
+    IEventQuery,
+    IMessageQuery,
+    IPolicyCheck,
+    IStatsQuery,
+    ISuppressionList,
+    IUserStore,
+    QueueConflict,
+)
 from smtpplus.metrics import HealthCheck, Metrics
-from smtpplus.model import ADDRESS_PATTERN, Aggregation, EventType, MessageStatus, User
+from smtpplus.model import (
+    ADDRESS_PATTERN,
+    DKIM_ALGORITHMS,
+    DKIM_DEFAULT_ALGORITHM,
+    DKIM_DEFAULT_SELECTOR,
+    DKIM_SELECTOR_RE,
+    Aggregation,
+    EventType,
+    MessageStatus,
+    User,
+)
 from smtpplus.paging import InvalidValue, decode_cursor, parse_time
 
 log = Logger()
 
 MAX_BODY = 64 * 1024
+# A dry-run is one transaction; [smtp] max_recipients is at most this in practice.
+MAX_CHECK_RECIPIENTS = 1000
 DEFAULT_LIMIT = 100
 _USERNAME_ATTEMPTS = 5
 
@@ -119,6 +141,8 @@ class AdminAPI:
     @param stats: the statistics read model, or None.
     @param metrics: what C{/metrics} shows, or None (an empty exposition).
     @param health: what C{/health} asks, or None (always healthy).
+    @param policy: the policy dry-run of C{/users/{u}/check}, or None (404).
+    @param dkim: the DKIM keys of C{/dkim}, or None (404).
     @param sessions: the web console's sessions, whose cookie (with the CSRF
         token on a request that changes state) the API accepts instead of
         the bearer token; None: bearer token only.
@@ -137,6 +161,8 @@ class AdminAPI:
         stats: IStatsQuery | None = None,
         metrics: Metrics | None = None,
         health: HealthCheck | None = None,
+        policy: IPolicyCheck | None = None,
+        dkim: IDKIMKeys | None = None,
         sessions: ConsoleSessions | None = None,
         suppressions: ISuppressionList | None = None,
         clock: IReactorTime | None = None,
@@ -152,6 +178,8 @@ class AdminAPI:
         self._stats = stats
         self._metrics = metrics
         self._health = health
+        self._policy = policy
+        self._dkim = dkim
         self.sessions = sessions
         self._suppressions = suppressions
         self._now = time.time if clock is None else clock.seconds
@@ -451,6 +479,72 @@ class AdminAPI:
             result = await self._stats.stats(user, policy)
         return json_body(request, 200, result)
 
+    @app.route("/api/v1/users/<username>/check", methods=["POST"])
+    @authenticated
+    async def check_policy(self, request: Any, username: str) -> bytes:
+        data = self._read_json(request, required=True)
+        mail_from, header_from, recipients, headers = _check_request(data)
+        user = await self._existing(username)
+        if self._policy is None:
+            raise HTTPError(404, "not_found", "the policy dry-run is not available")
+        answer = await self._policy.check(user, mail_from, header_from, recipients, headers)
+        return json_body(request, 200, answer)
+
+    @app.route("/api/v1/dkim", methods=["GET"])
+    @authenticated
+    async def list_dkim_keys(self, request: Any) -> bytes:
+        keys = [] if self._dkim is None else await self._dkim.list()
+        return json_body(request, 200, {"keys": keys})
+
+    @app.route("/api/v1/dkim/<domain>", methods=["POST"])
+    @authenticated
+    async def create_dkim_key(self, request: Any, domain: str) -> bytes:
+        data = self._read_json(request, required=False)
+        name = _dkim_domain(domain, creating=True)
+        selector, algorithm = _dkim_request(data)
+        if self._dkim is None:
+            raise _no_dkim_key(name)
+        try:
+            key = await self._dkim.create(name, selector, algorithm)
+        except DKIMKeyConflict as e:
+            raise HTTPError(409, "duplicate", str(e)) from None
+        log.info("admin API created a DKIM key for {domain}", domain=name)
+        request.setHeader(b"Location", f"/api/v1/dkim/{name}".encode())
+        return json_body(request, 201, key)
+
+    @app.route("/api/v1/dkim/<domain>", methods=["GET"])
+    @authenticated
+    async def get_dkim_key(self, request: Any, domain: str) -> bytes:
+        name = _dkim_domain(domain)
+        key = None if self._dkim is None else await self._dkim.get(name)
+        if key is None:
+            raise _no_dkim_key(name)
+        return json_body(request, 200, key)
+
+    @app.route("/api/v1/dkim/<domain>", methods=["PATCH"])
+    @authenticated
+    async def update_dkim_key(self, request: Any, domain: str) -> bytes:
+        data = self._read_json(request, required=True)
+        name = _dkim_domain(domain)
+        if not isinstance(data, dict) or set(data) != {"enabled"} or not isinstance(data["enabled"], bool):
+            raise HTTPError(400, "validation_error", 'the body must be {"enabled": true|false}')
+        key = None if self._dkim is None else await self._dkim.set_enabled(name, data["enabled"])
+        if key is None:
+            raise _no_dkim_key(name)
+        log.info("admin API turned the DKIM key of {domain} {state}", domain=name, state="on" if key["enabled"] else "off")
+        return json_body(request, 200, key)
+
+    @app.route("/api/v1/dkim/<domain>", methods=["DELETE"])
+    @authenticated
+    async def delete_dkim_key(self, request: Any, domain: str) -> bytes:
+        name = _dkim_domain(domain)
+        if self._dkim is None or not await self._dkim.delete(name):
+            raise _no_dkim_key(name)
+        log.info("admin API deleted the DKIM key of {domain}", domain=name)
+        request.setResponseCode(204)
+        request.setHeader(b"Content-Type", b"application/json")
+        return b""
+
     @app.route("/api/v1/users/<username>/suppressions", methods=["GET"])
     @authenticated
     async def list_suppressions(self, request: Any, username: str) -> bytes:
@@ -608,6 +702,86 @@ def _no_user(username: str) -> HTTPError:
 
 def _no_message(message_id: str) -> HTTPError:
     return HTTPError(404, "not_found", f"no message {message_id}")
+
+
+def _no_dkim_key(domain: str) -> HTTPError:
+    return HTTPError(404, "not_found", f"no DKIM key for {domain}")
+
+
+def _dkim_domain(domain: str, creating: bool = False) -> str:
+    """
+    The path's domain as the keys are stored: lower-case IDNA A-labels, as
+    the users' domains.  A key is created for a name written in A-labels;
+    it is found by either form.  A name that is not a domain is a 400 when
+    a key is to be created for it, else a 404: no key can exist for it.
+    """
+    if creating and not domain.isascii():
+        # The document states the A-label form (as for the users' lists);
+        # a key's dns_name must be published in it anyway.
+        raise HTTPError(400, "validation_error", "domain: write an international domain as its IDNA A-labels (xn--...)")
+    try:
+        return normalize_domain(domain)
+    except ValueError as e:
+        if creating:
+            raise HTTPError(400, "validation_error", f"domain: {e}") from None
+        raise _no_dkim_key(domain) from None
+
+
+def _dkim_request(data: Any) -> tuple[str, str]:
+    """The selector and algorithm of a key creation body (both optional)."""
+    if not isinstance(data, dict):
+        raise HTTPError(400, "validation_error", "the request body must be a JSON object")
+    unknown = sorted(set(data) - {"selector", "algorithm"})
+    if unknown:
+        raise HTTPError(400, "validation_error", f"{', '.join(unknown)}: unknown field")
+    selector = data.get("selector", DKIM_DEFAULT_SELECTOR)
+    if not isinstance(selector, str) or not DKIM_SELECTOR_RE.fullmatch(selector) or len(selector) > 253:
+        raise HTTPError(400, "validation_error", "selector: must be one or more DNS labels, e.g. s1")
+    algorithm = data.get("algorithm", DKIM_DEFAULT_ALGORITHM)
+    if algorithm not in DKIM_ALGORITHMS:
+        raise HTTPError(400, "validation_error", f"algorithm: must be one of {', '.join(DKIM_ALGORITHMS)}")
+    return selector, algorithm
+
+
+def _check_request(data: Any) -> tuple[str, str | None, list[str], dict[str, list[str]]]:
+    """The fields of a dry-run body: C{mail_from}, C{header_from}, C{recipients}, C{headers}."""
+    if not isinstance(data, dict):
+        raise HTTPError(400, "validation_error", "the request body must be a JSON object")
+    unknown = sorted(set(data) - {"mail_from", "header_from", "recipients", "headers"})
+    if unknown:
+        raise HTTPError(400, "validation_error", f"{', '.join(unknown)}: unknown field")
+    mail_from = data.get("mail_from")
+    if not isinstance(mail_from, str):
+        raise HTTPError(400, "validation_error", "mail_from: required, a string (empty for the null sender)")
+    header_from = data.get("header_from")
+    if header_from is not None and (not isinstance(header_from, str) or not _field_value(header_from)):
+        raise HTTPError(400, "validation_error", "header_from: must be a string without line breaks")
+    recipients = data.get("recipients")
+    if (
+        not isinstance(recipients, list)
+        or not recipients
+        or not all(isinstance(r, str) and r for r in recipients)
+        or len(recipients) > MAX_CHECK_RECIPIENTS
+    ):
+        raise HTTPError(
+            400, "validation_error", f"recipients: required, a list of 1 to {MAX_CHECK_RECIPIENTS} addresses"
+        )
+    headers: dict[str, list[str]] = {}
+    given = data.get("headers", {})
+    if not isinstance(given, dict):
+        raise HTTPError(400, "validation_error", "headers: must be an object of header names to strings or lists")
+    for name, value in given.items():
+        # A name is used as written, as a session takes whatever precedes
+        # the colon: what would not read as a field does not here either.
+        values = [value] if isinstance(value, str) else value
+        if not isinstance(values, list) or not all(isinstance(v, str) and _field_value(v) for v in values):
+            raise HTTPError(400, "validation_error", f"headers: {name}: must be a string or a list of strings without line breaks")
+        headers[name] = values
+    return mail_from, header_from, recipients, headers
+
+
+def _field_value(value: str) -> bool:
+    return not any(c in value for c in "\r\n\0")
 
 
 def _validated(validate: Callable[[Any], dict[str, Any]], data: Any) -> dict[str, Any]:

@@ -20,6 +20,11 @@ import attrs
 
 from smtpplus.model import (
     ADDRESS_PATTERN,
+    DKIM_ALGORITHMS,
+    DKIM_DEFAULT_ALGORITHM,
+    DKIM_DEFAULT_SELECTOR,
+    DKIM_SELECTOR_PATTERN,
+    DOMAIN_PATTERN,
     USER_TIMESTAMPS,
     Aggregation,
     EventType,
@@ -121,6 +126,22 @@ SCHEMAS: dict[str, Any] = {
             "listening_tls_ports": {"type": "array", "items": {"type": "integer"}},
             "encryption": {"type": "string", "enum": ["STARTTLS"]},
             "auth_mechanisms": {"type": "array", "items": {"type": "string"}},
+            "workers": {
+                "type": "array",
+                "description": "The processes serving SMTP sessions: the SMTP workers, or one entry with index 0 "
+                "for the single daemon process ([server] workers = 1).",
+                "items": {
+                    "type": "object",
+                    "required": ["index", "pid", "serving"],
+                    "properties": {
+                        "index": {"type": "integer", "minimum": 0},
+                        "pid": {"type": "integer", "nullable": True},
+                        "serving": {"type": "boolean"},
+                        "sessions": {"type": "integer", "minimum": 0},
+                        "restarts": {"type": "integer", "minimum": 0},
+                    },
+                },
+            },
         },
     },
     "User": {
@@ -190,6 +211,7 @@ SCHEMAS: dict[str, Any] = {
             "created_at",
             "updated_at",
             "next_attempt_at",
+            "duplicates",
         ],
         "properties": {
             "id": {"type": "string"},
@@ -213,6 +235,12 @@ SCHEMAS: dict[str, Any] = {
                 "format": "date-time",
                 "nullable": True,
                 "description": "When the next attempt is due (queued, scheduled, deferred); null while sending and once final.",
+            },
+            "duplicates": {
+                "type": "integer",
+                "minimum": 0,
+                "description": "How many resent copies (same user, Message-ID and recipients within [delivery]"
+                " dedup_window) were answered with this message's id instead of being queued.",
             },
         },
     },
@@ -356,6 +384,171 @@ _CURSOR = _query(
     "The next_cursor of the previous page: the items after it. Pages are stable: new items do not shift them.",
 )
 _MESSAGE_ID = {"name": "id", "in": "path", "required": True, "schema": {"type": "string"}}
+
+
+_DKIM_DOMAIN = {
+    "name": "domain",
+    "in": "path",
+    "required": True,
+    "schema": {"type": "string"},
+    "description": "The sender domain; a Unicode name is taken as its IDNA A-labels, as the users' domains.",
+}
+SCHEMAS.update(
+    {
+        "DKIMKey": {
+            "type": "object",
+            "required": ["domain", "selector", "algorithm", "dns_name", "dns_txt", "enabled", "created_at"],
+            "properties": {
+                "domain": {"type": "string"},
+                "selector": {"type": "string"},
+                "algorithm": {"type": "string", "enum": list(DKIM_ALGORITHMS)},
+                "dns_name": {"type": "string", "description": "<selector>._domainkey.<domain>: where to publish."},
+                "dns_txt": {"type": "string", "description": "The whole TXT record value, as one string."},
+                "enabled": {"type": "boolean", "description": "Messages whose From: domain is this are signed."},
+                "created_at": {"type": "string", "format": "date-time"},
+            },
+        },
+        "DKIMKeyList": {
+            "type": "object",
+            "required": ["keys"],
+            "properties": {"keys": {"type": "array", "items": _ref("DKIMKey")}},
+        },
+        "DKIMKeyCreate": {
+            "type": "object",
+            "additionalProperties": False,
+            "properties": {
+                "selector": {
+                    "type": "string",
+                    "pattern": anchored(DKIM_SELECTOR_PATTERN),
+                    "maxLength": 253,
+                    "default": DKIM_DEFAULT_SELECTOR,
+                },
+                "algorithm": {"type": "string", "enum": list(DKIM_ALGORITHMS), "default": DKIM_DEFAULT_ALGORITHM},
+            },
+        },
+        "DKIMKeyPatch": {
+            "type": "object",
+            "additionalProperties": False,
+            "required": ["enabled"],
+            "properties": {"enabled": {"type": "boolean"}},
+        },
+        "PolicyCheck": {
+            "type": "object",
+            "additionalProperties": False,
+            "required": ["mail_from", "recipients"],
+            "properties": {
+                "mail_from": {"type": "string", "description": "The envelope sender; empty for the null sender."},
+                "header_from": {
+                    "type": "string",
+                    "pattern": "^[^\\r\\n\\u0000]*$",
+                    "description": "The From: header value (added before the headers' own fields).",
+                },
+                "recipients": {
+                    "type": "array",
+                    "minItems": 1,
+                    "maxItems": 1000,
+                    "items": {"type": "string", "minLength": 1},
+                },
+                "headers": {
+                    "type": "object",
+                    "description": "Header fields by name: a string, or a list of strings for a field given"
+                    " several times.",
+                    "additionalProperties": {
+                        "oneOf": [
+                            {"type": "string", "pattern": "^[^\\r\\n\\u0000]*$"},
+                            {"type": "array", "items": {"type": "string", "pattern": "^[^\\r\\n\\u0000]*$"}},
+                        ]
+                    },
+                },
+            },
+        },
+        "PolicyAnswer": {
+            "type": "object",
+            "required": ["accepted", "reply", "reasons", "effective_priority"],
+            "properties": {
+                "accepted": {"type": "boolean", "description": "The message would be queued for a recipient at least."},
+                "reply": {"type": "string", "description": "The SMTP reply that decides, e.g. 550 5.7.1 ..."},
+                "reasons": {"type": "array", "items": {"type": "string"}},
+                "effective_priority": {"type": "integer", "minimum": 1, "maximum": 5, "nullable": True},
+                "recipients": {
+                    "type": "array",
+                    "description": "With several recipients: each one's RCPT TO reply.",
+                    "items": {
+                        "type": "object",
+                        "required": ["address", "accepted", "reply"],
+                        "properties": {
+                            "address": {"type": "string"},
+                            "accepted": {"type": "boolean"},
+                            "reply": {"type": "string"},
+                        },
+                    },
+                },
+            },
+        },
+    }
+)
+
+
+def _beyond_paths() -> dict[str, Any]:
+    """The paths of contract section 8's policy dry-run and DKIM keys."""
+    no_key = _error("No key for this domain.")
+    return {
+        "/api/v1/users/{username}/check": {
+            "parameters": [_USERNAME_PARAM],
+            "post": {
+                "operationId": "checkPolicy",
+                "summary": "Dry-run: what an SMTP session of this user would answer, and why; nothing is queued",
+                "requestBody": {"required": True, "content": {"application/json": {"schema": _ref("PolicyCheck")}}},
+                "responses": {
+                    "200": _json(_ref("PolicyAnswer"), "The answer."),
+                    **_BODY_ERRORS,
+                    "404": _error("No such user."),
+                },
+            },
+        },
+        "/api/v1/dkim": {
+            "get": {
+                "operationId": "listDKIMKeys",
+                "summary": "The DKIM keys, by domain (never the private keys)",
+                "responses": {"200": _json(_ref("DKIMKeyList"), "The keys."), **_ERRORS},
+            }
+        },
+        "/api/v1/dkim/{domain}": {
+            "parameters": [_DKIM_DOMAIN],
+            "post": {
+                "operationId": "createDKIMKey",
+                "parameters": [
+                    {
+                        **_DKIM_DOMAIN,
+                        "schema": {"type": "string", "pattern": anchored(DOMAIN_PATTERN), "maxLength": 253},
+                    }
+                ],
+                "summary": "Generate a key for a domain (enabled); publish dns_txt at dns_name",
+                "requestBody": {"required": False, "content": {"application/json": {"schema": _ref("DKIMKeyCreate")}}},
+                "responses": {
+                    "201": _json(_ref("DKIMKey"), "The new key."),
+                    **_BODY_ERRORS,
+                    "409": _error("The domain has a key."),
+                },
+            },
+            "get": {
+                "operationId": "getDKIMKey",
+                "summary": "One domain's key",
+                "responses": {"200": _json(_ref("DKIMKey"), "The key."), **_ERRORS, "404": no_key},
+            },
+            "patch": {
+                "operationId": "updateDKIMKey",
+                "summary": "Turn signing with the key on or off",
+                "requestBody": {"required": True, "content": {"application/json": {"schema": _ref("DKIMKeyPatch")}}},
+                "responses": {"200": _json(_ref("DKIMKey"), "The key."), **_BODY_ERRORS, "404": no_key},
+            },
+            "delete": {
+                "operationId": "deleteDKIMKey",
+                "summary": "Remove the key; messages of the domain are no longer signed",
+                "responses": {"204": {"description": "Deleted."}, **_ERRORS, "404": no_key},
+            },
+        },
+    }
 
 
 def openapi_document() -> dict[str, Any]:
@@ -552,6 +745,7 @@ def openapi_document() -> dict[str, Any]:
                     "responses": {"200": _json(_ref("Stats"), "The statistics."), **_ERRORS},
                 }
             },
+            **_beyond_paths(),
             "/api/v1/openapi.json": {
                 "get": {
                     "operationId": "getOpenAPI",

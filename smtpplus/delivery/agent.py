@@ -96,6 +96,8 @@ class DeliveryAgent:
         self._submit_internal = submit_internal
         self.results = results
         self.metrics = metrics
+        # Adds a DKIM signature before relaying (L{smtpplus.delivery.dkim.Signer}); None: no signing.
+        self.signer: Any = None
         self.suppressions = suppressions
         self.suppress_hard_bounces = suppress_hard_bounces
         # Next hops that failed since their last success: one send_problem
@@ -183,6 +185,10 @@ class DeliveryAgent:
             try:
                 if content is None:
                     content, length = yield self._in_thread(self._spool.read_small, message_id)
+                if self.signer is not None:
+                    signed = yield self.signer.sign(message, content, length)
+                    if signed is not None:
+                        content, length = signed, None
                 path = self._spool.path(message_id)
                 outcomes = yield self._relay.send(message["mail_from"], addresses, path, content, length)
             except Exception:

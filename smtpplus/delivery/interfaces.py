@@ -45,6 +45,13 @@ class MessageFilter:
     before: int | None = None
 
 
+@attrs.frozen
+class Duplicate:
+    """What L{IQueueStore.insert} answers for a resent message: the id it was first accepted as."""
+
+    first_id: str
+
+
 class IQueueStore(Interface):
     """
     The queue records: one row per accepted message with its recipients.
@@ -69,11 +76,21 @@ class IQueueStore(Interface):
         arrival order.
         """
 
-    def insert(messages: list[Any]) -> Deferred[list[int]]:
+    def insert(messages: list[Any], dedup_window: float = 0) -> Deferred[list[int | Duplicate]]:
         """
         Insert new messages in one transaction (all or none); fires with
         their arrival sequence numbers, in order.
+
+        With C{dedup_window} > 0, a message whose
+        L{smtpplus.delivery.queue.dedup_key} matches one inserted at most
+        that many seconds before its C{created_at} (the batch's own
+        included) is not inserted: its answer is a L{Duplicate} of the
+        first, whose C{duplicates} count grows by one.  Found through an
+        index, not a scan.
         """
+
+    def prune_dedup(before: float, limit: int) -> Deferred[int]:
+        """Forget at most C{limit} dedup records older than C{before}; fires with how many."""
 
     def statuses(message_ids: list[str]) -> Deferred[dict[str, str]]:
         """The status of each of C{message_ids} that has a queue row."""
@@ -130,11 +147,11 @@ class IContentStore(Interface):
     PostgreSQL one), so that any node sharing it can deliver any message.
     """
 
-    def insert_with_content(batch: list[tuple[Any, bytes]]) -> Deferred[list[int]]:
+    def insert_with_content(batch: list[tuple[Any, bytes]], dedup_window: float = 0) -> Deferred[list[int | Duplicate]]:
         """
         Like L{IQueueStore.insert}, for (message, bytes) pairs: rows and
         bytes in one transaction, all or none; the durable point of an
-        accepted message.
+        accepted message.  A resent copy's bytes are not kept.
         """
 
     def load_content(message_id: str) -> Deferred[bytes | None]:

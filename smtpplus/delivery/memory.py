@@ -13,7 +13,7 @@ from twisted.internet.defer import Deferred, fail, succeed
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from smtpplus.delivery.interfaces import IQueueStore, MessageFilter
+from smtpplus.delivery.interfaces import Duplicate, IQueueStore, MessageFilter
 from smtpplus.delivery.queue import (
     ACTIVE,
     DELETABLE,
@@ -24,6 +24,7 @@ from smtpplus.delivery.queue import (
     NewMessage,
     StateChange,
     as_row,
+    dedup_key,
 )
 
 log = Logger()
@@ -62,10 +63,13 @@ class MemoryQueueStore:
     The queue in dicts.
 
     @ivar rows: message id -> stored row (with its recipients).
+    @ivar dedup: the dedup records, by L{dedup_key}.
     """
 
     def __init__(self) -> None:
         self.rows: dict[str, dict[str, Any]] = {}
+        # dedup key -> (first message id, its created_at)
+        self.dedup: dict[tuple[str, str, str], tuple[str, float]] = {}
         self._last_seq = 0
         self._listeners: list[Callable[[], object]] = []
 
@@ -83,16 +87,31 @@ class MemoryQueueStore:
         active = sorted((row for row in self.rows.values() if row["status"] in ACTIVE), key=lambda row: row["seq"])
         return [{k: row[k] for k in ("id", "seq", "user", "priority", "next_attempt")} for row in active]
 
-    def insert(self, messages: list[NewMessage]) -> Deferred[list[int]]:
+    def insert(self, messages: list[NewMessage], dedup_window: float = 0) -> Deferred[list[int | Duplicate]]:
         ids = [m.id for m in messages]
         if len(set(ids)) != len(ids) or any(i in self.rows for i in ids):
             return fail(QueueStoreError("a message with this id is queued already"))
-        seqs = []
+        seqs: list[int | Duplicate] = []
         for m in messages:
+            key = dedup_key(m) if dedup_window > 0 else None
+            if key is not None:
+                first_id, created_at = self.dedup.get(key, (None, 0.0))
+                first = self.rows.get(first_id) if first_id is not None else None
+                if first is not None and created_at >= m.created_at - dedup_window:
+                    first["duplicates"] += 1
+                    seqs.append(Duplicate(first["id"]))
+                    continue
+                self.dedup[key] = (m.id, m.created_at)
             seq = self._next_seq()
             self.rows[m.id] = {**as_row(m), "seq": seq}
             seqs.append(seq)
         return succeed(seqs)
+
+    def prune_dedup(self, before: float, limit: int) -> Deferred[int]:
+        old = sorted((created_at, key) for key, (_, created_at) in self.dedup.items() if created_at < before)[:limit]
+        for _, key in old:
+            del self.dedup[key]
+        return succeed(len(old))
 
     def statuses(self, message_ids: list[str]) -> Deferred[dict[str, str]]:
         return succeed({i: self.rows[i]["status"] for i in message_ids if i in self.rows})
@@ -199,6 +218,7 @@ class MemoryQueueStore:
     def reset(self) -> None:
         """Lose every row, as a replaced database file does, and tell the listeners."""
         self.rows.clear()
+        self.dedup.clear()
         for listener in self._listeners:
             listener()
 

@@ -25,8 +25,9 @@ from psycopg.rows import dict_row
 from twisted.internet.defer import Deferred
 from zope.interface import implementer
 
-from smtpplus.delivery import queue, suppressions
-from smtpplus.delivery.interfaces import IContentStore, IQueueStore, MessageFilter
+from smtpplus.delivery import dkim, queue, suppressions
+from smtpplus.delivery.dkim import IDKIMStore, StoredKey
+from smtpplus.delivery.interfaces import Duplicate, IContentStore, IQueueStore, MessageFilter
 from smtpplus.delivery.queue import (
     ACTIVE,
     DELETABLE,
@@ -48,7 +49,7 @@ Conn = psycopg.Connection[Any]
 # columns (for the nodes) are not part of it.
 _COLUMNS = (
     'seq, id, "user", mail_from, header_from, subject, priority, status, campaign_name, campaign_code, '
-    "schedule_at, next_attempt, size, internal, delay_notified, created_at, updated_at, sandbox"
+    "schedule_at, next_attempt, size, internal, delay_notified, duplicates, created_at, updated_at, sandbox"
 )
 _INSERT = (
     'INSERT INTO queue_messages (id, "user", mail_from, header_from, subject, priority, status, '
@@ -57,11 +58,54 @@ _INSERT = (
 )
 
 
-def insert_messages(conn: Conn, messages: Sequence[NewMessage], contents: Sequence[bytes] | None = None) -> list[int]:
-    """Insert a batch of new messages (and their contents, when given); returns their sequence numbers."""
-    seqs = []
+def _first_of(conn: Conn, key: tuple[str, str, str], message_id: str, created_at: float, since: float) -> str | None:
+    """
+    The id of the message C{key} was accepted as since C{since}, counting
+    one more duplicate of it; None when C{message_id} is the first, which
+    is then recorded.  One statement on the unique index, so that two
+    nodes inserting the same copy at once are serialised by its row lock.
+    """
+    row = conn.execute(
+        'INSERT INTO queue_dedup ("user", message_id, recipients, first_id, created_at) VALUES (%s, %s, %s, %s, %s) '
+        'ON CONFLICT ("user", message_id, recipients) DO UPDATE SET '
+        "first_id = CASE WHEN queue_dedup.created_at < %s THEN excluded.first_id ELSE queue_dedup.first_id END, "
+        "created_at = CASE WHEN queue_dedup.created_at < %s THEN excluded.created_at ELSE queue_dedup.created_at END "
+        "RETURNING first_id",
+        (*key, message_id, created_at, since, since),
+    ).fetchone()
+    assert row is not None
+    first = row[0]
+    if first == message_id:
+        return None
+    counted = conn.execute("UPDATE queue_messages SET duplicates = duplicates + 1 WHERE id = %s", (first,))
+    if counted.rowcount:
+        return first
+    # A first message whose row is gone cannot answer for the resent one.
+    conn.execute(
+        'UPDATE queue_dedup SET first_id = %s, created_at = %s WHERE "user" = %s AND message_id = %s AND recipients = %s',
+        (message_id, created_at, *key),
+    )
+    return None
+
+
+def insert_messages(
+    conn: Conn, messages: Sequence[NewMessage], contents: Sequence[bytes] | None = None, dedup_window: float = 0
+) -> list[int | Duplicate]:
+    """
+    Insert a batch of new messages (and their contents, when given);
+    returns their sequence numbers, or a L{Duplicate} for a message resent
+    within C{dedup_window} seconds, which is not inserted.
+    """
+    seqs: list[int | Duplicate] = []
+    kept: list[tuple[NewMessage, bytes | None]] = []
     with conn.cursor() as cursor:
-        for m in messages:
+        for n, m in enumerate(messages):
+            key = queue.dedup_key(m) if dedup_window > 0 else None
+            if key is not None:
+                first = _first_of(conn, key, m.id, m.created_at, m.created_at - dedup_window)
+                if first is not None:
+                    seqs.append(Duplicate(first))
+                    continue
             cursor.execute(
                 _INSERT,
                 (
@@ -73,16 +117,27 @@ def insert_messages(conn: Conn, messages: Sequence[NewMessage], contents: Sequen
             row = cursor.fetchone()
             assert row is not None
             seqs.append(row[0])
+            kept.append((m, None if contents is None else contents[n]))
         cursor.executemany(
             "INSERT INTO queue_recipients (message_id, idx, address, status) VALUES (%s, %s, %s, 'queued')",
-            [(m.id, i, address) for m in messages for i, address in enumerate(m.recipients)],
+            [(m.id, i, address) for m, _ in kept for i, address in enumerate(m.recipients)],
         )
         if contents is not None:
             cursor.executemany(
                 "INSERT INTO queue_contents (message_id, content) VALUES (%s, %s)",
-                [(m.id, content) for m, content in zip(messages, contents, strict=True)],
+                [(m.id, content) for m, content in kept],
             )
     return seqs
+
+
+def prune_dedup(conn: Conn, before: float, limit: int) -> int:
+    """Forget at most C{limit} dedup records older than C{before}, oldest first; returns how many."""
+    cursor = conn.execute(
+        "DELETE FROM queue_dedup WHERE ctid = ANY(ARRAY("
+        "SELECT ctid FROM queue_dedup WHERE created_at < %s ORDER BY created_at LIMIT %s))",
+        (before, limit),
+    )
+    return cursor.rowcount
 
 
 def load_content(conn: Conn, message_id: str) -> bytes | None:
@@ -347,17 +402,22 @@ class PostgresQueueStore:
     def recover(self, now: float) -> list[dict[str, Any]]:
         return self._database.run_sync(recover, now)
 
-    def insert(self, messages: list[NewMessage]) -> Deferred[list[int]]:
-        return self._database.transaction(insert_messages, messages)
+    def insert(self, messages: list[NewMessage], dedup_window: float = 0) -> Deferred[list[int | Duplicate]]:
+        return self._database.transaction(insert_messages, messages, None, dedup_window)
 
-    def insert_with_content(self, batch: list[tuple[NewMessage, bytes]]) -> Deferred[list[int]]:
+    def insert_with_content(
+        self, batch: list[tuple[NewMessage, bytes]], dedup_window: float = 0
+    ) -> Deferred[list[int | Duplicate]]:
         """
         Insert new messages with their bytes in one transaction (all or
         none): once it commits, any node can deliver them.  Fires with their
-        arrival sequence numbers, in order.
+        arrival sequence numbers (or L{Duplicate}s), in order.
         """
         messages = [message for message, _ in batch]
-        return self._database.transaction(insert_messages, messages, [content for _, content in batch])
+        return self._database.transaction(insert_messages, messages, [content for _, content in batch], dedup_window)
+
+    def prune_dedup(self, before: float, limit: int) -> Deferred[int]:
+        return self._database.transaction(prune_dedup, before, limit)
 
     def store_content(self, message_id: str, content: bytes) -> Deferred[None]:
         """Keep the bytes of a message whose row exists (replacing any held)."""
@@ -454,3 +514,64 @@ class PostgresSuppressionList:
 
     def list(self, user: str) -> Deferred[list[Suppression]]:
         return self._database.run(_list, user)
+
+
+def _dkim_key(row: dict[str, Any]) -> StoredKey:
+    return StoredKey(**{**row, "enabled": bool(row["enabled"])})
+
+
+def _dkim_load_all(conn: Conn) -> list[StoredKey]:
+    with conn.cursor(row_factory=dict_row) as cursor:
+        return [_dkim_key(row) for row in cursor.execute("SELECT * FROM dkim_keys ORDER BY domain")]
+
+
+def _dkim_insert(conn: Conn, key: StoredKey) -> bool:
+    cursor = conn.execute(
+        "INSERT INTO dkim_keys (domain, selector, algorithm, private_key, public_key, enabled, created_at) "
+        "VALUES (%s, %s, %s, %s, %s, %s, %s) ON CONFLICT (domain) DO NOTHING",
+        (key.domain, key.selector, key.algorithm, key.private_key, key.public_key, int(key.enabled), key.created_at),
+    )
+    return cursor.rowcount == 1
+
+
+def _dkim_set_enabled(conn: Conn, domain: str, enabled: bool) -> StoredKey | None:
+    with conn.cursor(row_factory=dict_row) as cursor:
+        row = cursor.execute(
+            "UPDATE dkim_keys SET enabled = %s WHERE domain = %s RETURNING *", (int(enabled), domain)
+        ).fetchone()
+    return None if row is None else _dkim_key(row)
+
+
+def _dkim_delete(conn: Conn, domain: str) -> bool:
+    return conn.execute("DELETE FROM dkim_keys WHERE domain = %s", (domain,)).rowcount == 1
+
+
+@implementer(IDKIMStore)
+class PostgresDKIMStore:
+    """
+    The signing keys in PostgreSQL, shared by every node (a key made
+    through one node's API signs on all); a plain column, readable only by
+    the database role the nodes use.
+    """
+
+    def __init__(self, database: PostgresDatabase) -> None:
+        self._database = database
+
+    def migrate(self) -> None:
+        """Create or upgrade the table; synchronous, at start-up."""
+        self._database.migrate(dkim.COMPONENT, dkim.MIGRATIONS)
+
+    def load_all(self) -> list[StoredKey]:
+        return self._database.run_sync(_dkim_load_all)
+
+    def insert(self, key: StoredKey) -> Deferred[bool]:
+        return self._database.write(_dkim_insert, key)
+
+    def list(self) -> Deferred[list[StoredKey]]:
+        return self._database.run(_dkim_load_all)
+
+    def set_enabled(self, domain: str, enabled: bool) -> Deferred[StoredKey | None]:
+        return self._database.write(_dkim_set_enabled, domain, enabled)
+
+    def delete(self, domain: str) -> Deferred[bool]:
+        return self._database.write(_dkim_delete, domain)

@@ -55,6 +55,7 @@ def render(row: dict[str, Any]) -> dict[str, Any]:
         "created_at": iso(row["created_at"]),
         "updated_at": iso(row["updated_at"]),
         "next_attempt_at": iso(row["next_attempt"]) if waiting else None,
+        "duplicates": row.get("duplicates", 0),
     }
 
 

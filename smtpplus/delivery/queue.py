@@ -11,6 +11,7 @@ caller.  The in-memory store is L{smtpplus.delivery.memory}.
 
 from __future__ import annotations
 
+import hashlib
 import sqlite3
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
@@ -21,7 +22,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from smtpplus.delivery.batching import Batcher
-from smtpplus.delivery.interfaces import IQueueStore, MessageFilter, RunInThread
+from smtpplus.delivery.interfaces import Duplicate, IQueueStore, MessageFilter, RunInThread
 from smtpplus.delivery.spool import Envelope, Spool, TempMessage, local_failure
 from smtpplus.storage.database import Database
 from smtpplus.storage.migrations import Migration
@@ -124,6 +125,35 @@ MIGRATIONS = [
     CREATE INDEX queue_messages_urgent ON queue_messages ("user", created_at) WHERE priority = 1 AND internal = 0;
     """,
     ),
+    # Idempotent submission: one row per (user, Message-ID, recipient set)
+    # accepted within the window, found through its unique index; pruned by
+    # age through the created_at index.
+    Migration(
+        sqlite="""
+    ALTER TABLE queue_messages ADD COLUMN duplicates INTEGER NOT NULL DEFAULT 0;
+    CREATE TABLE queue_dedup (
+        user TEXT NOT NULL,
+        message_id TEXT NOT NULL,
+        recipients TEXT NOT NULL,
+        first_id TEXT NOT NULL,
+        created_at REAL NOT NULL
+    );
+    CREATE UNIQUE INDEX queue_dedup_key ON queue_dedup (user, message_id, recipients);
+    CREATE INDEX queue_dedup_created ON queue_dedup (created_at);
+    """,
+        postgresql="""
+    ALTER TABLE queue_messages ADD COLUMN duplicates integer NOT NULL DEFAULT 0;
+    CREATE TABLE queue_dedup (
+        "user" text NOT NULL,
+        message_id text NOT NULL,
+        recipients text NOT NULL,
+        first_id text NOT NULL,
+        created_at double precision NOT NULL
+    );
+    CREATE UNIQUE INDEX queue_dedup_key ON queue_dedup ("user", message_id, recipients);
+    CREATE INDEX queue_dedup_created ON queue_dedup (created_at);
+    """,
+    ),
     # Shared by nodes (contract section 5): each message's content, so that
     # any node can deliver it; a claim (owner node, lease expiry) on the
     # queue rows; the nodes' heartbeats.  SQLite serves one machine: its
@@ -171,6 +201,9 @@ class NewMessage:
     size: int
     internal: bool
     created_at: float
+    # The Message-ID header as received: with the user and the recipients
+    # it tells a resent message (see L{dedup_key}); None never matches.
+    header_message_id: str | None = None
     # A sandbox user's message: queued, then finished without relaying.
     sandbox: bool = False
 
@@ -184,10 +217,54 @@ class NewMessage:
         return cls(id=message_id, **attrs.asdict(envelope, recurse=False))
 
 
-def insert_messages(conn: sqlite3.Connection, messages: Sequence[NewMessage]) -> list[int]:
-    """Insert a batch of new messages; returns their arrival sequence numbers."""
-    seqs = []
+def dedup_key(m: NewMessage) -> tuple[str, str, str] | None:
+    """
+    What makes C{m} the same submission as another: its user, its
+    Message-ID and its set of envelope recipients, lower-cased (hashed, so
+    that the key stays short whatever the number of recipients).  None for
+    a message that is never deduplicated (the daemon's own, or without a
+    Message-ID).
+    """
+    if m.internal or m.user is None or not m.header_message_id:
+        return None
+    recipients = "\n".join(sorted({r.lower() for r in m.recipients}))
+    return m.user, m.header_message_id, hashlib.sha256(recipients.encode("utf-8")).hexdigest()
+
+
+def _first_of(conn: sqlite3.Connection, key: tuple[str, str, str], since: float) -> str | None:
+    """The id of the message C{key} was accepted as since C{since}, counting one more duplicate of it."""
+    row = conn.execute(
+        "SELECT first_id FROM queue_dedup WHERE user = ? AND message_id = ? AND recipients = ? AND created_at >= ?",
+        (*key, since),
+    ).fetchone()
+    if row is None:
+        return None
+    cursor = conn.execute("UPDATE queue_messages SET duplicates = duplicates + 1 WHERE id = ?", (row[0],))
+    # A first message whose row is gone cannot answer for the resent one.
+    return row[0] if cursor.rowcount else None
+
+
+def insert_messages(
+    conn: sqlite3.Connection, messages: Sequence[NewMessage], dedup_window: float = 0
+) -> list[int | Duplicate]:
+    """
+    Insert a batch of new messages; returns their arrival sequence
+    numbers, or a L{Duplicate} for a message resent within C{dedup_window}
+    seconds (0: none is), which is not inserted.
+    """
+    seqs: list[int | Duplicate] = []
     for m in messages:
+        key = dedup_key(m) if dedup_window > 0 else None
+        if key is not None:
+            first = _first_of(conn, key, m.created_at - dedup_window)
+            if first is not None:
+                seqs.append(Duplicate(first))
+                continue
+            conn.execute(
+                "INSERT OR REPLACE INTO queue_dedup (user, message_id, recipients, first_id, created_at) "
+                "VALUES (?, ?, ?, ?, ?)",
+                (*key, m.id, m.created_at),
+            )
         cursor = conn.execute(
             "INSERT INTO queue_messages (id, user, mail_from, header_from, subject, priority, status, "
             "campaign_name, campaign_code, schedule_at, next_attempt, size, internal, created_at, updated_at, sandbox) "
@@ -224,6 +301,7 @@ def as_row(m: NewMessage) -> dict[str, Any]:
         "size": m.size,
         "internal": int(m.internal),
         "delay_notified": 0,
+        "duplicates": 0,
         "created_at": m.created_at,
         "updated_at": m.created_at,
         "sandbox": int(m.sandbox),
@@ -232,6 +310,16 @@ def as_row(m: NewMessage) -> dict[str, Any]:
             for i, address in enumerate(m.recipients)
         ],
     }
+
+
+def prune_dedup(conn: sqlite3.Connection, before: float, limit: int) -> int:
+    """Forget at most C{limit} dedup records older than C{before}, oldest first; returns how many."""
+    cursor = conn.execute(
+        "DELETE FROM queue_dedup WHERE rowid IN "
+        "(SELECT rowid FROM queue_dedup WHERE created_at < ? ORDER BY created_at LIMIT ?)",
+        (before, limit),
+    )
+    return cursor.rowcount
 
 
 def schedule_row(m: NewMessage, seq: int) -> dict[str, Any]:
@@ -452,13 +540,13 @@ def _reinsert(
     )
     conn.execute(
         "INSERT INTO queue_messages (id, user, mail_from, header_from, subject, priority, status, "
-        "campaign_name, campaign_code, schedule_at, next_attempt, size, internal, delay_notified, created_at, updated_at, "
-        "sandbox) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        "campaign_name, campaign_code, schedule_at, next_attempt, size, internal, delay_notified, duplicates, "
+        "created_at, updated_at, sandbox) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         (
             message["id"], message["user"], message["mail_from"], message["header_from"], message["subject"],
             message["priority"], status, message["campaign_name"], message["campaign_code"], message["schedule_at"],
             next_attempt, message["size"], int(message["internal"]), int(delay_notified or message["delay_notified"]),
-            message["created_at"], now, int(message.get("sandbox", 0)),
+            message.get("duplicates", 0), message["created_at"], now, int(message.get("sandbox", 0)),
         ),
     )
     conn.executemany(
@@ -544,8 +632,11 @@ class SQLiteQueueStore:
     def recover(self, now: float) -> list[dict[str, Any]]:
         return self._database.run_sync(recover, now)
 
-    def insert(self, messages: list[NewMessage]) -> Deferred[list[int]]:
-        return self._database.transaction(insert_messages, messages)
+    def insert(self, messages: list[NewMessage], dedup_window: float = 0) -> Deferred[list[int | Duplicate]]:
+        return self._database.transaction(insert_messages, messages, dedup_window)
+
+    def prune_dedup(self, before: float, limit: int) -> Deferred[int]:
+        return self._database.transaction(prune_dedup, before, limit)
 
     def statuses(self, message_ids: list[str]) -> Deferred[dict[str, str]]:
         return self._database.run(statuses, message_ids)
@@ -602,8 +693,9 @@ class StateWriter:
 
 # Records a batch of durable messages, each with its bytes when they were
 # held in memory: inserts their rows and hands them to the scheduler.
-# Fires with their arrival sequence numbers.
-RecordMessages = Callable[[list[tuple[NewMessage, "bytes | None"]]], Deferred[list[int]]]
+# Fires with their arrival sequence numbers, or a Duplicate for a message
+# resent within the dedup window (not queued; its file removed).
+RecordMessages = Callable[[list[tuple[NewMessage, "bytes | None"]]], Deferred[list["int | Duplicate"]]]
 
 
 class Committer:
@@ -613,7 +705,9 @@ class Committer:
     concurrent sessions share one directory fsync and one transaction.
     C{record(batch)} inserts the queue rows of a synced batch and schedules
     them: in one process, the delivery's own; in an SMTP worker, a call to
-    the coordinator that owns the queue.
+    the coordinator that owns the queue.  A message it answers with a
+    L{Duplicate} (resent within the dedup window; the recorder removed its
+    file) is answered with the first message's id.
 
     @ivar batches: how many batches were committed (observable in tests).
     """
@@ -622,50 +716,77 @@ class Committer:
         self._in_thread = run_in_thread
         self._spool = spool
         self._record = record
+        # Two stages, each one batch at a time: files are synced while the
+        # previous batch's rows are being recorded.  Recording is a round
+        # trip to another process in a worker; waiting for it before the
+        # next fsync would leave the disk idle and the batches small.
         self._waiting: list[tuple[TempMessage, NewMessage, Deferred[str]]] = []
-        self._current: list[tuple[TempMessage, NewMessage, Deferred[str]]] = []
-        self._busy = False
+        self._syncing: list[tuple[TempMessage, NewMessage, Deferred[str]]] = []
+        self._synced: list[tuple[TempMessage, NewMessage, Deferred[str]]] = []
+        self._recording: list[tuple[TempMessage, NewMessage, Deferred[str]]] = []
+        self._sync_busy = False
+        self._record_busy = False
         self.batches = 0
 
     def committing(self) -> set[str]:
         """The ids of the messages being committed: their files may be in C{msg/} before their rows exist."""
-        return {message.id for _, message, _ in self._current + self._waiting}
+        entries = self._waiting + self._syncing + self._synced + self._recording
+        return {message.id for _, message, _ in entries}
 
     def commit(self, temp: TempMessage, message: NewMessage) -> Deferred[str]:
         """Fires with the queue id once file and record are durable."""
         d: Deferred[str] = Deferred()
         temp.envelope = message
         self._waiting.append((temp, message, d))
-        if not self._busy:
-            self._flush()
+        if not self._sync_busy:
+            self._sync_batches()
         return d
 
     @inlineCallbacks
-    def _flush(self) -> Any:
-        self._busy = True
+    def _sync_batches(self) -> Any:
+        self._sync_busy = True
         try:
             while self._waiting:
-                self._current, self._waiting = self._waiting, []
-                yield self._commit_batch(self._current)
+                self._syncing, self._waiting = self._waiting, []
+                synced = yield self._sync(self._syncing)
+                self._syncing = []
+                if synced:
+                    self._synced += synced
+                    if not self._record_busy:
+                        self._record_batches()
         finally:
-            self._current = []
-            self._busy = False
+            self._syncing = []
+            self._sync_busy = False
 
     @inlineCallbacks
-    def _commit_batch(self, batch: list[tuple[TempMessage, NewMessage, Deferred[str]]]) -> Any:
+    def _sync(self, batch: list[tuple[TempMessage, NewMessage, Deferred[str]]]) -> Any:
+        """Make a batch's files durable; fails the messages that could not be, returns the others."""
         try:
             errors = yield self._in_thread(self._spool.make_durable, [temp for temp, _, _ in batch])
         except Exception as e:
             errors = [e] * len(batch)
-        synced = [entry for entry, error in zip(batch, errors, strict=True) if error is None]
         for (_, message, d), error in zip(batch, errors, strict=True):
             if error is not None:
                 log.error("cannot store message {id}: {error}", id=message.id, error=error)
                 d.errback(local_failure(error))
-        if not synced:
-            return
+        return [entry for entry, error in zip(batch, errors, strict=True) if error is None]
+
+    @inlineCallbacks
+    def _record_batches(self) -> Any:
+        self._record_busy = True
         try:
-            yield self._record([(message, temp.content) for temp, message, _ in synced])
+            while self._synced:
+                # Every batch synced meanwhile: one transaction for all.
+                self._recording, self._synced = self._synced, []
+                yield self._record_batch(self._recording)
+        finally:
+            self._recording = []
+            self._record_busy = False
+
+    @inlineCallbacks
+    def _record_batch(self, synced: list[tuple[TempMessage, NewMessage, Deferred[str]]]) -> Any:
+        try:
+            results = yield self._record([(message, temp.content) for temp, message, _ in synced])
         except Exception as e:
             log.error("cannot record {n} messages: {error}", n=len(synced), error=e)
             try:
@@ -676,5 +797,8 @@ class Committer:
                 d.errback(local_failure(e))
             return
         self.batches += 1
-        for _, message, d in synced:
+        for (_, message, d), result in zip(synced, results, strict=True):
+            if isinstance(result, Duplicate):
+                d.callback(result.first_id)
+                continue
             d.callback(message.id)

@@ -13,6 +13,7 @@ import attrs
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, fail, inlineCallbacks, maybeDeferred
 from twisted.internet.interfaces import IReactorTCP, IReactorTime
+from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from smtpplus.auth.store import Standing
@@ -20,7 +21,9 @@ from smtpplus.config import DeliveryConfig
 from smtpplus.delivery import queue
 from smtpplus.delivery.agent import DeliveryAgent
 from smtpplus.delivery.budget import PriorityBudget
-from smtpplus.delivery.interfaces import IContentStore, IQueueStore, IRelay, RunInThread
+from smtpplus.delivery.check import PolicyCheck
+from smtpplus.delivery.dkim import DKIMKeys, Signer
+from smtpplus.delivery.interfaces import Duplicate, IContentStore, IQueueStore, IRelay, RunInThread
 from smtpplus.delivery.query import MessageQuery, QueueControl, iso
 from smtpplus.delivery.queue import Committer, NewMessage
 from smtpplus.delivery.relay import Relay
@@ -37,6 +40,11 @@ log = Logger()
 # After SIGTERM, attempts in flight get this long to finish; an attempt cut
 # short stays "sending" and is retried after the restart.
 STOP_GRACE = 3.0
+# Dedup records older than the window are deleted every PRUNE_INTERVAL
+# seconds, PRUNE_BATCH rows per transaction, at most PRUNE_ROUNDS of them.
+PRUNE_INTERVAL = 600.0
+PRUNE_BATCH = 5000
+PRUNE_ROUNDS = 20
 
 
 class Delivery:
@@ -83,6 +91,8 @@ class Delivery:
         self._own_relay = relay is None
         self.relay = relay if relay is not None else Relay(clock, connector, config, hostname)
         self.committer = Committer(run_in_thread, self.spool, self.record)
+        self._pruner = LoopingCall(self.prune_dedup)
+        self._pruner.clock = clock
         self.intake = Intake(
             clock,
             run_in_thread,
@@ -144,6 +154,23 @@ class Delivery:
         """The L{ISubmitter} for an authenticated user and the session's L{Standing}."""
         return Submitter(user, self.intake, standing)
 
+    def dry_run_avatar(self, user: User) -> Submitter:
+        """The submitter the policy dry-run asks: the sessions' rules, nothing recorded, logged or queued."""
+        return Submitter(user, self.intake.dry_run())
+
+    def policy_check(self, max_recipients: int) -> PolicyCheck:
+        """The policy dry-run of the admin API, for C{[smtp] max_recipients}."""
+        return PolicyCheck(self.dry_run_avatar, max_recipients)
+
+    def sign_with(self, keys: DKIMKeys, run_in_thread: RunInThread) -> None:
+        """Sign relayed messages with the enabled keys of C{keys}, on C{run_in_thread}."""
+        self.agent.signer = Signer(keys, run_in_thread, self._read_message)
+
+    def _read_message(self, message_id: str, length: int) -> bytes:
+        """The first C{length} bytes of a spool file: the message without its envelope record (worker thread)."""
+        with open(self.spool.path(message_id), "rb") as f:
+            return f.read(length)
+
     def submit_internal(
         self,
         mail_from: str,
@@ -181,36 +208,54 @@ class Delivery:
         )
         return self.committer.commit(temp, message)
 
-    def record(self, batch: list[tuple[NewMessage, bytes | None]]) -> Deferred[list[int]]:
+    def record(self, batch: list[tuple[NewMessage, bytes | None]]) -> Deferred[list[int | Duplicate]]:
         """
         Insert the rows of durable messages (their files are in C{msg/}) in
         one transaction, then count and schedule each; fires with their
         sequence numbers.  C{batch} pairs each message with its bytes when
         they are still in memory, which spares the first attempt a read.
+
+        A message resent within C{dedup_window} is not inserted: its answer
+        is a L{Duplicate} of the first, and its file is removed here, where
+        every committed file is accounted for (one process or many).
         """
 
-        def inserted(seqs: list[int]) -> list[int]:
-            for (message, content), seq in zip(batch, seqs, strict=True):
+        def inserted(results: list[int | Duplicate]) -> list[int | Duplicate]:
+            copies = []
+            for (message, content), result in zip(batch, results, strict=True):
+                if isinstance(result, Duplicate):
+                    log.info(
+                        "message {id} is a resent copy of {first} (same user, Message-ID and recipients):"
+                        " not queued again",
+                        id=message.id,
+                        first=result.first_id,
+                    )
+                    copies.append(message.id)
+                    continue
                 try:
-                    self._queued(message, seq, content)
+                    self._queued(message, result, content)
                 except Exception:
                     log.failure("scheduling message {id} failed", id=message.id)
-            return seqs
+            if copies:
+                self._in_thread(self.spool.remove, copies).addErrback(
+                    lambda f: log.failure("removing the files of resent messages failed", f)
+                )
+            return results
 
         return self._insert(batch).addCallback(inserted)
 
-    def _insert(self, batch: list[tuple[NewMessage, bytes | None]]) -> Deferred[list[int]]:
+    def _insert(self, batch: list[tuple[NewMessage, bytes | None]]) -> Deferred[list[int | Duplicate]]:
         """
         Insert the rows of C{batch} in one transaction; a store that keeps
         the messages' bytes (PostgreSQL, for every node) gets them in the
         same transaction, read from the spool where not held in memory.
         """
         if not IContentStore.providedBy(self.store):
-            return self.store.insert([message for message, _ in batch])
+            return self.store.insert([message for message, _ in batch], self.config.dedup_window)
         store = IContentStore(self.store)
         missing = [message.id for message, content in batch if content is None]
         if not missing:
-            return store.insert_with_content(batch)
+            return store.insert_with_content(batch, self.config.dedup_window)
 
         def read(message_ids: list[str]) -> dict[str, bytes]:
             return {message_id: self.spool.read_message(message_id) for message_id in message_ids}
@@ -218,7 +263,8 @@ class Delivery:
         d = self._in_thread(read, missing)
         d.addCallback(
             lambda read_now: store.insert_with_content(
-                [(message, content if content is not None else read_now[message.id]) for message, content in batch]
+                [(message, content if content is not None else read_now[message.id]) for message, content in batch],
+                self.config.dedup_window,
             )
         )
         return d
@@ -266,11 +312,33 @@ class Delivery:
         L{recover} found without a queue row (the database was lost).
         """
         self.scheduler.start()
+        self._pruner.start(PRUNE_INTERVAL, now=False)
         orphans, self._orphans = self._orphans, []
         if orphans:
             self._requeue(orphans, set()).addCallbacks(
                 self._rebuilt, lambda f: log.failure("queueing spool files again failed", f)
             )
+
+    @inlineCallbacks
+    def prune_dedup(self) -> Any:
+        """
+        Forget the dedup records older than the window, a bounded batch per
+        transaction so that a large backlog does not hold the database for
+        long; at most L{PRUNE_ROUNDS} batches per run.
+        """
+        before = self.clock.seconds() - self.config.dedup_window
+        try:
+            for _ in range(PRUNE_ROUNDS):
+                removed = yield self.store.prune_dedup(before, PRUNE_BATCH)
+                if removed < PRUNE_BATCH:
+                    break
+        except Exception:
+            log.failure("pruning the dedup records failed")
+
+    def stop_pruning(self) -> None:
+        """Stop the dedup pruning timer (shutdown)."""
+        if self._pruner.running:
+            self._pruner.stop()
 
     def _schedule(self, rows: list[dict[str, Any]]) -> None:
         for row in rows:
@@ -363,6 +431,7 @@ class DeliveryService(Service):
 
     def stopService(self) -> Deferred[None]:
         Service.stopService(self)
+        self.delivery.stop_pruning()
         clock = self.delivery.clock
         finished: Deferred[None] = Deferred()
         timer = clock.callLater(STOP_GRACE, lambda: done(None))

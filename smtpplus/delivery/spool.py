@@ -110,6 +110,8 @@ class Envelope:
     size: int
     internal: bool
     created_at: float
+    # Absent from the records of older versions.
+    header_message_id: str | None = None
     # Absent from the records of older releases.
     sandbox: bool = False
 

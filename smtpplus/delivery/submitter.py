@@ -5,9 +5,11 @@ sender rules and streams each accepted message into the spool.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from typing import NoReturn
 
+import attrs
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
@@ -31,7 +33,7 @@ from smtpplus.delivery.headers import (
 )
 from smtpplus.delivery.interfaces import RunInThread
 from smtpplus.delivery.queue import NewMessage
-from smtpplus.delivery.rules import RecordsRefusals, SenderRules, header_from_addresses, unauthorized
+from smtpplus.delivery.rules import RecordsRefusals, Refusals, SenderRules, header_from_addresses, unauthorized
 from smtpplus.delivery.spool import Spool, TempMessage, local_failure, new_queue_id
 from smtpplus.interfaces import ISuppressionList
 from smtpplus.model import Suppression, User, iso_utc
@@ -57,6 +59,105 @@ def log_refusal(reply: SMTPReply, user: str, mail_from: str, peer: str, message_
         reason=reason,
         reply=f"{reply.code} {reply.status} {reply.text}",
     )
+
+
+def log_recipient_refusal(reply: SMTPReply, user: str, mail_from: str, recipient: str, peer: str) -> None:
+    """The log line of a refused recipient (a suppressed one)."""
+    log.info(
+        "recipient refused user={user} mail_from=<{mail_from}> to=<{to}> peer={peer} reply={reply}",
+        user=user,
+        mail_from=mail_from,
+        to=recipient,
+        peer=peer,
+        reply=f"{reply.code} {reply.status} {reply.text}",
+    )
+
+
+@attrs.frozen
+class HeaderSection:
+    """
+    What smtpplus reads from a message's header section (see
+    L{read_header_section}): the fields, the values the queue keeps, the
+    effective priority (and the message's own), and the header C{From:}
+    addresses or why they cannot be read.  C{refusal}: the message is
+    refused whatever its sender (a mail loop, a bad X-SMTPAPI).
+    """
+
+    fields: tuple[HeaderField, ...] = ()
+    names: frozenset[str] = frozenset()
+    refusal: SMTPReply | None = None
+    header_from: str = ""
+    subject: str = ""
+    api: SMTPAPI = SMTPAPI()
+    priority: int = 3
+    requested_priority: int = 3
+    from_addresses: tuple[str, ...] = ()
+    from_error: SMTPReply | None = None
+    message_id: str | None = None
+
+    def has(self, name: str) -> bool:
+        """Whether a field of this lower-cased name is present."""
+        return name in self.names
+
+
+def read_header_section(head: bytes, mail_from: str, mt_priority: int | None, user_priority: int) -> HeaderSection:
+    """
+    Read a message's header section as the end of DATA checks it, in the
+    session and in the policy dry-run alike: hop count, X-SMTPAPI, the
+    C{From:} addresses (the envelope sender's when there is no C{From:},
+    as one is added then), subject, Message-ID and the effective priority
+    (the higher of C{user_priority} and the message's own).
+    """
+    fields = parse_fields(head)
+    by_name: dict[str, list[HeaderField]] = {}
+    for field in fields:
+        by_name.setdefault(field.name, []).append(field)
+
+    def values(name: str) -> list[str]:
+        return [f.value for f in by_name.get(name, [])]
+
+    hops = len(by_name.get("received", ()))
+    if hops > MAX_HOPS:
+        return HeaderSection(
+            refusal=SMTPReply(554, "5.4.6", f"Too many hops ({hops} Received: headers): mail loop?", reason="loop")
+        )
+    try:
+        api = parse_smtpapi(values("x-smtpapi"))
+    except SMTPReply as e:
+        return HeaderSection(refusal=SMTPReply(e.code, e.status, e.text, reason="smtpapi"))
+    from_values = values("from")
+    header_from = from_values[0] if from_values else ""
+    from_addresses: list[str] = []
+    from_error = None
+    try:
+        from_addresses = header_from_addresses(from_values)
+    except SMTPReply as e:
+        from_error = SMTPReply(e.code, e.status, e.text, reason="sender")
+    if not from_values and mail_from:
+        header_from, from_addresses = f"<{mail_from}>", [mail_from]
+    x_priority = values("x-priority")
+    level = message_priority(api, mt_priority, x_priority[0] if x_priority else None)
+    message_ids = values("message-id")
+    return HeaderSection(
+        fields=tuple(fields),
+        names=frozenset(by_name),
+        header_from=header_from,
+        subject=decode_text(values("subject")[0]) if "subject" in by_name else "",
+        api=api,
+        priority=min(user_priority, level),
+        requested_priority=level,
+        from_addresses=tuple(from_addresses),
+        from_error=from_error,
+        message_id=message_ids[0] if message_ids and message_ids[0] else None,
+    )
+
+
+def _not_logged(*args: object) -> None:
+    """The dry-run's refusals leave no log line: no message was refused."""
+
+
+def _not_committed(temp: TempMessage, message: NewMessage) -> Deferred[str]:
+    raise AssertionError("the policy dry-run never commits a message")
 
 
 def suppressed_reply(suppression: Suppression) -> SMTPReply:
@@ -114,6 +215,8 @@ class Intake:
         self.hostname = hostname
         self.suppressions = suppressions
         self.budget = budget
+        self.log_refusal: Callable[..., None] = log_refusal
+        self.log_recipient_refusal: Callable[..., None] = log_recipient_refusal
 
     def recipient_refusal(self, user: str, recipient: str) -> Deferred[SMTPReply | None]:
         """L{suppression_refusal} against this daemon's suppression list."""
@@ -127,6 +230,18 @@ class Intake:
         if self.budget is None or budget <= 0:
             return succeed(1)
         return self.budget.effective_priority(user, budget, notify)
+
+    def dry_run(self) -> Intake:
+        """
+        This intake for the policy dry-run: the same rules and stores, but
+        a refusal is neither recorded (event, statistics) nor logged, and
+        nothing can be committed.
+        """
+        dry = copy.copy(self)
+        dry.refusals = Refusals(None, None)
+        dry.log_refusal = dry.log_recipient_refusal = _not_logged
+        dry.commit = _not_committed
+        return dry
 
     def discard(self, temp: TempMessage) -> None:
         """Delete a refused or abandoned message off the reactor thread."""
@@ -170,7 +285,7 @@ class Submitter:
         try:
             self.check_account()
         except SMTPReply as e:
-            log_refusal(e, self.username, mail_from, session.peer_ip)
+            self.intake.log_refusal(e, self.username, mail_from, session.peer_ip)
             raise
         if not self.rules.authorizes(mail_from):
             sender = mail_from or "<>"
@@ -180,8 +295,23 @@ class Submitter:
             reply = SMTPReply(
                 550, "5.7.1", f"Sender address {sender} is not authorized for user {self.username}", reason="sender"
             )
-            log_refusal(reply, self.username, mail_from, session.peer_ip)
+            self.intake.log_refusal(reply, self.username, mail_from, session.peer_ip)
             raise reply
+
+    def header_from_refusal(self, section: HeaderSection) -> SMTPReply | None:
+        """
+        The refusal of a message whose header C{From:} this user may not
+        send as (several or unreadable C{From:} fields, or an address not
+        authorized), else None; records nothing (the caller does).
+        """
+        if section.from_error is not None:
+            return section.from_error
+        bad = unauthorized(section.from_addresses, self.rules)
+        if not bad:
+            return None
+        return SMTPReply(
+            550, "5.7.1", f"From: address {', '.join(bad)} is not authorized for user {self.username}", reason="sender"
+        )
 
     def validateTo(self, session: SessionInfo, mail_from: str, recipient: str) -> Deferred[None]:
         # An authenticated user may relay to anyone not on its suppression
@@ -192,14 +322,7 @@ class Submitter:
             if refusal is None:
                 return
             self.intake.refusals.recipient(self.username, mail_from)
-            log.info(
-                "recipient refused user={user} mail_from=<{mail_from}> to=<{to}> peer={peer} reply={reply}",
-                user=self.username,
-                mail_from=mail_from,
-                to=recipient,
-                peer=session.peer_ip,
-                reply=f"{refusal.code} {refusal.status} {refusal.text}",
-            )
+            self.intake.log_recipient_refusal(refusal, self.username, mail_from, recipient, session.peer_ip)
             raise refusal
 
         return self.intake.recipient_refusal(self.username, recipient).addCallback(checked)
@@ -231,15 +354,13 @@ class MessageWriter:
         # (or refused as too large).
         self._head: bytearray | None = bytearray()
         self._refusal: SMTPReply | None = None
-        self._header_from = ""
-        self._subject = ""
-        self._api = SMTPAPI()
+        # What the header section says, once read and not refused.
+        self._section = HeaderSection()
+        # The effective priority; the priority budget may lower it at the final dot.
         self._priority = 3
         # Where the digit of the written X-Priority: field is, should the
         # priority budget change it at the final dot.
         self._priority_at: int | None = None
-        self._from_addresses: list[str] = []
-        self._from_error: SMTPReply | None = None
 
     def write(self, data: bytes) -> None:
         if self._temp is None:
@@ -267,53 +388,30 @@ class MessageWriter:
         assert self._head is not None
         head, rest = bytes(self._head[:end]), bytes(self._head[end:])
         self._head = None
-        fields = parse_fields(head)
-        by_name: dict[str, list[HeaderField]] = {}
-        for field in fields:
-            by_name.setdefault(field.name, []).append(field)
-
-        def values(name: str) -> list[str]:
-            return [f.value for f in by_name.get(name, [])]
-
-        hops = len(by_name.get("received", ()))
-        if hops > MAX_HOPS:
-            self._refusal = SMTPReply(554, "5.4.6", f"Too many hops ({hops} Received: headers): mail loop?", reason="loop")
+        envelope = self._envelope
+        section = read_header_section(head, envelope.mail_from, envelope.mt_priority, self._submitter.priority)
+        if section.refusal is not None:
+            self._refusal = section.refusal
             return
-        from_values = values("from")
-        self._header_from = from_values[0] if from_values else ""
-        self._subject = decode_text(values("subject")[0]) if "subject" in by_name else ""
-        try:
-            self._api = parse_smtpapi(values("x-smtpapi"))
-        except SMTPReply as e:
-            self._refusal = SMTPReply(e.code, e.status, e.text, reason="smtpapi")
-            return
-        try:
-            self._from_addresses = header_from_addresses(from_values)
-        except SMTPReply as e:
-            self._from_error = SMTPReply(e.code, e.status, e.text, reason="sender")
-        x_priority = values("x-priority")
-        level = message_priority(self._api, self._envelope.mt_priority, x_priority[0] if x_priority else None)
-        self._priority = min(self._submitter.priority, level)
-        added = self._missing_fields(by_name)
+        self._section = section
         assert self._temp is not None
-        head = rewrite(fields, self._envelope.received, self._priority, added)
+        self._priority = section.priority
+        head = rewrite(section.fields, envelope.received, section.priority, self._missing_fields(section))
         # rewrite() ends the section with "X-Priority: <digit>\r\n".
         self._priority_at = self._temp.size + len(head) - 3
         self._temp.write(head)
         self._temp.write(rest)
 
-    def _missing_fields(self, by_name: dict[str, list[HeaderField]]) -> list[bytes]:
+    def _missing_fields(self, section: HeaderSection) -> list[bytes]:
         # A submission server completes what RFC 5322 requires, as Postfix
         # does for its own clients.
         added = []
         mail_from = self._envelope.mail_from
-        if "from" not in by_name and mail_from:
+        if not section.has("from") and mail_from:
             added.append(b"From: <%s>\r\n" % mail_from.encode("utf-8"))
-            self._header_from = f"<{mail_from}>"
-            self._from_addresses = [mail_from]
-        if "date" not in by_name:
+        if not section.has("date"):
             added.append(b"Date: " + format_date(self._intake.clock.seconds()) + b"\r\n")
-        if "message-id" not in by_name:
+        if not section.has("message-id"):
             added.append(f"Message-ID: <{self._id}@{self._intake.hostname}>\r\n".encode())
         return added
 
@@ -361,20 +459,22 @@ class MessageWriter:
 
     def _commit(self, temp: TempMessage) -> Deferred[str]:
         envelope = self._envelope
+        section = self._section
         message = NewMessage(
             id=self._id,
             user=self._submitter.username,
             mail_from=envelope.mail_from,
-            header_from=self._header_from,
-            subject=self._subject,
+            header_from=section.header_from,
+            subject=section.subject,
             priority=self._priority,
             recipients=envelope.recipients,
-            campaign_name=self._api.campaign_name,
-            campaign_code=self._api.campaign_code,
-            schedule_at=self._api.schedule,
+            campaign_name=section.api.campaign_name,
+            campaign_code=section.api.campaign_code,
+            schedule_at=section.api.schedule,
             size=temp.size,
             internal=False,
             created_at=self._intake.clock.seconds(),
+            header_message_id=section.message_id,
             sandbox=self._submitter.sandbox,
         )
 
@@ -405,17 +505,16 @@ class MessageWriter:
         return reply
 
     def _sender_refusal(self) -> SMTPReply | None:
-        user = self._submitter.username
-        error = self._from_error
+        section = self._section
+        error = self._submitter.header_from_refusal(section)
         if error is None:
-            bad = unauthorized(self._from_addresses, self._submitter.rules)
-            if not bad:
-                return None
-            error = SMTPReply(
-                550, "5.7.1", f"From: address {', '.join(bad)} is not authorized for user {user}", reason="sender"
-            )
+            return None
         self._intake.refusals.record(
-            user, self._envelope.mail_from, self._header_from, self._subject, f"header From: refused: {error.text}"
+            self._submitter.username,
+            self._envelope.mail_from,
+            section.header_from,
+            section.subject,
+            f"header From: refused: {error.text}",
         )
         return error
 

@@ -12,6 +12,8 @@ from __future__ import annotations
 import attrs
 from zope.interface import Attribute, Interface
 
+from smtpplus.address import BadAddressSyntax, BadInternationalDomain, NonASCIILocalPart, envelope_mailbox
+
 
 class SMTPReply(Exception):
     """
@@ -34,6 +36,32 @@ class SMTPReply(Exception):
 
     def __str__(self) -> str:
         return f"{self.code} {self.status} {self.text}"
+
+
+# RFC 3463 enhanced status for a bad envelope address, by role.
+ADDRESS_STATUS = {"sender": "5.1.7", "recipient": "5.1.3"}
+
+
+def envelope_address(text: str, role: str) -> str:
+    """
+    Return the envelope mailbox C{text} in the form it is kept, shown and
+    relayed in: a domain in Unicode becomes its IDNA A-label form (UTS #46),
+    since the next hop need not speak SMTPUTF8 and nor do we.
+
+    @param role: C{"sender"} or C{"recipient"}, for the reply.
+    @raise SMTPReply: C{553 5.6.7} for a non-ASCII local part, C{553 5.1.7}
+        (sender) or C{553 5.1.3} (recipient) for a domain that is not valid
+        IDNA, C{501} with the same status for bad syntax.
+    """
+    status = ADDRESS_STATUS[role]
+    try:
+        return envelope_mailbox(text)
+    except NonASCIILocalPart:
+        raise SMTPReply(553, "5.6.7", "Non-ASCII local part needs SMTPUTF8, which is not offered") from None
+    except BadInternationalDomain:
+        raise SMTPReply(553, status, f"Bad {role} domain: not a valid internationalized domain name") from None
+    except BadAddressSyntax:
+        raise SMTPReply(501, status, f"Bad {role} address syntax") from None
 
 
 class LoginThrottled(Exception):

@@ -97,31 +97,41 @@ def _reason(error: CannotListenError) -> str:
     return getattr(socket_error, "strerror", None) or str(socket_error)
 
 
-class _BoundSocket:
+class _WorkerSockets:
     """
-    A port bound for SMTP workers: bound here (before twistd drops root)
-    but not listening until the first worker serves it (L{adopt_ports}), so
-    that a connection is refused rather than left unanswered in a backlog
-    while no worker runs.
+    A port bound for SMTP workers: one socket per worker, all bound here
+    (before twistd drops root) with C{SO_REUSEPORT}, so that the kernel
+    spreads new connections over the workers instead of waking them all
+    for each one (the first to call accept() would take most of them).  A
+    socket listens only once its worker serves it (L{adopt_ports}): before
+    any worker runs, a connection is refused rather than left unanswered;
+    while one worker restarts, connections the kernel gives to its socket
+    wait in that socket's backlog.
     """
 
-    def __init__(self, interface: str, port: int, factory: ServerFactory) -> None:
+    def __init__(self, interface: str, port: int, factory: ServerFactory, copies: int) -> None:
         self.factory = factory
         family = socket.AF_INET6 if ":" in interface else socket.AF_INET
-        self._socket = socket.socket(family, socket.SOCK_STREAM)
+        self.sockets: list[socket.socket] = []
         try:
-            self._socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            self._socket.setblocking(False)
-            self._socket.bind((interface, port))
+            for _ in range(copies):
+                bound = socket.socket(family, socket.SOCK_STREAM)
+                self.sockets.append(bound)
+                bound.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                bound.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+                bound.setblocking(False)
+                bound.bind((interface, port))
         except OSError as e:
-            self._socket.close()
+            self.stopListening()
             raise CannotListenError(interface, port, e) from None
 
-    def fileno(self) -> int:
-        return self._socket.fileno()
+    def fileno(self, worker: int) -> int:
+        """The descriptor of worker C{worker}'s socket (1-based)."""
+        return self.sockets[worker - 1].fileno()
 
     def stopListening(self) -> None:
-        self._socket.close()
+        for bound in self.sockets:
+            bound.close()
 
 
 def adopt_ports(reactor: Any, family: int, descriptors: Iterable[int], factory: ServerFactory) -> list[IListeningPort]:
@@ -148,10 +158,9 @@ class SMTPListeners(Service):
     """
     Listens on every port of the STARTTLS set and the implicit-TLS set.
 
-    With C{serve=False} (the coordinator of SMTP workers) the ports are
-    bound and listening, so the kernel queues connections from the first
-    moment, but this process never accepts them: its workers do, on the
-    descriptors L{descriptors} lists.
+    With C{workers} (the coordinator of that many SMTP workers) the ports
+    are bound, one socket per worker, but this process never accepts on
+    them: its workers do, on the descriptors L{descriptors} lists.
 
     @ivar bound: the STARTTLS ports actually listening.
     @ivar bound_tls: the implicit-TLS ports actually listening.
@@ -166,10 +175,11 @@ class SMTPListeners(Service):
         factory: ServerFactory,
         tls_factory: ServerFactory | None,
         require_all: bool,
-        serve: bool = True,
+        workers: int = 0,
     ) -> None:
         self._reactor = reactor
-        self._serve = serve
+        self._serve = not workers
+        self._copies = workers
         self.interface = interface
         self.ports = tuple(ports)
         self.tls_ports = tuple(tls_ports)
@@ -220,7 +230,7 @@ class SMTPListeners(Service):
                     listening: Any = _QuietPort(port, factory, BACKLOG, self.interface, self._reactor)
                     listening.startListening()
                 else:
-                    listening = _BoundSocket(self.interface, port, factory)
+                    listening = _WorkerSockets(self.interface, port, factory, self._copies)
             except CannotListenError as e:
                 failures.setdefault(_reason(e), []).append(port)
                 continue
@@ -228,10 +238,10 @@ class SMTPListeners(Service):
             bound.append(port)
         return bound
 
-    def descriptors(self) -> tuple[list[int], list[int]]:
-        """The bound sockets' descriptors of the STARTTLS and of the implicit-TLS ports, for the workers."""
-        plain = [p.fileno() for p in self._listening if p.factory is self.factory]
-        tls = [p.fileno() for p in self._listening if p.factory is not self.factory]
+    def descriptors(self, worker: int) -> tuple[list[int], list[int]]:
+        """Worker C{worker}'s socket descriptors of the STARTTLS and of the implicit-TLS ports."""
+        plain = [p.fileno(worker) for p in self._listening if p.factory is self.factory]
+        tls = [p.fileno(worker) for p in self._listening if p.factory is not self.factory]
         return plain, tls
 
     def _stop_listening(self) -> Deferred[object]:

@@ -31,13 +31,7 @@ from twisted.internet.protocol import Protocol, ServerFactory
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from smtpplus.address import (
-    BadAddressSyntax,
-    BadInternationalDomain,
-    NonASCIILocalPart,
-    envelope_mailbox,
-    parse_mailbox,
-)
+from smtpplus.address import parse_mailbox
 from smtpplus.smtp.data import DATA_FLUSH_SIZE, decode_data
 from smtpplus.smtp.framing import (
     AUTH,
@@ -51,6 +45,7 @@ from smtpplus.smtp.framing import (
     PipelinedLineReceiver,
 )
 from smtpplus.smtp.interfaces import (
+    ADDRESS_STATUS,
     Envelope,
     ILoginService,
     IMessageWriter,
@@ -58,6 +53,7 @@ from smtpplus.smtp.interfaces import (
     LoginThrottled,
     SessionInfo,
     SMTPReply,
+    envelope_address,
 )
 from smtpplus.smtp.registry import SessionRegistry, SessionSettings
 from smtpplus.smtp.sasl import EXTENSION as AUTH_EXTENSION
@@ -98,34 +94,9 @@ _CONTROL_RE = re.compile(r"[\x00-\x09\x0b-\x1f\x7f]")
 
 
 # --- Envelope addresses -----------------------------------------------------
-# The syntax and the IDNA conversion live in the leaf smtpplus.address; the
-# session only maps their errors to replies.
-
-
-# RFC 3463 enhanced status for a bad envelope address, by role.
-_ADDRESS_STATUS = {"sender": "5.1.7", "recipient": "5.1.3"}
-
-
-def _envelope_mailbox(text: str, role: str) -> str:
-    """
-    Return the envelope mailbox C{text} in the form it is kept, shown and
-    relayed in: a domain in Unicode becomes its IDNA A-label form (UTS #46),
-    since the next hop need not speak SMTPUTF8 and nor do we.
-
-    @param role: C{"sender"} or C{"recipient"}, for the reply.
-    @raise SMTPReply: C{553 5.6.7} for a non-ASCII local part, C{553 5.1.7}
-        (sender) or C{553 5.1.3} (recipient) for a domain that is not valid
-        IDNA, C{501} with the same status for bad syntax.
-    """
-    status = _ADDRESS_STATUS[role]
-    try:
-        return envelope_mailbox(text)
-    except NonASCIILocalPart:
-        raise SMTPReply(553, "5.6.7", "Non-ASCII local part needs SMTPUTF8, which is not offered") from None
-    except BadInternationalDomain:
-        raise SMTPReply(553, status, f"Bad {role} domain: not a valid internationalized domain name") from None
-    except BadAddressSyntax:
-        raise SMTPReply(501, status, f"Bad {role} address syntax") from None
+# The syntax and the IDNA conversion live in the leaf smtpplus.address; their
+# errors become replies in smtp.interfaces.envelope_address (the policy
+# dry-run answers the same).
 
 
 def _address_literal(ip: str) -> str:
@@ -631,11 +602,11 @@ class SMTPSession(PipelinedLineReceiver):
 
     def _parse_path(self, text: bytes, role: str) -> tuple[str, dict[str, str]]:
         """
-        The address (as by L{_envelope_mailbox}; a sender may be null) and the
+        The address (as by L{envelope_address}; a sender may be null) and the
         parameters of a MAIL FROM or RCPT TO argument; raise L{SMTPReply}
         when the address is unusable.
         """
-        syntax_error = SMTPReply(501, _ADDRESS_STATUS[role], f"Bad {role} address syntax")
+        syntax_error = SMTPReply(501, ADDRESS_STATUS[role], f"Bad {role} address syntax")
         match = _PATH_RE.match(text)
         if match is None:
             raise syntax_error
@@ -654,7 +625,7 @@ class SMTPSession(PipelinedLineReceiver):
             if role == "sender":
                 return "", params
             raise syntax_error
-        return _envelope_mailbox(path, role), params
+        return envelope_address(path, role), params
 
     def smtp_DATA(self, rest: bytes) -> None:
         if self._mail_from is None:

@@ -206,11 +206,14 @@ class Enqueue(amp.Command):
     """
     Record a batch of messages whose spool files are durable in C{msg/}:
     one transaction for the batch, then the scheduler.  Answered only once
-    the rows are committed; the worker answers its clients 250 after that.
+    the rows are committed; the worker answers its clients 250 after that,
+    with the first message's id for a resent copy.
     """
 
     arguments = [(b"batch", Blob())]
-    response = [(b"free", amp.ListOf(amp.Unicode()))]
+    # duplicates: per message in order, the id of the message it is a
+    # resent copy of (not queued), or "" for a message queued.
+    response = [(b"free", amp.ListOf(amp.Unicode())), (b"duplicates", amp.ListOf(amp.Unicode()))]
     errors = {StoreUnavailable: b"STORE_UNAVAILABLE"}
 
 

@@ -30,6 +30,7 @@ from twisted.application.service import Service
 from twisted.internet.defer import Deferred, gatherResults, maybeDeferred, succeed
 from twisted.internet.error import ProcessDone
 from twisted.internet.protocol import Factory, ProcessProtocol
+from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger, eventFromJSON, globalLogPublisher
 from twisted.protocols import amp
 from twisted.python.failure import Failure
@@ -38,6 +39,7 @@ from smtpplus.auth.throttle import LoginThrottle
 from smtpplus.config import format_port_list
 from smtpplus.delivery.batching import Batcher
 from smtpplus.delivery.budget import PriorityBudget
+from smtpplus.delivery.interfaces import Duplicate
 from smtpplus.delivery.queue import NewMessage
 from smtpplus.delivery.rules import RecordsRefusals
 from smtpplus.delivery.spool import Spool
@@ -55,7 +57,7 @@ log = Logger()
 # cannot start does not spin.  Both within the contract's 2 s.
 RESTART_DELAY = 0.2
 CRASH_WINDOW = 5.0
-CRASH_DELAY = 1.5
+CRASH_DELAY = 1.0
 # After SIGTERM the workers get this long to drain; then they are killed.
 STOP_SECONDS = 8.0
 # Process collector gauges that describe the coordinator, not a sum.
@@ -119,7 +121,7 @@ class Node:
 
     users: Any
     throttle: LoginThrottle
-    record: Callable[[list[tuple[NewMessage, bytes | None]]], Deferred[list[int]]]
+    record: Callable[[list[tuple[NewMessage, bytes | None]]], Deferred[list[int | Duplicate]]]
     refusals: RecordsRefusals
     spool: Spool
     connections: NodeConnections
@@ -201,9 +203,9 @@ class WorkerLink(commands.QuietAMP):
     def enqueue(self, batch: bytes) -> Deferred[dict[str, Any]]:
         messages = commands.unpack_messages(batch)
 
-        def recorded(_: object) -> dict[str, Any]:
+        def recorded(duplicates: list[str]) -> dict[str, Any]:
             # The worker writes its next messages over these files.
-            return {"free": self._node.spool.give_free(len(messages))}
+            return {"free": self._node.spool.give_free(len(messages)), "duplicates": duplicates}
 
         def failed(failure: Failure) -> Failure:
             raise commands.StoreUnavailable(str(failure.value))
@@ -326,6 +328,8 @@ class WorkerPool(Service):
         self.workers: dict[int, WorkerProcess] = {}
         self._stopping = False
         self._enqueue = Batcher(self._record)
+        # Resent copies found by the batch just recorded: copy id -> first id.
+        self._duplicates: dict[str, str] = {}
 
     # Starting and restarting.
 
@@ -340,7 +344,7 @@ class WorkerPool(Service):
             self._spawn(index, drop=os.getuid() == 0)
 
     def _spawn(self, index: int, restarts: int = 0, drop: bool = False) -> None:
-        plain, tls = self._listeners.descriptors()
+        plain, tls = self._listeners.descriptors(index)
         parent_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         channel = max([2, *plain, *tls]) + 1
         args = [
@@ -384,7 +388,11 @@ class WorkerPool(Service):
     def worker_ended(self, worker: WorkerProcess, reason: Failure) -> None:
         """A worker's process is gone: free what it held, start another unless stopping."""
         self.node.connections.worker_gone(worker.index)
-        self.node.spool.clear_partial(os.path.join(self.node.spool.tmp_dir, f"w{worker.index}"))
+        # Off the reactor thread (a directory walk and unlinks), and before
+        # a new worker of the same index writes there.
+        partial = os.path.join(self.node.spool.tmp_dir, f"w{worker.index}")
+        cleared = deferToThreadPool(self._reactor, self._reactor.getThreadPool(), self.node.spool.clear_partial, partial)
+        cleared.addErrback(lambda f: log.failure("removing the partial files of smtp worker {i} failed", f, i=worker.index))
         if self.workers.get(worker.index) is worker:
             del self.workers[worker.index]
         if self._stopping:
@@ -401,7 +409,7 @@ class WorkerPool(Service):
             why=reason.value,
             delay=delay,
         )
-        self._reactor.callLater(delay, self._respawn, worker.index, worker.restarts + 1)
+        cleared.addCallback(lambda _: self._reactor.callLater(delay, self._respawn, worker.index, worker.restarts + 1))
 
     def _respawn(self, index: int, restarts: int) -> None:
         if not self._stopping and index not in self.workers:
@@ -409,13 +417,28 @@ class WorkerPool(Service):
 
     # What the coordinator does for the workers.
 
-    def enqueue(self, messages: list[tuple[NewMessage, bytes | None]]) -> Deferred[None]:
-        """Record one worker's batch; batches of several workers arriving together share a transaction."""
-        return self._enqueue.add(messages)
+    def enqueue(self, messages: list[tuple[NewMessage, bytes | None]]) -> Deferred[list[str]]:
+        """
+        Record one worker's batch; batches of several workers arriving
+        together share a transaction.  Fires with, per message, the id of
+        the message it is a resent copy of, or "".
+        """
+
+        def firsts(_: object) -> list[str]:
+            return [self._duplicates.pop(message.id, "") for message, _ in messages]
+
+        return self._enqueue.add(messages).addCallback(firsts)
 
     def _record(self, batches: list[list[tuple[NewMessage, bytes | None]]]) -> Deferred[Sequence[BaseException | None]]:
         entries = [entry for batch in batches for entry in batch]
-        return self.node.record(entries).addCallback(lambda _: [None] * len(batches))
+
+        def recorded(results: list[Any]) -> list[None]:
+            for (message, _), result in zip(entries, results, strict=True):
+                if isinstance(result, Duplicate):
+                    self._duplicates[message.id] = result.first_id
+            return [None] * len(batches)
+
+        return self.node.record(entries).addCallback(recorded)
 
     def broadcast(self, command: type[amp.Command], **arguments: Any) -> list[Deferred[Any]]:
         """Send C{command} to every connected worker; returns the answers of those that answer."""

@@ -15,15 +15,17 @@ files are removed by the coordinator.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import os
+import signal
 import socket
 import sys
 from collections.abc import Callable
 from typing import Any
 
 from twisted.application.service import MultiService
-from twisted.internet.defer import Deferred, gatherResults, succeed
+from twisted.internet.defer import Deferred, gatherResults, maybeDeferred, succeed
 from twisted.internet.protocol import Factory
 from twisted.logger import (
     FilteringLogObserver,
@@ -42,6 +44,7 @@ from smtpplus.auth.hashing import PasswordHasher
 from smtpplus.auth.login import build_login_service
 from smtpplus.auth.store import LoginRecord, Revocations, Standing
 from smtpplus.config import Config, config_from_text, parse_port_spec
+from smtpplus.delivery.interfaces import Duplicate
 from smtpplus.delivery.queue import Committer, NewMessage
 from smtpplus.delivery.spool import Spool
 from smtpplus.delivery.submitter import Intake, Submitter
@@ -61,6 +64,7 @@ log = Logger()
 # After SIGTERM, sessions receiving or storing a message get this long; the
 # coordinator kills a worker still running after its own deadline.
 DRAIN_SECONDS = 6.0
+PR_SET_PDEATHSIG = 1
 
 
 class CoordinatorLink(commands.QuietAMP):
@@ -214,12 +218,12 @@ class RemoteQueue:
         self._link = link
         self._spool = spool
 
-    def record(self, batch: list[tuple[NewMessage, bytes | None]]) -> Deferred[list[int]]:
+    def record(self, batch: list[tuple[NewMessage, bytes | None]]) -> Deferred[list[int | Duplicate]]:
         d = self._link.callRemote(commands.Enqueue, batch=commands.pack_messages(batch))
 
-        def recorded(answer: dict[str, Any]) -> list[int]:
+        def recorded(answer: dict[str, Any]) -> list[int | Duplicate]:
             self._spool.take_free(answer["free"])
-            return [0] * len(batch)
+            return [Duplicate(first) if first else 0 for first in answer["duplicates"]]
 
         return d.addCallback(recorded)
 
@@ -263,7 +267,7 @@ class Worker:
         self.services = MultiService()
         self.registry: SessionRegistry | None = None
         self._ports: list[Any] = []
-        self._stopping = False
+        self._stopped: Deferred[object] | None = None
 
     def configure(self) -> Deferred[Config]:
         """Ask the coordinator for the configuration, the certificates and the log level."""
@@ -333,35 +337,30 @@ class Worker:
         self.tls.options = tls.options()
         self.log_filter.defaultLogLevel = LEVELS[log_level]
 
-    def stop(self) -> Deferred[object]:
-        """Stop taking connections, let the sessions drain, stop the bcrypt pool."""
-        if self._stopping:
-            return succeed(None)
-        self._stopping = True
+    def stop(self, grace: float = DRAIN_SECONDS) -> Deferred[object]:
+        """Stop taking connections, let the sessions drain for C{grace} seconds, stop the bcrypt pool."""
+        if self._stopped is not None:
+            return self._stopped
         ports, self._ports = self._ports, []
-        closing = gatherResults([p.stopListening() for p in ports])
-        drained = self.registry.drain(DRAIN_SECONDS) if self.registry is not None else succeed(None)
+        closing = gatherResults([maybeDeferred(p.stopListening) for p in ports])
+        drained = self.registry.drain(grace) if self.registry is not None else succeed(None)
         d = gatherResults([closing, drained])
+        # The bcrypt pool's threads would keep the process alive.
         d.addBoth(lambda _: self.services.stopService())
+        self._stopped = d
         return d
 
     def coordinator_lost(self) -> None:
         """
         The coordinator is gone (it stopped or died): a worker alone can
         queue nothing, so it closes its ports at once (a coordinator
-        starting again must be able to bind them) and ends its sessions.
+        starting again must be able to bind them), ends its sessions and
+        exits.
         """
         self.forwarder.connected = False
-        if self._stopping:
-            return
-        self._stopping = True
-        for port in self._ports:
-            port.stopListening()
-        self._ports = []
-        if self.registry is not None:
-            self.registry.drain(0)
+        stopped = self.stop(0)
         if self.reactor.running:
-            self.reactor.stop()
+            stopped.addBoth(lambda _: self.reactor.stop())
 
 
 def _options(argv: list[str]) -> argparse.Namespace:
@@ -409,6 +408,10 @@ def main(argv: list[str] | None = None) -> None:
             # user's.
             os.chown(worker.spool.tmp_dir, -1 if options.uid is None else options.uid, -1 if options.gid is None else options.gid)
             switchUID(options.uid, options.gid)
+        # Should the coordinator die without closing the link (it always
+        # closes with the process), the kernel still tells this one; set
+        # after the switch, which clears it.
+        _die_with_parent()
         worker.services.startService()
         count = worker.serve(config.smtp.listen, _descriptors(options.fds), _descriptors(options.tls_fds))
         worker.link.callRemote(commands.Ready, ports=count)
@@ -435,6 +438,15 @@ class _OneProtocol(Factory):
 
     def buildProtocol(self, addr: Any) -> amp.AMP:
         return self._protocol
+
+
+def _die_with_parent() -> None:
+    """Ask Linux for SIGTERM when the coordinator dies (prctl PR_SET_PDEATHSIG); elsewhere the link's end does it."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):
+        pass
 
 
 def _set_title(title: str) -> None:

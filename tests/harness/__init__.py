@@ -18,7 +18,8 @@ test does not pay for aiosmtpd or smtplib:
     the event and statistics recorders;
   - L{stack}: delivery wired to a real database, SMTP listener and
     smarthost inside the test process;
-  - L{stores}: a migrated SQLite user store in the test's directory.
+  - L{stores}: a migrated SQLite user store in the test's directory;
+  - L{web}: a site on 127.0.0.1 port 0 and a treq client for it.
 
 L{ports}, L{polling}, L{daemon}, L{smarthost}, L{tls}, L{clients} and
 L{messages} import nothing from smtpplus (but for

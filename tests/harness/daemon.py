@@ -224,6 +224,7 @@ class Daemon:
     @param args: command-line arguments after C{--config}.
     @param wait: wait until every port accepts.
     @param prepare: called after the config is written, before the start.
+    @param twistd_args: twistd's own options (before C{smtpplus}).
     """
 
     def __init__(
@@ -235,6 +236,7 @@ class Daemon:
         sink: bool = True,
         wait: bool = True,
         prepare: Callable[[Daemon], None] = lambda d: None,
+        twistd_args: Iterable[str] = (),
     ) -> None:
         ports = free_port_range(plain + tls + 2)
         self.plain_ports = ports[:plain]
@@ -247,7 +249,8 @@ class Daemon:
         self.config_path = write_config(self.directory, config(self))
         prepare(self)
         self.args = args(self)
-        self.process = spawn_twistd(["--config", self.config_path, *self.args], self.directory)
+        self.twistd_args = list(twistd_args)
+        self.process = spawn_twistd(["--config", self.config_path, *self.args], self.directory, self.twistd_args)
         self._token: str | None = None
         if wait:
             self.wait_ready()
@@ -283,7 +286,7 @@ class Daemon:
 
     def restart(self) -> None:
         """Start the daemon again with the same config and arguments, after it stopped."""
-        self.process = spawn_twistd(["--config", self.config_path, *self.args], self.directory)
+        self.process = spawn_twistd(["--config", self.config_path, *self.args], self.directory, self.twistd_args)
 
     def wait_ready(self, ports: Iterable[int] | None = None, timeout: float = 30.0) -> None:
         """Wait until C{ports} (by default all of them) accept; stop the daemon and fail when they do not."""

@@ -219,7 +219,7 @@
       const edit = el("button", "Edit", { type: "button", "aria-label": `Edit ${user.username}` });
       edit.addEventListener("click", () => startEdit(user.username));
       body.append(row([
-        user.username, user.enabled ? "enabled" : "disabled", user.priority,
+        user.username, (user.enabled ? "enabled" : "disabled") + (user.sandbox ? ", sandbox" : ""), user.priority,
         list(user.authorized_domains), list(user.authorized_senders), user.notes, edit,
       ]));
     }
@@ -245,6 +245,8 @@
       authorized_senders: $("new-senders").value,
       notes: $("new-notes").value,
       aggregation: $("new-aggregation").value,
+      priority_budget: Number($("new-budget").value || 0),
+      sandbox: $("new-sandbox").checked,
     };
     const username = $("new-username").value.trim();
     if (username) fields.username = username;
@@ -266,6 +268,8 @@
     $("edit-aggregation").value = user.aggregation;
     $("edit-notes").value = user.notes;
     $("edit-enabled").checked = user.enabled;
+    $("edit-budget").value = String(user.priority_budget);
+    $("edit-sandbox").checked = user.sandbox;
     $("edit-user-form").hidden = false;
     $("edit-priority").focus();
   }
@@ -287,6 +291,8 @@
       aggregation: $("edit-aggregation").value,
       notes: $("edit-notes").value,
       enabled: $("edit-enabled").checked,
+      priority_budget: Number($("edit-budget").value || 0),
+      sandbox: $("edit-sandbox").checked,
     });
     say(`User ${user.username} saved.`);
     closeEdit();
