@@ -10,8 +10,9 @@ the peer for the ratio: what smtpplus costs over the reactor it runs on.
 
 Serving means: every port accepts a connection, the first and the last
 answer a C{220} banner, and (with workers) the admin API's settings show
-every worker serving.  The coordinator binds the ports but they listen
-only once a worker adopts them, so a port that accepts is served.
+every worker serving.  The coordinator binds and listens on the ports
+before its workers run (a connection waits in the backlog until one
+serves), so a port that accepts is not yet served: the settings say when.
 
 Targets (issue 10): start < 2 s with all workers serving; RSS of the tree
 < 150 MiB; idle CPU ~0 %.

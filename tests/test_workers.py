@@ -6,6 +6,7 @@ real twistd with two workers against aiosmtpd, smtplib and the admin API.
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import smtplib
@@ -14,7 +15,10 @@ import time
 from typing import Any
 
 from prometheus_client import generate_latest
+from twisted.internet import reactor
 from twisted.internet.defer import Deferred, succeed
+from twisted.internet.error import CannotListenError
+from twisted.internet.protocol import ServerFactory
 from twisted.internet.task import Clock
 from twisted.protocols import amp
 from twisted.test import iosim
@@ -22,6 +26,7 @@ from twisted.trial import unittest
 
 from smtpplus.delivery.queue import NewMessage
 from smtpplus.metrics import Metrics, daemon_metrics
+from smtpplus.smtp.listeners import _WorkerSockets
 from smtpplus.smtp.registry import SessionSettings
 from smtpplus.workers import commands
 from smtpplus.workers.pool import NodeConnections, merge_expositions
@@ -29,6 +34,7 @@ from tests.harness.clients import logged_in, smtp, submit
 from tests.harness.daemon import Daemon
 from tests.harness.messages import message, queue_id
 from tests.harness.polling import poll
+from tests.harness.ports import free_port, occupy, port_is_free
 from tests.harness.tls import client_context
 
 SETTINGS = SessionSettings(
@@ -217,6 +223,41 @@ class NodeAdmissionTests(unittest.TestCase):
         answer.callback(None)
         self.assertEqual(released, ["10.0.0.7"])
         self.assertEqual(transport.value(), b"")
+
+
+class WorkerSocketsTests(unittest.TestCase):
+    """The coordinator's one-socket-per-worker ports (C{SO_REUSEPORT}) stay exclusive."""
+
+    def bind(self, port: int) -> _WorkerSockets:
+        sockets = _WorkerSockets("127.0.0.1", port, ServerFactory(), 2)
+        self.addCleanup(sockets.stopListening)
+        return sockets
+
+    def test_port_listens_from_the_start(self) -> None:
+        """Bound means listening: no other program can take the port while the workers load."""
+        port = free_port()
+        self.bind(port)
+        self.assertFalse(port_is_free(port))
+        with self.assertRaises(CannotListenError):
+            reactor.listenTCP(port, ServerFactory(), interface="127.0.0.1")
+
+    def test_second_daemon_refused(self) -> None:
+        """A second coordinator cannot join the SO_REUSEPORT group: "address already in use"."""
+        port = free_port()
+        self.bind(port)
+        with self.assertRaises(CannotListenError) as caught:
+            _WorkerSockets("127.0.0.1", port, ServerFactory(), 2)
+        self.assertEqual(caught.exception.socketError.errno, errno.EADDRINUSE)
+
+    def test_port_of_another_program_refused(self) -> None:
+        """A port another program listens on is refused, and nothing of ours stays bound."""
+        port = free_port()
+        held = occupy(port)
+        self.addCleanup(held.close)
+        with self.assertRaises(CannotListenError):
+            _WorkerSockets("127.0.0.1", port, ServerFactory(), 2)
+        held.close()
+        self.assertTrue(port_is_free(port))
 
 
 class _Address:

@@ -102,18 +102,29 @@ class _WorkerSockets:
     A port bound for SMTP workers: one socket per worker, all bound here
     (before twistd drops root) with C{SO_REUSEPORT}, so that the kernel
     spreads new connections over the workers instead of waking them all
-    for each one (the first to call accept() would take most of them).  A
-    socket listens only once its worker serves it (L{adopt_ports}): before
-    any worker runs, a connection is refused rather than left unanswered;
-    while one worker restarts, connections the kernel gives to its socket
-    wait in that socket's backlog.
+    for each one (the first to call accept() would take most of them).
+
+    The sockets listen from the moment they are bound: a socket that is
+    only bound looks free to every other program, which could then bind
+    and listen on the port itself and take its connections.  So a
+    connection that reaches a worker that is not serving yet (at start, or
+    while it restarts) waits in its socket's backlog until it does.
+
+    C{SO_REUSEPORT} alone would also let a second daemon started by
+    mistake join the group silently and take a share of the connections;
+    a first socket bound without it makes the port fail with "address
+    already in use" as a single-process daemon's would.
     """
 
     def __init__(self, interface: str, port: int, factory: ServerFactory, copies: int) -> None:
         self.factory = factory
         family = socket.AF_INET6 if ":" in interface else socket.AF_INET
         self.sockets: list[socket.socket] = []
+        probe = socket.socket(family, socket.SOCK_STREAM)
         try:
+            # Without SO_REUSEPORT: refused while anyone listens on the port.
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind((interface, port))
             for _ in range(copies):
                 bound = socket.socket(family, socket.SOCK_STREAM)
                 self.sockets.append(bound)
@@ -121,9 +132,12 @@ class _WorkerSockets:
                 bound.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
                 bound.setblocking(False)
                 bound.bind((interface, port))
+                bound.listen(BACKLOG)
         except OSError as e:
             self.stopListening()
             raise CannotListenError(interface, port, e) from None
+        finally:
+            probe.close()
 
     def fileno(self, worker: int) -> int:
         """The descriptor of worker C{worker}'s socket (1-based)."""
@@ -142,11 +156,6 @@ def adopt_ports(reactor: Any, family: int, descriptors: Iterable[int], factory: 
     """
     ports = []
     for fd in descriptors:
-        # The first worker makes the socket listen; for the others it only
-        # sets the same backlog again.
-        inherited = socket.socket(fileno=fd)
-        inherited.listen(BACKLOG)
-        inherited.detach()
         port = _QuietPort._fromListeningDescriptor(reactor, fd, family, factory)
         port.startListening()
         os.close(fd)
@@ -214,8 +223,9 @@ class SMTPListeners(Service):
         if not self.bound and not self.bound_tls:
             raise BindError(f"no SMTP port could be bound on {self.interface}")
         log.info(
-            "SMTP listening on {interface}: {count} STARTTLS ports ({ports}), {tls_count} implicit-TLS ports ({tls_ports})",
+            "SMTP listening on {interface}{served}: {count} STARTTLS ports ({ports}), {tls_count} implicit-TLS ports ({tls_ports})",
             interface=self.interface,
+            served=f" for {self._copies} smtp workers" if self._copies else "",
             count=len(self.bound),
             ports=format_port_list(self.bound) or "none",
             tls_count=len(self.bound_tls),

@@ -384,6 +384,8 @@ class WorkerPool(Service):
             ports=ports,
             seconds=round(self._reactor.seconds() - worker.started_at, 2),
         )
+        if self.serving() == self.count:
+            log.info("all {count} smtp workers serving", count=self.count)
 
     def worker_ended(self, worker: WorkerProcess, reason: Failure) -> None:
         """A worker's process is gone: free what it held, start another unless stopping."""

@@ -11,6 +11,7 @@ import atexit
 import ctypes
 import errno
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -48,6 +49,15 @@ class TwistdProcess:
         """Everything the daemon wrote so far."""
         with open(self.output_path, encoding="utf-8", errors="replace") as f:
             return f.read()
+
+    def wait_serving(self, timeout: float) -> bool:
+        """
+        Once its ports accept: wait until every SMTP worker serves (the
+        ports listen from the start, before the workers run).  True at
+        once for a daemon without workers.
+        """
+        found = re.search(r"SMTP listening on \S+ for (\d+) smtp workers", self.output())
+        return found is None or self.wait_for_output(f"all {found.group(1)} smtp workers serving", timeout)
 
     def wait_for_output(self, text: str, timeout: float) -> bool:
         """Poll the output file until C{text} appears; False on timeout."""
@@ -175,7 +185,7 @@ def start_daemon(
     daemon = spawn_twistd(all_args, directory, twistd_args)
     testcase.addCleanup(daemon.kill)
     wait_ports = list(wait_ports)
-    if wait_ports and not wait_for_ports(wait_ports, timeout, proc=daemon.proc):
+    if wait_ports and not (wait_for_ports(wait_ports, timeout, proc=daemon.proc) and daemon.wait_serving(timeout)):
         daemon.kill()
         testcase.fail(f"daemon did not accept on {wait_ports} within {timeout}s; output:\n{daemon.output()}")
     return daemon
@@ -291,7 +301,7 @@ class Daemon:
     def wait_ready(self, ports: Iterable[int] | None = None, timeout: float = 30.0) -> None:
         """Wait until C{ports} (by default all of them) accept; stop the daemon and fail when they do not."""
         ports = list(self.plain_ports + self.tls_ports + [self.admin_port] if ports is None else ports)
-        if not wait_for_ports(ports, timeout, proc=self.process.proc):
+        if not (wait_for_ports(ports, timeout, proc=self.process.proc) and self.process.wait_serving(timeout)):
             output = self.process.output()
             self.stop()
             raise AssertionError(f"daemon did not accept on {ports} within {timeout}s:\n{output}")
