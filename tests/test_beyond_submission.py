@@ -262,6 +262,21 @@ class PolicyDryRunTests(TestCase):
             [("r@dest.test", True, (250, "2.1.5")), ("bad address", False, (501, "5.1.3")), ("ü@dest.test", False, (553, "5.6.7"))],
         )
 
+    def test_text_no_store_could_hold(self) -> None:
+        """
+        A recipient holding NUL or a lone surrogate is refused as the
+        session refuses a bad address, not with a 400: a dry-run stores
+        nothing.
+        """
+        d = DAEMON.get()
+        user, _ = d.create_user(authorized_domains=["ok.test"])
+        body = {"mail_from": "a@ok.test", "recipients": ["r@dest.test", "a\0b@dest.test", "\ud800@dest.test"]}
+        response = d.api("POST", f"/api/v1/users/{user}/check", body)
+        self.assertEqual(response.status, 200, response.json)
+        refused = [r for r in response.json["recipients"] if not r["accepted"]]
+        self.assertEqual(len(refused), 2, response.json)
+        self.assertTrue(all(r["reply"].startswith("5") for r in refused), refused)
+
     def test_errors(self) -> None:
         """An unknown user is a 404; a body without recipients or with a header value holding a line break is a 400."""
         d = DAEMON.get()
