@@ -5,6 +5,7 @@ L{makeService} builds the whole service tree.
 
 from __future__ import annotations
 
+import functools
 import gc
 import os
 import sys
@@ -190,7 +191,8 @@ class _StoreKinds:
             pg = PostgresDatabase(reactor, config.storage.dsn)
             return cls(
                 pg, PostgresDatabaseService(pg), PostgresUserStore, PostgresStatistics, PostgresEventStore,
-                PostgresQueueStore, PostgresSuppressionList, PostgresDKIMStore,
+                functools.partial(PostgresQueueStore, node=config.server.node()), PostgresSuppressionList,
+                PostgresDKIMStore,
             )
         database = Database(reactor, os.path.join(state_dir, "smtpplus.db"))
         return cls(

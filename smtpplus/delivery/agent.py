@@ -21,8 +21,8 @@ from twisted.logger import Logger
 
 from smtpplus.delivery import queue
 from smtpplus.delivery.batching import Batcher
-from smtpplus.delivery.dsn import build_dsn, read_headers
-from smtpplus.delivery.interfaces import IQueueStore, IRelay, RunInThread
+from smtpplus.delivery.dsn import build_dsn, read_headers, read_headers_of
+from smtpplus.delivery.interfaces import IContentStore, IQueueStore, IRelay, RunInThread
 from smtpplus.delivery.query import iso
 from smtpplus.delivery.relay import HopOutcome
 from smtpplus.delivery.spool import Spool
@@ -132,10 +132,30 @@ class DeliveryAgent:
         d = self._in_thread(self._spool.remove, message_ids)
         return d.addCallback(lambda _: [None] * len(message_ids))
 
-    def _original_headers(self, message_id: str) -> bytes:
-        """The header section of a spooled message, never its envelope record (worker thread)."""
-        _, length = self._spool.read_small(message_id)
-        return read_headers(self._spool.path(message_id), length)
+    @inlineCallbacks
+    def _read(self, message_id: str) -> Any:
+        """
+        The message's bytes (None when too large to hold) and length: from
+        this node's spool, or, for a message another node accepted (shared
+        stores), from the store.
+        """
+        try:
+            return (yield self._in_thread(self._spool.read_small, message_id))
+        except FileNotFoundError:
+            if not IContentStore.providedBy(self._queue):
+                raise
+        content = yield IContentStore(self._queue).load_content(message_id)
+        if content is None:
+            raise FileNotFoundError(f"message {message_id} is neither in the spool nor in the store")
+        return content, len(content)
+
+    @inlineCallbacks
+    def _original_headers(self, message_id: str) -> Any:
+        """The header section of a message, never its envelope record."""
+        content, length = yield self._read(message_id)
+        if content is not None:
+            return read_headers_of(content)
+        return (yield self._in_thread(read_headers, self._spool.path(message_id), length))
 
     def retry_interval(self, attempts: int) -> int:
         """Seconds before the next attempt after C{attempts} ones; the last interval repeats."""
@@ -167,7 +187,7 @@ class DeliveryAgent:
         if content is not None:
             self._fresh_bytes -= len(content)
         if message is None:
-            message = yield self._queue.load_message(message_id)
+            message = yield self._queue.load_for_attempt(message_id)
         if message is None or message["status"] not in queue.ACTIVE:
             return None
         self.attempting.add(message_id)
@@ -184,7 +204,7 @@ class DeliveryAgent:
             length = None
             try:
                 if content is None:
-                    content, length = yield self._in_thread(self._spool.read_small, message_id)
+                    content, length = yield self._read(message_id)
                 if self.signer is not None:
                     signed = yield self.signer.sign(message, content, length)
                     if signed is not None:
@@ -421,7 +441,7 @@ class DeliveryAgent:
     @inlineCallbacks
     def _bounce(self, message: dict[str, Any], failed: list[tuple[str, int, str]], now: float) -> Any:
         try:
-            headers = yield self._in_thread(self._original_headers, message["id"])
+            headers = yield self._original_headers(message["id"])
             dsn = build_dsn(self._hostname, message["id"], message["mail_from"], failed, headers, message["created_at"], now)
             dsn_id = yield self._submit_internal("", [message["mail_from"]], dsn, message["priority"], message["user"])
             log.info("bounce {dsn} queued for {id}", dsn=dsn_id, id=message["id"])

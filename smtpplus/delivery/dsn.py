@@ -28,6 +28,12 @@ def read_headers(path: str, length: int | None = None) -> bytes:
     """The header section of a spooled message of C{length} bytes (worker thread)."""
     with open(path, "rb") as f:
         head = f.read(HEADERS_QUOTED if length is None else min(length, HEADERS_QUOTED))
+    return read_headers_of(head)
+
+
+def read_headers_of(message: bytes) -> bytes:
+    """The header section of C{message}, at most L{HEADERS_QUOTED} bytes of it."""
+    head = message[:HEADERS_QUOTED]
     end = head.find(b"\r\n\r\n")
     return head[: end + 2] if end >= 0 else head
 

@@ -98,6 +98,13 @@ class IQueueStore(Interface):
     def load_message(message_id: str) -> Deferred[dict[str, Any] | None]:
         """One message with its recipients, or None."""
 
+    def load_for_attempt(message_id: str) -> Deferred[dict[str, Any] | None]:
+        """
+        L{load_message} for this node's delivery attempt: None when the
+        message is not this node's to attempt (with stores shared by
+        nodes, another node claimed it).
+        """
+
     def list_messages(where: MessageFilter, limit: int) -> Deferred[list[dict[str, Any]]]:
         """At most C{limit} messages matching C{where}, newest (highest C{seq}) first."""
 
@@ -175,3 +182,21 @@ class IRelay(Interface):
 
     def close() -> Deferred[None]:
         """Close kept connections at shutdown; fires when they are gone."""
+
+
+class ISharedQueueStore(Interface):
+    """
+    A queue store shared by several nodes (PostgreSQL): each unfinished
+    message is claimed by the node that attempts it, and a node that falls
+    silent loses its claims to a live one.
+    """
+
+    node: str | None
+
+    def take_over(silent_since: float, now: float, limit: int = 1000) -> Deferred[list[dict[str, Any]]]:
+        """
+        Claim for this node at most C{limit} unfinished messages of the
+        nodes whose heartbeat is older than C{silent_since}, priority first;
+        fires with their scheduling rows (each with C{previous}, the node
+        it was taken from).
+        """

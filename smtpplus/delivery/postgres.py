@@ -27,7 +27,7 @@ from zope.interface import implementer
 
 from smtpplus.delivery import dkim, queue, suppressions
 from smtpplus.delivery.dkim import IDKIMStore, StoredKey
-from smtpplus.delivery.interfaces import Duplicate, IContentStore, IQueueStore, MessageFilter
+from smtpplus.delivery.interfaces import Duplicate, IContentStore, IQueueStore, ISharedQueueStore, MessageFilter
 from smtpplus.delivery.queue import (
     ACTIVE,
     DELETABLE,
@@ -54,7 +54,7 @@ _COLUMNS = (
 _INSERT = (
     'INSERT INTO queue_messages (id, "user", mail_from, header_from, subject, priority, status, '
     "campaign_name, campaign_code, schedule_at, next_attempt, size, internal, delay_notified, created_at, updated_at, "
-    "sandbox) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s) RETURNING seq"
+    "sandbox, claimed_by) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s) RETURNING seq"
 )
 
 
@@ -89,12 +89,17 @@ def _first_of(conn: Conn, key: tuple[str, str, str], message_id: str, created_at
 
 
 def insert_messages(
-    conn: Conn, messages: Sequence[NewMessage], contents: Sequence[bytes] | None = None, dedup_window: float = 0
+    conn: Conn,
+    messages: Sequence[NewMessage],
+    contents: Sequence[bytes] | None = None,
+    dedup_window: float = 0,
+    node: str | None = None,
 ) -> list[int | Duplicate]:
     """
-    Insert a batch of new messages (and their contents, when given);
-    returns their sequence numbers, or a L{Duplicate} for a message resent
-    within C{dedup_window} seconds, which is not inserted.
+    Insert a batch of new messages (and their contents, when given),
+    claimed by C{node}; returns their sequence numbers, or a L{Duplicate}
+    for a message resent within C{dedup_window} seconds, which is not
+    inserted.
     """
     seqs: list[int | Duplicate] = []
     kept: list[tuple[NewMessage, bytes | None]] = []
@@ -111,7 +116,7 @@ def insert_messages(
                 (
                     m.id, m.user, m.mail_from, m.header_from, m.subject, m.priority, m.status,
                     m.campaign_name, m.campaign_code, m.schedule_at, m.schedule_at, m.size,
-                    int(m.internal), 0, m.created_at, m.created_at, int(m.sandbox),
+                    int(m.internal), 0, m.created_at, m.created_at, int(m.sandbox), node,
                 ),
             )
             row = cursor.fetchone()
@@ -155,22 +160,83 @@ def store_content(conn: Conn, message_id: str, content: bytes) -> None:
     )
 
 
-def recover(conn: Conn, now: float) -> list[dict[str, Any]]:
-    """What L{smtpplus.delivery.queue.recover} does, for one node on its own."""
+def _release_attempts(conn: Conn, where: str, args: Sequence[Any], now: float) -> None:
+    """Put the interrupted attempts (C{sending}) of the messages C{where} selects back in the queue."""
     conn.execute(
         "UPDATE queue_recipients SET status = CASE WHEN attempts > 0 THEN 'deferred' ELSE 'queued' END "
-        "WHERE status = 'sending'"
+        f"WHERE status = 'sending' AND message_id IN (SELECT id FROM queue_messages WHERE {where})",
+        args,
     )
     conn.execute(
-        "UPDATE queue_messages SET status = 'queued', next_attempt = NULL, updated_at = %s WHERE status = 'sending'",
-        (now,),
+        "UPDATE queue_messages SET status = 'queued', next_attempt = NULL, updated_at = %s "
+        f"WHERE status = 'sending' AND {where}",
+        (now, *args),
     )
+
+
+def recover(conn: Conn, now: float, node: str | None = None) -> list[dict[str, Any]]:
+    """
+    What L{smtpplus.delivery.queue.recover} does, for the messages of
+    C{node}: those it claimed before it stopped, and any nobody claims.
+    Another node's messages stay with it (or go to whoever takes them over
+    once it is silent, see L{take_over}).
+    """
+    conn.execute(
+        "UPDATE queue_messages SET claimed_by = %s WHERE claimed_by IS NULL AND status = ANY(%s)", (node, list(ACTIVE))
+    )
+    mine = "claimed_by IS NOT DISTINCT FROM %s"
+    _release_attempts(conn, mine, (node,), now)
     with conn.cursor(row_factory=dict_row) as cursor:
         cursor.execute(
-            'SELECT id, seq, "user", priority, next_attempt FROM queue_messages WHERE status = ANY(%s) ORDER BY seq',
-            (list(ACTIVE),),
+            f'SELECT id, seq, "user", priority, next_attempt FROM queue_messages WHERE status = ANY(%s) AND {mine} '
+            "ORDER BY seq",
+            (list(ACTIVE), node),
         )
         return cursor.fetchall()
+
+
+def take_over(conn: Conn, node: str, silent_since: float, now: float, limit: int) -> list[dict[str, Any]]:
+    """
+    Claim for C{node} at most C{limit} unfinished messages (priority first)
+    of the nodes whose heartbeat is older than C{silent_since}; their
+    interrupted attempts go back in the queue.  Each row names the node
+    it was taken from (C{previous}).  Rows another node is
+    taking at the same moment are skipped (C{SKIP LOCKED}): each message
+    gets one new owner.
+    """
+    with conn.cursor(row_factory=dict_row) as cursor:
+        cursor.execute(
+            "WITH victims AS (SELECT id, claimed_by AS previous FROM queue_messages WHERE status = ANY(%s) "
+            "AND claimed_by IN (SELECT name FROM nodes WHERE last_seen < %s AND name <> %s) "
+            "ORDER BY priority, seq LIMIT %s FOR UPDATE SKIP LOCKED) "
+            "UPDATE queue_messages q SET claimed_by = %s FROM victims v WHERE q.id = v.id "
+            'RETURNING q.id, q.seq, q."user", q.priority, q.next_attempt, q.status, v.previous',
+            (list(ACTIVE), silent_since, node, limit, node),
+        )
+        rows = cursor.fetchall()
+    interrupted = [row["id"] for row in rows if row["status"] == "sending"]
+    if interrupted:
+        _release_attempts(conn, "id = ANY(%s)", (interrupted,), now)
+    for row in rows:
+        if row.pop("status") == "sending":
+            row["next_attempt"] = None
+    return rows
+
+
+def load_claimed(conn: Conn, message_id: str, node: str | None) -> dict[str, Any] | None:
+    """L{load_message}, or None when C{message_id} is not C{node}'s to attempt (another node took it)."""
+    row = conn.execute("SELECT claimed_by FROM queue_messages WHERE id = %s", (message_id,)).fetchone()
+    if row is None:
+        return None
+    if row[0] is None and node is not None:
+        # A row nobody claims (rebuilt after it was lost): the first node to load it takes it.
+        row = conn.execute(
+            "UPDATE queue_messages SET claimed_by = COALESCE(claimed_by, %s) WHERE id = %s RETURNING claimed_by",
+            (node, message_id),
+        ).fetchone()
+    if row is None or row[0] != node:
+        return None
+    return load_message(conn, message_id)
 
 
 def statuses(conn: Conn, message_ids: Sequence[str]) -> dict[str, str]:
@@ -256,16 +322,20 @@ def _lock_status(conn: Conn, message_id: str) -> str | None:
     return None if row is None else row[0]
 
 
-def retry_message(conn: Conn, message_id: str, now: float) -> tuple[str, dict[str, Any]] | None:
-    """What L{smtpplus.delivery.queue.retry_message} does."""
+def retry_message(conn: Conn, message_id: str, now: float, node: str | None = None) -> tuple[str, dict[str, Any]] | None:
+    """
+    What L{smtpplus.delivery.queue.retry_message} does; the waiting
+    message becomes C{node}'s, the node whose admin API was asked and
+    which attempts it now (its former owner's timer finds it gone).
+    """
     status = _lock_status(conn, message_id)
     if status is None:
         return None
     if status in WAITING:
         conn.execute(
             "UPDATE queue_messages SET status = CASE status WHEN 'scheduled' THEN 'queued' ELSE status END, "
-            "next_attempt = %s, updated_at = %s WHERE id = %s",
-            (now, now, message_id),
+            "next_attempt = %s, updated_at = %s, claimed_by = %s WHERE id = %s",
+            (now, now, node, message_id),
         )
         conn.execute(
             "UPDATE queue_recipients SET next_attempt = %s WHERE message_id = %s AND status = 'deferred'",
@@ -347,7 +417,8 @@ def _reinsert(
             message["id"], message["user"], message["mail_from"], message["header_from"], message["subject"],
             message["priority"], status, message["campaign_name"], message["campaign_code"], message["schedule_at"],
             next_attempt, message["size"], int(message["internal"]), int(delay_notified or message["delay_notified"]),
-            message["created_at"], now, int(message.get("sandbox", 0)),
+            # Unclaimed: the node finishing the attempt claims it on its next load.
+            message["created_at"], now, int(message.get("sandbox", 0)), None,
         ),
     )
     with conn.cursor() as many:
@@ -388,22 +459,31 @@ def apply_changes(conn: Conn, changes: Sequence[StateChange]) -> list[BaseExcept
     return errors
 
 
-@implementer(IQueueStore, IContentStore)
+@implementer(IQueueStore, IContentStore, ISharedQueueStore)
 class PostgresQueueStore:
     """The queue tables, with each message's content, in PostgreSQL."""
 
-    def __init__(self, database: PostgresDatabase) -> None:
+    def __init__(self, database: PostgresDatabase, node: str | None = None) -> None:
         self._database = database
+        self.node = node
 
     def migrate(self) -> None:
         """Create or upgrade the tables; synchronous, at start-up."""
         self._database.migrate(queue.COMPONENT, queue.MIGRATIONS)
 
     def recover(self, now: float) -> list[dict[str, Any]]:
-        return self._database.run_sync(recover, now)
+        return self._database.run_sync(recover, now, self.node)
+
+    def take_over(self, silent_since: float, now: float, limit: int = 1000) -> Deferred[list[dict[str, Any]]]:
+        """Claim unfinished messages of the nodes silent since C{silent_since} (see L{take_over})."""
+        assert self.node is not None
+        return self._database.write(take_over, self.node, silent_since, now, limit)
+
+    def load_for_attempt(self, message_id: str) -> Deferred[dict[str, Any] | None]:
+        return self._database.run(load_claimed, message_id, self.node)
 
     def insert(self, messages: list[NewMessage], dedup_window: float = 0) -> Deferred[list[int | Duplicate]]:
-        return self._database.transaction(insert_messages, messages, None, dedup_window)
+        return self._database.transaction(insert_messages, messages, None, dedup_window, self.node)
 
     def insert_with_content(
         self, batch: list[tuple[NewMessage, bytes]], dedup_window: float = 0
@@ -414,7 +494,8 @@ class PostgresQueueStore:
         arrival sequence numbers (or L{Duplicate}s), in order.
         """
         messages = [message for message, _ in batch]
-        return self._database.transaction(insert_messages, messages, [content for _, content in batch], dedup_window)
+        contents = [content for _, content in batch]
+        return self._database.transaction(insert_messages, messages, contents, dedup_window, self.node)
 
     def prune_dedup(self, before: float, limit: int) -> Deferred[int]:
         return self._database.transaction(prune_dedup, before, limit)
@@ -437,7 +518,7 @@ class PostgresQueueStore:
         return self._database.run(list_messages, where, limit)
 
     def retry_message(self, message_id: str, now: float) -> Deferred[tuple[str, dict[str, Any]] | None]:
-        return self._database.transaction(retry_message, message_id, now)
+        return self._database.transaction(retry_message, message_id, now, self.node)
 
     def delete_message(self, message_id: str, now: float) -> Deferred[tuple[str, dict[str, Any]] | None]:
         return self._database.transaction(delete_message, message_id, now)

@@ -644,6 +644,10 @@ class SQLiteQueueStore:
     def load_message(self, message_id: str) -> Deferred[dict[str, Any] | None]:
         return self._database.run(load_message, message_id)
 
+    def load_for_attempt(self, message_id: str) -> Deferred[dict[str, Any] | None]:
+        # One node: every message is its own.
+        return self.load_message(message_id)
+
     def list_messages(self, where: MessageFilter, limit: int) -> Deferred[list[dict[str, Any]]]:
         return self._database.run(list_messages, where, limit)
 

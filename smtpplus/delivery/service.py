@@ -6,12 +6,13 @@ scheduler, relay and the read model, behind L{build_delivery}.
 from __future__ import annotations
 
 import os
+from collections import Counter
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import attrs
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred, fail, inlineCallbacks, maybeDeferred
+from twisted.internet.defer import Deferred, fail, inlineCallbacks, maybeDeferred, succeed
 from twisted.internet.interfaces import IReactorTCP, IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
@@ -23,7 +24,7 @@ from smtpplus.delivery.agent import DeliveryAgent
 from smtpplus.delivery.budget import PriorityBudget
 from smtpplus.delivery.check import PolicyCheck
 from smtpplus.delivery.dkim import DKIMKeys, Signer
-from smtpplus.delivery.interfaces import Duplicate, IContentStore, IQueueStore, IRelay, RunInThread
+from smtpplus.delivery.interfaces import Duplicate, IContentStore, IQueueStore, IRelay, ISharedQueueStore, RunInThread
 from smtpplus.delivery.query import MessageQuery, QueueControl, iso
 from smtpplus.delivery.queue import Committer, NewMessage
 from smtpplus.delivery.relay import Relay
@@ -339,6 +340,26 @@ class Delivery:
         """Stop the dedup pruning timer (shutdown)."""
         if self._pruner.running:
             self._pruner.stop()
+
+    def take_over(self, silent_since: float) -> Deferred[None]:
+        """
+        With a queue shared by nodes: claim and schedule the unfinished
+        messages of the nodes silent since C{silent_since} (their lease ran
+        out); a no-op with a store of one node's own.
+        """
+        if not ISharedQueueStore.providedBy(self.store):
+            return succeed(None)
+
+        def taken(rows: list[dict[str, Any]]) -> None:
+            if not rows:
+                return
+            taken_from = Counter(row.pop("previous") for row in rows)
+            for previous, count in sorted(taken_from.items()):
+                log.warn("node {node} is silent: took over {n} of its unfinished messages", node=previous, n=count)
+            self._schedule(rows)
+
+        d = ISharedQueueStore(self.store).take_over(silent_since, self.clock.seconds())
+        return d.addCallbacks(taken, lambda f: log.failure("taking over the messages of silent nodes failed", f))
 
     def _schedule(self, rows: list[dict[str, Any]]) -> None:
         for row in rows:
