@@ -75,6 +75,8 @@ class Heartbeat(Service):
         self.last_beat: float | None = None
         self.on_beat: list[Callable[[float], object]] = []
         self._failing = False
+        # Whether this run of failures was logged here (not an outage the database logged).
+        self._logged = False
         self._beating: Deferred[None] = succeed(None)
         self._loop = LoopingCall(self._beat)
         self._loop.clock = clock
@@ -106,9 +108,9 @@ class Heartbeat(Service):
 
     def _beaten(self, now: float) -> None:
         self.last_beat = now
-        if self._failing:
-            self._failing = False
+        if self._logged:
             log.info("the heartbeat of node {node} is written again", node=self.node)
+        self._failing = self._logged = False
         for hook in list(self.on_beat):
             maybeDeferred(hook, now).addErrback(
                 lambda f, hook=hook: log.failure("after the heartbeat, {hook} failed", f, hook=hook)
@@ -120,5 +122,6 @@ class Heartbeat(Service):
         self._failing = True
         # An outage is logged by the database, once; anything else here.
         if not failure.check(StorageUnavailable):
+            self._logged = True
             log.failure("the heartbeat of node {node} failed; trying again every {interval} s", failure,
                         node=self.node, interval=self.interval)
