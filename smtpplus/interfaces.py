@@ -216,6 +216,16 @@ class IMessageQuery(Interface):
         """
 
 
+class INodeList(Interface):
+    """The nodes sharing the store, as C{GET /api/v1/nodes} lists them (contract section 5)."""
+
+    def nodes() -> Deferred[list[dict[str, Any]]]:
+        """
+        C{{"name", "workers", "started_at", "last_seen", "queued",
+        "sending"}} per node, by name; the times ISO 8601 UTC.
+        """
+
+
 class IPolicyCheck(Interface):
     """The policy dry-run of the admin API (contract section 8), owned by delivery."""
 

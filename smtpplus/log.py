@@ -26,7 +26,8 @@ Differences from twistd's observer, on purpose:
     and level (C{[smtpplus.smtp.protocol#info]}).
   - JSON lines are what L{jsonFileLogObserver} writes, one object per line
     (no RFC 7464 record separator), plus C{"timestamp"}: C{log_time} in
-    ISO 8601.
+    ISO 8601, and C{"node"}: the node's name (C{[server] node_name}), so
+    that the logs of several nodes can be read together.
 """
 
 from __future__ import annotations
@@ -70,13 +71,14 @@ def _text_line(event: dict[str, Any]) -> str | None:
 
 
 class _JSONLines:
-    """L{jsonFileLogObserver}'s records, one per line, with an ISO 8601 C{timestamp}."""
+    """L{jsonFileLogObserver}'s records, one per line, with an ISO 8601 C{timestamp} and the C{node} (when known)."""
 
-    def __init__(self, out: IO[Any]) -> None:
+    def __init__(self, out: IO[Any], node: str | None) -> None:
         self._observer = jsonFileLogObserver(out, recordSeparator="")
+        self._extra = {} if node is None else {"node": node}
 
     def __call__(self, event: dict[str, Any]) -> None:
-        self._observer(dict(event, timestamp=iso_time(event.get("log_time"))))
+        self._observer(dict(event, timestamp=iso_time(event.get("log_time")), **self._extra))
 
 
 @attrs.frozen
@@ -126,11 +128,14 @@ class DaemonLog:
     configured level in the configured format to its L{Destination}.
 
     L{configure} and L{reopen} take effect from the next event on.
+
+    @param node: this node's name, a field of every JSON line.
     """
 
-    def __init__(self, destination: Destination, config: LogConfig) -> None:
+    def __init__(self, destination: Destination, config: LogConfig, node: str | None = None) -> None:
         self.destination = destination
         self.config = config
+        self.node = node
         self.file: LogFile | None = None
         self._out: IO[Any] | None = destination.stream
         if destination.path is not None:
@@ -145,7 +150,7 @@ class DaemonLog:
             # syslog has its own record format: [log] format does not apply.
             inner: Any = LegacyLogObserverWrapper(SyslogObserver(self.destination.syslog_prefix).emit)
         elif self.config.format == "json":
-            inner = _JSONLines(self._out)
+            inner = _JSONLines(self._out, self.node)
         else:
             inner = FileLogObserver(self._out, _text_line)
         predicate = LogLevelFilterPredicate(defaultLogLevel=LEVELS[self.config.level])

@@ -116,6 +116,17 @@ class Metrics:
         """An SMTP AUTH was refused."""
         self.auth_failures.inc()
 
+    def node_info(self, node: str, backend: str) -> None:
+        """
+        Expose C{smtpplus_node_info{node,backend} 1}: which node these
+        metrics are of, to join with the others (the coordinator's only,
+        so that it appears once when the workers' metrics are added in).
+        """
+        info = Gauge(
+            "smtpplus_node_info", "This node's name and store backend; always 1.", ["node", "backend"], registry=self.registry
+        )
+        info.labels(node, backend).set(1)
+
     def count_sessions(self, count: Callable[[], int]) -> None:
         """Read C{smtpplus_smtp_sessions} from C{count()} at each scrape."""
         self.sessions.set_function(count)

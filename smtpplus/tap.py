@@ -35,6 +35,8 @@ from smtpplus.delivery.suppressions import SQLiteSuppressionList
 from smtpplus.delivery.threads import reactor_runner
 from smtpplus.log import DaemonLog, log_destination
 from smtpplus.metrics import HealthCheck, daemon_metrics
+from smtpplus.nodes.heartbeat import Heartbeat, beat_interval
+from smtpplus.nodes.listing import PostgresNodes, SingleNode
 from smtpplus.notify.dispatch import build_notifier
 from smtpplus.notify.events import EventStore
 from smtpplus.notify.stats import Statistics
@@ -201,6 +203,20 @@ class _StoreKinds:
         )
 
 
+def _nodes(config: Config, reactor: Any, database: Any, queue_store: Any, top: MultiService) -> Any:
+    """
+    What C{GET /api/v1/nodes} lists; with PostgreSQL, also this node's
+    heartbeat (started after the database, stopped before it).
+    """
+    node, processes = config.server.node(), config.server.worker_processes()
+    started_at = reactor.seconds()
+    if config.storage.backend != "postgresql":
+        return SingleNode(reactor, node, processes, started_at, queue_store.count_active)
+    interval = beat_interval(config.storage.lease_seconds)
+    Heartbeat(database, reactor, node, processes, started_at, interval).setServiceParent(top)
+    return PostgresNodes(database)
+
+
 def build_service(
     config: Config,
     reactor: Any,
@@ -243,6 +259,13 @@ def build_service(
 
     top = DaemonService()
     metrics = daemon_metrics()
+    metrics.node_info(config.server.node(), config.storage.backend)
+    log.info(
+        "smtpplus node {node} starting: {backend} store, {processes} SMTP process(es)",
+        node=config.server.node(),
+        backend=config.storage.backend,
+        processes=config.server.worker_processes(),
+    )
     stores = _StoreKinds.for_config(config, reactor, state_dir)
     database = stores.database
     stores.service.setServiceParent(top)
@@ -270,6 +293,7 @@ def build_service(
     events = stores.events(database, reactor)
     queue_store = stores.queue(database)
     queue_store.migrate()
+    nodes = _nodes(config, reactor, database, queue_store, top)
     # Before delivery in the tree: it stops after the attempts that sign.
     dkim_pool = SigningPool(reactor)
     dkim_pool.setServiceParent(top)
@@ -417,6 +441,7 @@ def build_service(
         sessions=ConsoleSessions(reactor),
         suppressions=suppressions,
         clock=reactor,
+        nodes=nodes,
     )
     admin_service(reactor, config.admin, api, tls_options).setServiceParent(top)
     return top
@@ -452,7 +477,7 @@ def makeService(options: Options) -> IService:
         log.warn("twistd --logger is given: it writes the log, and [log] format and level do not apply")
     else:
         try:
-            daemon_log = DaemonLog(destination, config.log)
+            daemon_log = DaemonLog(destination, config.log, config.server.node())
         except OSError as e:
             _fail(f"cannot open the log file {destination.path}: {e.strerror or e}")
     for warning in config_warnings(config):

@@ -146,7 +146,7 @@ class SchemathesisTests(TestCase):
         # The summary goes to the test log: the closing note shows it.
         print(f"schemathesis ran {time.monotonic() - started:.1f}s\n{summary}")
         self.assertEqual(run.returncode, 0, run.stdout[-8000:] + run.stderr[-2000:])
-        self.assertRegex(summary, r"Tested: 24\b")
+        self.assertRegex(summary, r"Tested: 25\b")
         generated = re.search(r"(\d+) generated", summary)
         self.assertIsNotNone(generated, summary)
         self.assertGreater(int(generated.group(1)), 200)

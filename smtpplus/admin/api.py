@@ -43,6 +43,7 @@ from smtpplus.interfaces import (
     IDKIMKeys,
     IEventQuery,
     IMessageQuery,
+    INodeList,
     IPolicyCheck,
     IStatsQuery,
     ISuppressionList,
@@ -62,6 +63,7 @@ from smtpplus.model import (
     User,
 )
 from smtpplus.paging import InvalidValue, decode_cursor, parse_time
+from smtpplus.storage.database import StorageUnavailable
 
 log = Logger()
 
@@ -143,6 +145,7 @@ class AdminAPI:
     @param health: what C{/health} asks, or None (always healthy).
     @param policy: the policy dry-run of C{/users/{u}/check}, or None (404).
     @param dkim: the DKIM keys of C{/dkim}, or None (404).
+    @param nodes: the nodes of C{/nodes}, or None (an empty list).
     @param sessions: the web console's sessions, whose cookie (with the CSRF
         token on a request that changes state) the API accepts instead of
         the bearer token; None: bearer token only.
@@ -166,6 +169,7 @@ class AdminAPI:
         sessions: ConsoleSessions | None = None,
         suppressions: ISuppressionList | None = None,
         clock: IReactorTime | None = None,
+        nodes: INodeList | None = None,
     ) -> None:
         if not token:
             raise ValueError("the admin token must not be empty")
@@ -183,6 +187,7 @@ class AdminAPI:
         self.sessions = sessions
         self._suppressions = suppressions
         self._now = time.time if clock is None else clock.seconds
+        self._nodes = nodes
 
     def resource(self) -> IResource:
         """The API as a web resource that answers every request with JSON."""
@@ -231,6 +236,15 @@ class AdminAPI:
     def _other_http(self, request: Any, failure: Failure) -> bytes:
         error = failure.value
         return error_body(request, error.code or 400, "bad_request", error.description or "bad request")
+
+    @app.handle_errors(StorageUnavailable)
+    def _store_unavailable(self, request: Any, failure: Failure) -> bytes:
+        # An outage (PostgreSQL down) is logged once by the database, and
+        # the store comes back by itself: a temporary answer, no traceback.
+        request.setHeader(b"Retry-After", b"5")
+        return error_body(
+            request, 503, "store_unavailable", "the store cannot be reached; the daemon reconnects by itself, try again"
+        )
 
     @app.handle_errors(Exception)
     def _unexpected(self, request: Any, failure: Failure) -> bytes:
@@ -577,6 +591,12 @@ class AdminAPI:
         request.setResponseCode(204)
         request.setHeader(b"Content-Type", b"application/json")
         return b""
+
+    @app.route("/api/v1/nodes", methods=["GET"])
+    @authenticated
+    async def list_nodes(self, request: Any) -> bytes:
+        nodes = [] if self._nodes is None else await self._nodes.nodes()
+        return json_body(request, 200, {"nodes": nodes})
 
     async def _existing(self, username: str) -> User:
         user = await self._users.get(username)

@@ -59,6 +59,7 @@ def _error(description: str) -> dict[str, Any]:
 _ERRORS = {
     "400": _error("Validation error; the message names the field or parameter."),
     "401": _error("Missing or wrong bearer token."),
+    "503": _error('The store cannot be reached (code "store_unavailable"); the daemon reconnects by itself.'),
 }
 _BODY_ERRORS = {
     **_ERRORS,
@@ -551,6 +552,42 @@ def _beyond_paths() -> dict[str, Any]:
     }
 
 
+SCHEMAS.update(
+    {
+        "Node": {
+            "type": "object",
+            "required": ["name", "workers", "started_at", "last_seen", "queued", "sending"],
+            "properties": {
+                "name": {"type": "string", "description": "[server] node_name, else the hostname."},
+                "workers": {"type": "integer", "minimum": 1, "description": "Its SMTP processes."},
+                "started_at": {"type": "string", "format": "date-time"},
+                "last_seen": {"type": "string", "format": "date-time", "description": "Its last heartbeat."},
+                "queued": {"type": "integer", "minimum": 0, "description": "Its messages waiting (queued, scheduled, deferred)."},
+                "sending": {"type": "integer", "minimum": 0, "description": "Its messages in a delivery attempt."},
+            },
+        },
+        "NodeList": {
+            "type": "object",
+            "required": ["nodes"],
+            "properties": {"nodes": {"type": "array", "items": _ref("Node")}},
+        },
+    }
+)
+
+
+def _node_paths() -> dict[str, Any]:
+    """The nodes sharing the store (contract section 5)."""
+    return {
+        "/api/v1/nodes": {
+            "get": {
+                "operationId": "listNodes",
+                "summary": "The nodes sharing this store, by name (one for sqlite)",
+                "responses": {"200": _json(_ref("NodeList"), "The nodes."), **_ERRORS},
+            }
+        },
+    }
+
+
 def openapi_document() -> dict[str, Any]:
     """The whole OpenAPI 3.0 document."""
     # No body at all creates a user with every default ("curl -X POST").
@@ -754,5 +791,6 @@ def openapi_document() -> dict[str, Any]:
                 }
             },
             **_suppression_paths(),
+            **_node_paths(),
         },
     }
