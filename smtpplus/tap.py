@@ -203,18 +203,19 @@ class _StoreKinds:
         )
 
 
-def _nodes(config: Config, reactor: Any, database: Any, queue_store: Any, top: MultiService) -> Any:
+def _nodes(config: Config, reactor: Any, database: Any, queue_store: Any, top: MultiService) -> tuple[Any, Any]:
     """
-    What C{GET /api/v1/nodes} lists; with PostgreSQL, also this node's
-    heartbeat (started after the database, stopped before it).
+    What C{GET /api/v1/nodes} lists, and with PostgreSQL this node's
+    heartbeat (started after the database, stopped before it), else None.
     """
     node, processes = config.server.node(), config.server.worker_processes()
     started_at = reactor.seconds()
     if config.storage.backend != "postgresql":
-        return SingleNode(reactor, node, processes, started_at, queue_store.count_active)
+        return SingleNode(reactor, node, processes, started_at, queue_store.count_active), None
     interval = beat_interval(config.storage.lease_seconds)
-    Heartbeat(database, reactor, node, processes, started_at, interval).setServiceParent(top)
-    return PostgresNodes(database)
+    heartbeat = Heartbeat(database, reactor, node, processes, started_at, interval)
+    heartbeat.setServiceParent(top)
+    return PostgresNodes(database), heartbeat
 
 
 def build_service(
@@ -293,7 +294,7 @@ def build_service(
     events = stores.events(database, reactor)
     queue_store = stores.queue(database)
     queue_store.migrate()
-    nodes = _nodes(config, reactor, database, queue_store, top)
+    nodes, heartbeat = _nodes(config, reactor, database, queue_store, top)
     # Before delivery in the tree: it stops after the attempts that sign.
     dkim_pool = SigningPool(reactor)
     dkim_pool.setServiceParent(top)
@@ -317,6 +318,11 @@ def build_service(
     dkim_store.migrate()
     dkim_keys = DKIMKeys(dkim_store, reactor, dkim_pool.run)
     delivery_service.delivery.sign_with(dkim_keys, dkim_pool.run)
+    if heartbeat is not None:
+        # After each beat of this node: the messages of nodes silent for a
+        # lease become this node's (one of the live nodes gets each).
+        lease = config.storage.lease_seconds
+        heartbeat.on_beat.append(lambda now: delivery_service.delivery.take_over(now - lease))
     notifier = build_notifier(config.notifications, config.server.hostname, reactor, submit_internal)
     events.sink = notifier
     delivery_service.delivery.agent.results = notifier
