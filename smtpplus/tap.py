@@ -35,7 +35,7 @@ from smtpplus.delivery.suppressions import SQLiteSuppressionList
 from smtpplus.delivery.threads import reactor_runner
 from smtpplus.log import DaemonLog, log_destination
 from smtpplus.metrics import HealthCheck, daemon_metrics
-from smtpplus.nodes.heartbeat import Heartbeat, beat_interval
+from smtpplus.nodes.heartbeat import Heartbeat, beat_interval, take_over_when_steady
 from smtpplus.nodes.listing import PostgresNodes, SingleNode
 from smtpplus.notify.dispatch import build_notifier
 from smtpplus.notify.events import EventStore
@@ -319,10 +319,9 @@ def build_service(
     dkim_keys = DKIMKeys(dkim_store, reactor, dkim_pool.run)
     delivery_service.delivery.sign_with(dkim_keys, dkim_pool.run)
     if heartbeat is not None:
-        # After each beat of this node: the messages of nodes silent for a
-        # lease become this node's (one of the live nodes gets each).
-        lease = config.storage.lease_seconds
-        heartbeat.on_beat.append(lambda now: delivery_service.delivery.take_over(now - lease))
+        # The messages of nodes silent for a lease become this node's (one
+        # of the live nodes gets each).
+        take_over_when_steady(heartbeat, config.storage.lease_seconds, delivery_service.delivery.take_over)
     notifier = build_notifier(config.notifications, config.server.hostname, reactor, submit_internal)
     events.sink = notifier
     delivery_service.delivery.agent.results = notifier

@@ -21,7 +21,7 @@ from smtpplus.delivery import queue
 from smtpplus.delivery.postgres import PostgresQueueStore
 from smtpplus.delivery.queue import FinishAttempt, MarkSending, NewMessage, RecipientUpdate, SQLiteQueueStore
 from smtpplus.interfaces import INodeList
-from smtpplus.nodes.heartbeat import Heartbeat, beat_interval, write_beat
+from smtpplus.nodes.heartbeat import Heartbeat, beat_interval, take_over_when_steady, write_beat
 from smtpplus.nodes.listing import PostgresNodes, SingleNode
 from smtpplus.storage.database import Database, StorageUnavailable
 from tests.harness.postgres import make_postgres_database
@@ -153,6 +153,36 @@ class HeartbeatTests(TestCase):
         self.successResultOf(stopped)
         self.clock.advance(100)
         self.assertEqual(len(self.database.beats), 1)
+
+
+class TakeOverWhenSteadyTests(TestCase):
+    """The takeover scan runs only once this node's own beats have been written for a whole lease."""
+
+    def test_waits_a_lease_after_start_and_after_an_outage(self) -> None:
+        """
+        No takeover in the first lease after the start, nor in the first
+        lease after an outage (every node's heartbeat is old then); after
+        that, every beat scans with silent_since = now - lease.
+        """
+        clock = Clock()
+        clock.advance(NOON)
+        database = FakeDatabase()
+        heartbeat = Heartbeat(database, clock, "node-a", 1, NOON, 10.0)
+        scans: list[float] = []
+        take_over_when_steady(heartbeat, 30.0, scans.append)
+        heartbeat.startService()
+        self.addCleanup(heartbeat.stopService)
+        for _ in range(3):
+            clock.advance(10)
+        self.assertEqual(scans, [NOON])
+        database.error = StorageUnavailable("PostgreSQL is unavailable")
+        clock.advance(10)
+        database.error = None
+        for _ in range(3):
+            clock.advance(10)
+        self.assertEqual(scans, [NOON])
+        clock.advance(10)
+        self.assertEqual(scans, [NOON, NOON + 50])
 
 
 class PostgresHeartbeatTests(TestCase):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import signal
+import smtplib
 import socket
 from typing import Any
 
@@ -31,13 +32,13 @@ def _rows(dsn: str, sql: str, *args: Any) -> list[tuple[Any, ...]]:
         return conn.execute(sql, args).fetchall()
 
 
-def _node_config(name: str, dsn: str, smarthost: int) -> Any:
+def _node_config(name: str, dsn: str, smarthost: int, delivery: str = "") -> Any:
     def config(d: Daemon) -> str:
         return (
             d.toml(hostname=f"{name.lower()}.relay.test", delivery=None)
             .replace("[server]\n", f'[server]\nworkers = 1\nnode_name = "{name}"\n', 1)
             + f'\n[delivery]\nmode = "smarthost"\nsmarthost = "127.0.0.1:{smarthost}"\nsmarthost_tls = "none"\n'
-            + "retry_schedule = [5]\n"
+            + f"retry_schedule = [5]\n{delivery}\n"
             + f'\n[storage]\nbackend = "postgresql"\ndsn = "{dsn}"\nlease_seconds = {LEASE}\n'
         )
 
@@ -47,25 +48,38 @@ def _node_config(name: str, dsn: str, smarthost: int) -> Any:
 class TwoNodeTests(unittest.TestCase):
     """Nodes A and B on one fresh database; B's aiosmtpd smarthost is the next hop of both unless a test says."""
 
-    def start(self, a_smarthost: int | None = None) -> None:
+    def start(self, a_smarthost: int | None = None, a_delivery: str = "") -> None:
         self.dsn = fresh_database(self)
         self.b = Daemon(lambda d: _node_config("B", self.dsn, d.sink_port)(d), plain=1, tls=0)
         self.addCleanup(self.b.stop)
         assert self.b.sink is not None
         self.sink = self.b.sink
         hop = self.b.sink_port if a_smarthost is None else a_smarthost
-        self.a = Daemon(_node_config("A", self.dsn, hop), plain=1, tls=0, sink=False)
+        self.a = Daemon(_node_config("A", self.dsn, hop, a_delivery), plain=1, tls=0, sink=False)
         self.addCleanup(self.a.stop)
 
-    def send(self, daemon: Daemon, username: str, password: str, subjects: list[str]) -> list[str]:
+    def send(self, daemon: Daemon, username: str, password: str, subjects: list[str], priority: int = 3) -> list[str]:
         client = logged_in(daemon.plain_ports[0], username, password)
         try:
             return [
-                queue_id(submit(client, "app@shop.test", [f"{s}@dest.test"], message(s, "app@shop.test")))
+                queue_id(
+                    submit(
+                        client, "app@shop.test", [f"{s}@dest.test"],
+                        message(s, "app@shop.test", headers=[f"X-Priority: {priority}"]),
+                    )
+                )
                 for s in subjects
             ]
         finally:
             client.quit()
+
+    def _try_send(self, daemon: Daemon, username: str, password: str, subject: str) -> bool:
+        """One message on a new session: True once it is answered 250, False on a temporary refusal."""
+        try:
+            self.send(daemon, username, password, [subject])
+        except (smtplib.SMTPAuthenticationError, AssertionError):
+            return False
+        return True
 
     def test_shared_users_and_exactly_once(self) -> None:
         """
@@ -117,3 +131,62 @@ class TwoNodeTests(unittest.TestCase):
         self.assertTrue(
             poll(lambda: {self.b.api("GET", f"/api/v1/messages/{i}").json["status"] for i in ids} == {"sent"}, 10)
         )
+
+    def test_priority_one_on_b_overtakes_bulk_on_a(self) -> None:
+        """
+        A holds a backlog of 60 bulk messages (one delivery at a time, 5 per
+        second); a priority-1 message accepted by B reaches the smarthost
+        while most of A's bulk is still waiting.
+        """
+        self.start(a_delivery="max_concurrency = 1\nrate_limit = 5")
+        # The user's default is the lowest: each message's own X-Priority decides.
+        username, password = self.a.create_user(authorized_domains="shop.test", priority=5)
+        self.send(self.a, username, password, [f"bulk-{n}" for n in range(60)], priority=5)
+        self.assertTrue(poll(lambda: len(self.sink.find("bulk-")) >= 5, 20))
+        self.send(self.b, username, password, ["urgent-b"], priority=1)
+        urgent = self.sink.wait_for("urgent-b")
+        before = [m for m in self.sink.find("bulk-") if m.at <= urgent.at]
+        self.assertLess(len(before), 40, f"{len(before)} bulk messages arrived before the urgent one")
+        self.assertTrue(poll(lambda: len(self.sink.find("bulk-")) >= 60, 60))
+
+    def test_postgresql_outage_with_two_nodes(self) -> None:
+        """
+        PostgreSQL stops while both nodes take mail: every answer is 250
+        or 451 4.3.0; once it is back both nodes accept again without a
+        restart, and every message answered 250 arrives exactly once.
+        """
+        from tests.harness.postgres import server
+
+        self.start()
+        username, password = self.a.create_user(authorized_domains="shop.test")
+        pg = server()
+        accepted: list[str] = []
+        refused = 0
+        clients = {name: logged_in(d.plain_ports[0], username, password) for name, d in (("a", self.a), ("b", self.b))}
+        try:
+            for n in range(30):
+                if n == 10:
+                    pg.stop()
+                if n == 20:
+                    pg.start()
+                for name, client in clients.items():
+                    subject = f"outage-{name}-{n}"
+                    code, text = submit(client, "app@shop.test", [f"{subject}@dest.test"], message(subject, "app@shop.test"))
+                    if code == 250:
+                        accepted.append(f"{subject}@dest.test")
+                    else:
+                        self.assertEqual((code, text[:5]), (451, "4.3.0"), text)
+                        refused += 1
+        finally:
+            pg.start()
+            for client in clients.values():
+                client.quit()
+        self.assertGreater(refused, 0)
+        for name, d in (("a", self.a), ("b", self.b)):
+            # Until the node has reconnected, a login is a 454 and new mail a 451.
+            self.assertTrue(poll(lambda d=d, name=name: self._try_send(d, username, password, f"after-{name}"), 20))
+            accepted.append(f"after-{name}@dest.test")
+        self.assertTrue(poll(lambda: len(self.sink.find("outage-")) + len(self.sink.find("after-")) >= len(accepted), 60))
+        poll(lambda: len(self.sink.find("outage-")) + len(self.sink.find("after-")) > len(accepted), 2)
+        arrived = sorted(r for m in self.sink.find("outage-") + self.sink.find("after-") for r in m.rcpt_tos)
+        self.assertEqual(arrived, sorted(accepted), self.a.process.output()[-6000:] + self.b.process.output()[-6000:])

@@ -50,6 +50,9 @@ class Heartbeat(Service):
     seconds of C{clock}, through C{database.write} (off the reactor).
 
     @ivar last_beat: C{clock}'s seconds at the last beat written, or None.
+    @ivar steady_since: C{clock}'s seconds at the first of the beats written
+        since the last that failed (or since the start), or None while
+        beats fail.
     @ivar on_beat: callables each called with C{clock}'s seconds after
         every beat written (the takeover of dead nodes' messages hangs
         here); what they raise, or their Deferred fails with, is logged.
@@ -73,6 +76,7 @@ class Heartbeat(Service):
         self.started_at = started_at
         self.interval = interval
         self.last_beat: float | None = None
+        self.steady_since: float | None = None
         self.on_beat: list[Callable[[float], object]] = []
         self._failing = False
         # Whether this run of failures was logged here (not an outage the database logged).
@@ -108,6 +112,8 @@ class Heartbeat(Service):
 
     def _beaten(self, now: float) -> None:
         self.last_beat = now
+        if self.steady_since is None:
+            self.steady_since = now
         if self._logged:
             log.info("the heartbeat of node {node} is written again", node=self.node)
         self._failing = self._logged = False
@@ -117,6 +123,7 @@ class Heartbeat(Service):
             )
 
     def _failed(self, failure: Failure) -> None:
+        self.steady_since = None
         if self._failing:
             return
         self._failing = True
@@ -125,3 +132,20 @@ class Heartbeat(Service):
             self._logged = True
             log.failure("the heartbeat of node {node} failed; trying again every {interval} s", failure,
                         node=self.node, interval=self.interval)
+
+
+def take_over_when_steady(heartbeat: Heartbeat, lease_seconds: float, take_over: Callable[[float], object]) -> None:
+    """
+    After each beat, C{take_over(silent_since)} the messages of nodes
+    silent for C{lease_seconds} -- but only once this node's own beats have
+    been written for a whole lease.  After a database outage every node's
+    heartbeat is old; each gets a lease to beat again before any takes
+    over another's messages, which would then be delivered twice.
+    """
+
+    def beaten(now: float) -> object:
+        if heartbeat.steady_since is None or now - heartbeat.steady_since < lease_seconds:
+            return None
+        return take_over(now - lease_seconds)
+
+    heartbeat.on_beat.append(beaten)
