@@ -192,7 +192,8 @@ class _StoreKinds:
 
             pg = PostgresDatabase(reactor, config.storage.dsn)
             return cls(
-                pg, PostgresDatabaseService(pg), PostgresUserStore, PostgresStatistics, PostgresEventStore,
+                pg, PostgresDatabaseService(pg), functools.partial(PostgresUserStore, node=config.server.node()),
+                PostgresStatistics, PostgresEventStore,
                 functools.partial(PostgresQueueStore, node=config.server.node()), PostgresSuppressionList,
                 PostgresDKIMStore,
             )
@@ -322,6 +323,11 @@ def build_service(
         # The messages of nodes silent for a lease become this node's (one
         # of the live nodes gets each).
         take_over_when_steady(heartbeat, config.storage.lease_seconds, delivery_service.delivery.take_over)
+        # What another node's API changed: its users (a disabled one's open
+        # sessions here end) and its DKIM keys, within a beat.
+        users.skip_past_changes()
+        heartbeat.on_beat.append(lambda now: users.poll_changes())
+        heartbeat.on_beat.append(lambda now: dkim_keys.refresh())
     notifier = build_notifier(config.notifications, config.server.hostname, reactor, submit_internal)
     events.sink = notifier
     delivery_service.delivery.agent.results = notifier

@@ -17,7 +17,7 @@ from smtpplus.auth.store import COMPONENT, MIGRATIONS, DuplicateUser, LoginRecor
 from smtpplus.auth.users import new_user
 from smtpplus.interfaces import IUserStore
 from smtpplus.model import Aggregation, User
-from tests.harness.postgres import make_postgres_database
+from tests.harness.postgres import fresh_database, make_postgres_database
 from tests.harness.stores import make_sqlite_store
 
 
@@ -244,3 +244,59 @@ class PostgresUserStoreTests(UserStoreContract, TestCase):
             lambda conn: conn.execute("SELECT version FROM schema_migrations WHERE component = %s", (COMPONENT,)).fetchone()[0]
         )
         self.assertEqual(version, len(MIGRATIONS))
+
+
+class PostgresUserChangesTests(TestCase):
+    """Nodes A and B sharing one database learn each other's user changes through poll_changes."""
+
+    def setUp(self) -> None:
+        from twisted.internet import reactor
+
+        from smtpplus.storage.postgres import PostgresDatabase
+
+        self.clock = Clock()
+        self.clock.advance(1714564800)
+        dsn = fresh_database(self)
+        self.stores = {}
+        self.heard: dict[str, list[str]] = {}
+        for name in ("A", "B"):
+            database = PostgresDatabase(reactor, dsn)
+            database.start()
+            self.addCleanup(database.stop)
+            store = PostgresUserStore(database, self.clock, node=name)
+            store.migrate()
+            self.heard[name] = []
+            store.subscribe(self.heard[name].append)
+            self.stores[name] = store
+
+    @inlineCallbacks
+    def test_other_nodes_changes_applied_once(self) -> Any:
+        """
+        B hears A's create, password change and disabling once each, and
+        the disabling voids B's standings of the user; A does not hear its
+        own changes again; changes made before B started are skipped.
+        """
+        yield self.stores["A"].create(user_fields("early"), b"$2b$hash")
+        self.stores["B"].skip_past_changes()
+        yield self.stores["A"].create(user_fields("alice"), b"$2b$hash")
+        standing = self.stores["B"].standing("alice")
+        self.assertEqual((yield self.stores["B"].poll_changes()), 1)
+        self.assertEqual(self.heard["B"], ["alice"])
+        yield self.stores["A"].set_password_hash("alice", b"$2b$other")
+        yield self.stores["A"].update("alice", {"enabled": False})
+        self.assertIsNone(standing.revoked())
+        self.assertEqual((yield self.stores["B"].poll_changes()), 2)
+        self.assertEqual(standing.revoked(), "disabled")
+        self.assertEqual((yield self.stores["B"].poll_changes()), 0)
+        self.assertEqual((yield self.stores["A"].poll_changes()), 0)
+        self.assertEqual(self.heard["A"], ["early", "alice", "alice", "alice"])
+
+    @inlineCallbacks
+    def test_deleted_on_a_revoked_on_b(self) -> Any:
+        """A user deleted through A: B's open standings of it end with reason 'deleted'."""
+        yield self.stores["A"].create(user_fields("bob"), b"$2b$hash")
+        yield self.stores["B"].poll_changes()
+        standing = self.stores["B"].standing("bob")
+        self.assertTrue((yield self.stores["A"].delete("bob")))
+        yield self.stores["B"].poll_changes()
+        self.assertEqual(standing.revoked(), "deleted")

@@ -40,7 +40,9 @@ COMPONENTS = {
 POSTGRESQL_ONLY = {
     "queue_contents", "queue_contents.message_id", "queue_contents.content",
     "nodes", "nodes.name", "nodes.workers", "nodes.started_at", "nodes.last_seen",
-    "queue_messages.claimed_by", "queue_messages.lease_until",
+    "queue_messages.claimed_by",
+    "user_changes", "user_changes.seq", "user_changes.username", "user_changes.revoked", "user_changes.node",
+    "user_changes.at",
 }
 
 

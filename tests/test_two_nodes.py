@@ -190,3 +190,32 @@ class TwoNodeTests(unittest.TestCase):
         poll(lambda: len(self.sink.find("outage-")) + len(self.sink.find("after-")) > len(accepted), 2)
         arrived = sorted(r for m in self.sink.find("outage-") + self.sink.find("after-") for r in m.rcpt_tos)
         self.assertEqual(arrived, sorted(accepted), self.a.process.output()[-6000:] + self.b.process.output()[-6000:])
+
+    def test_user_disabled_on_a_ends_sessions_on_b(self) -> None:
+        """
+        A session open on B keeps sending until the user is disabled through
+        A's API; within a heartbeat B refuses its next MAIL with 550 5.7.13,
+        and a new login on B fails.
+        """
+        self.start()
+        username, password = self.a.create_user(authorized_domains="shop.test")
+        client = logged_in(self.b.plain_ports[0], username, password)
+        try:
+            first = submit(client, "app@shop.test", ["before@dest.test"], message("before", "app@shop.test"))
+            self.assertEqual(first[0], 250)
+            response = self.a.api("PATCH", f"/api/v1/users/{username}", {"enabled": False})
+            self.assertEqual(response.status, 200, response.json)
+
+            def refused() -> bool:
+                code, text = client.docmd("MAIL", "FROM:<app@shop.test>")
+                if code == 250:
+                    client.rset()
+                    return False
+                self.assertEqual((code, text[:6]), (550, b"5.7.13"), text)
+                return True
+
+            self.assertTrue(poll(refused, 10), self.b.process.output())
+        finally:
+            client.close()
+        with self.assertRaises(smtplib.SMTPAuthenticationError):
+            logged_in(self.b.plain_ports[0], username, password)

@@ -44,13 +44,79 @@ def _select_user(conn: Conn, username: str) -> User | None:
     return None if row is None else user_from_row(row)
 
 
+# How long a change stays in user_changes, and how far back each poll
+# looks: far more than a transaction takes to commit, so that a change
+# committed after a later-numbered one is still seen.
+CHANGES_KEPT = 3600.0
+CHANGES_LOOKBACK = 120.0
+
+
+def _note_change(conn: Conn, node: str, now: float, username: str, revoked: str | None = None) -> None:
+    conn.execute(
+        "INSERT INTO user_changes (username, revoked, node, at) VALUES (%s, %s, %s, %s)",
+        (username, revoked, node, now),
+    )
+
+
+def _recent_changes(conn: Conn, node: str, since: float, forget_before: float) -> list[tuple[int, str, str | None]]:
+    conn.execute("DELETE FROM user_changes WHERE at < %s", (forget_before,))
+    return conn.execute(
+        "SELECT seq, username, revoked FROM user_changes WHERE at >= %s AND node <> %s ORDER BY seq", (since, node)
+    ).fetchall()
+
+
 @implementer(IUserStore)
 class PostgresUserStore(UserStoreBase):
-    """L{IUserStore} in PostgreSQL (migration component C{"users"})."""
+    """
+    L{IUserStore} in PostgreSQL (migration component C{"users"}).
 
-    def __init__(self, database: PostgresDatabase, clock: IReactorTime, revocations: Revocations | None = None) -> None:
+    Each write also notes the change in C{user_changes}, in the same
+    transaction, under this node's name: L{poll_changes} (after each
+    heartbeat) gives the other nodes' changes to the same revocations and
+    listeners as this node's own, so that a user disabled through one
+    node's API cannot send on a session open on another.
+    """
+
+    def __init__(
+        self,
+        database: PostgresDatabase,
+        clock: IReactorTime,
+        revocations: Revocations | None = None,
+        node: str = "",
+    ) -> None:
         super().__init__(clock, revocations)
         self._db = database
+        self.node = node
+        # seq -> when it was applied, for the changes still in the lookback.
+        self._applied: dict[int, float] = {}
+
+    def poll_changes(self) -> Deferred[int]:
+        """Apply the other nodes' recent user changes not applied yet; fires with how many."""
+        now = self._clock.seconds()
+
+        def apply(rows: list[tuple[int, str, str | None]]) -> int:
+            self._applied = {seq: at for seq, at in self._applied.items() if at >= now - 2 * CHANGES_LOOKBACK}
+            fresh = [row for row in rows if row[0] not in self._applied]
+            for seq, username, revoked in fresh:
+                self._applied[seq] = now
+                if revoked:
+                    self._revoke(True, username, revoked)
+                self._changed(True, username)
+            return len(fresh)
+
+        d = self._db.run(_recent_changes, self.node, now - CHANGES_LOOKBACK, now - CHANGES_KEPT)
+        return d.addCallback(apply)
+
+    def skip_past_changes(self) -> None:
+        """At start: the changes already there were made before any session of this node; synchronous."""
+
+        def seqs(conn: Conn) -> list[tuple[int]]:
+            return conn.execute(
+                "SELECT seq FROM user_changes WHERE at >= %s", (self._clock.seconds() - CHANGES_LOOKBACK,)
+            ).fetchall()
+
+        now = self._clock.seconds()
+        self._applied = {seq: now for (seq,) in self._db.run_sync(seqs)}
 
     def migrate(self) -> None:
         """Create or upgrade the tables; synchronous, at start-up."""
@@ -74,6 +140,7 @@ class PostgresUserStore(UserStoreBase):
                     )
             except psycopg.errors.UniqueViolation:
                 raise DuplicateUser(user.username) from None
+            _note_change(conn, self.node, self._clock.seconds(), user.username)
             found = _select_user(conn, user.username)
             assert found is not None
             return found
@@ -100,13 +167,18 @@ class PostgresUserStore(UserStoreBase):
             )
             if cursor.rowcount == 0:
                 return None
+            revoked = "disabled" if changes.get("enabled") is False else None
+            _note_change(conn, self.node, self._clock.seconds(), username, revoked)
             return _select_user(conn, username)
 
         return self._db.transaction(change)
 
     def _delete(self, username: str) -> Deferred[bool]:
         def remove(conn: Conn) -> bool:
-            return conn.execute(f"DELETE FROM users WHERE {_BY_NAME}", (username,)).rowcount > 0
+            if conn.execute(f"DELETE FROM users WHERE {_BY_NAME}", (username,)).rowcount == 0:
+                return False
+            _note_change(conn, self.node, self._clock.seconds(), username, "deleted")
+            return True
 
         return self._db.transaction(remove)
 
@@ -116,7 +188,10 @@ class PostgresUserStore(UserStoreBase):
                 f"UPDATE users SET password_hash = %s, generation = generation + 1, updated_at = %s WHERE {_BY_NAME}",
                 (password_hash, now, username),
             )
-            return cursor.rowcount > 0
+            if cursor.rowcount == 0:
+                return False
+            _note_change(conn, self.node, self._clock.seconds(), username)
+            return True
 
         return self._db.transaction(change)
 

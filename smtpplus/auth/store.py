@@ -75,6 +75,22 @@ MIGRATIONS = [
     ALTER TABLE users ADD COLUMN priority_budget integer NOT NULL DEFAULT 0;
     """,
     ),
+    # Nodes sharing PostgreSQL: each change of a user, so that the other
+    # nodes end the open sessions of a disabled or deleted account and drop
+    # what they hold of it (see PostgresUserStore.poll_changes).
+    Migration(
+        sqlite=None,
+        postgresql="""
+    CREATE TABLE user_changes (
+        seq bigserial PRIMARY KEY,
+        username text NOT NULL,
+        revoked text,
+        node text NOT NULL,
+        at double precision NOT NULL
+    );
+    CREATE INDEX user_changes_at ON user_changes (at);
+    """,
+    ),
 ]
 
 class DuplicateUser(Exception):

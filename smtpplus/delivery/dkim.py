@@ -341,7 +341,8 @@ class DKIMKeys:
     The keys the admin API manages and delivery signs with.  The enabled
     keys are held in memory by domain, loaded at start and again after
     each change made here (the one process that signs is the one that
-    serves the API).
+    serves the API), and, with nodes sharing PostgreSQL, after each
+    heartbeat (L{refresh}).
 
     @param run_in_thread: where keys are generated and messages signed.
     """
@@ -358,6 +359,10 @@ class DKIMKeys:
 
     def _refresh(self, result: Any) -> Deferred[Any]:
         return self._store.list().addCallback(self._remember).addCallback(lambda _: result)
+
+    def refresh(self) -> Deferred[None]:
+        """Load the keys again: with nodes sharing the store, another node's API may have changed them."""
+        return self._refresh(None)
 
     def create(self, domain: str, selector: str, algorithm: str) -> Deferred[dict[str, Any]]:
         d = self._in_thread(generate_key, domain, selector, algorithm, self._clock.seconds())

@@ -155,9 +155,10 @@ MIGRATIONS = [
     """,
     ),
     # Shared by nodes (contract section 5): each message's content, so that
-    # any node can deliver it; a claim (owner node, lease expiry) on the
-    # queue rows; the nodes' heartbeats.  SQLite serves one machine: its
-    # messages' content stays in the spool files.
+    # any node can deliver it; the node that claims each message (its lease
+    # is that node's heartbeat in nodes, not a column per message); the
+    # nodes' heartbeats.  SQLite serves one machine: its messages' content
+    # stays in the spool files.
     Migration(
         sqlite=None,
         postgresql="""
@@ -165,7 +166,8 @@ MIGRATIONS = [
         message_id text PRIMARY KEY REFERENCES queue_messages (id) ON DELETE CASCADE,
         content bytea NOT NULL
     );
-    ALTER TABLE queue_messages ADD COLUMN claimed_by text, ADD COLUMN lease_until double precision;
+    ALTER TABLE queue_messages ADD COLUMN claimed_by text;
+    CREATE INDEX queue_messages_claimed ON queue_messages (claimed_by, status);
     CREATE TABLE nodes (
         name text PRIMARY KEY,
         workers integer NOT NULL,
