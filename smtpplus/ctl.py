@@ -315,6 +315,14 @@ def run(args: argparse.Namespace, out: Callable[[str], None]) -> None:
         rows = [[g["key"] or '""', *(g[c] for c in columns)] for g in document["groups"]]
         out(f"policy: {document['policy']}")
         out(table(["KEY", *(c.upper() for c in columns)], rows))
+    elif command == "nodes":
+        now = time.time()
+        nodes = api.call("GET", "/api/v1/nodes")["nodes"]
+        rows = [
+            [n["name"], n["workers"], age(n["started_at"], now), age(n["last_seen"], now), n["queued"], n["sending"]]
+            for n in nodes
+        ]
+        out(table(["NODE", "WORKERS", "UP", "LAST SEEN", "QUEUED", "SENDING"], rows))
     elif command == "notifications":
         query = {"type": args.type, "user": args.user}
         events = list(_limited(api.pages("/api/v1/notifications", "notifications", query), args.limit))
@@ -469,6 +477,7 @@ def parser() -> Parser:
     stats = commands.add_parser("stats", help="statistics, grouped by a policy")
     stats.add_argument("--user")
     stats.add_argument("--policy", help="day, week, month, year, subject, ..., user")
+    commands.add_parser("nodes", help="the nodes sharing the store, with their heartbeats and queues")
     notes = commands.add_parser("notifications", help="notification events, newest first")
     notes.add_argument("--type", help="sender_domain, send_problem, bounce, delivery_delay, account_block or priority_budget")
     notes.add_argument("--user")

@@ -233,6 +233,16 @@ class ReportCommandTests(CtlTestCase):
         self.assertFailed(ctl("--config", self.d.config_path, "stats", "--policy", "hour"), "policy")
 
 
+class NodesCommandTests(CtlTestCase):
+    def test_nodes(self) -> None:
+        """nodes lists this node (SQLite: the only one) with its workers, heartbeat age and queue."""
+        out = self.run_ok("nodes")
+        lines = out.splitlines()
+        self.assertEqual(lines[0].split(), ["NODE", "WORKERS", "UP", "LAST", "SEEN", "QUEUED", "SENDING"])
+        self.assertEqual(len(lines), 2)
+        self.assertRegex(lines[1], r"^mx\.test\.example +\d+ +\d+[smhd] +\d+s +\d+ +\d+$")
+
+
 class SuppressionCommandTests(CtlTestCase):
     def test_add_list_remove(self) -> None:
         """suppressions add, list and remove manage a user's list; removing one not listed fails with one line."""

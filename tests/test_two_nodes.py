@@ -12,6 +12,8 @@ import os
 import signal
 import smtplib
 import socket
+import subprocess
+import sys
 from typing import Any
 
 import psycopg
@@ -99,6 +101,16 @@ class TwoNodeTests(unittest.TestCase):
         self.assertEqual(recipients, sorted(expected))
         claims = dict(_rows(self.dsn, "SELECT claimed_by, COUNT(*) FROM queue_messages GROUP BY claimed_by"))
         self.assertEqual(claims, {"A": 10, "B": 10})
+        # Any node answers for all: the API and smtpplusctl on B list both.
+        names = [n["name"] for n in self.b.api("GET", "/api/v1/nodes").json["nodes"]]
+        self.assertEqual(names, ["A", "B"])
+        ctl = os.path.join(os.path.dirname(sys.executable), "smtpplusctl")
+        listed = subprocess.run(
+            [ctl, "--url", f"http://127.0.0.1:{self.b.admin_port}", "--token", self.b.token, "nodes"],
+            capture_output=True, text=True, timeout=30,
+        )
+        self.assertEqual(listed.returncode, 0, listed.stderr)
+        self.assertEqual([line.split()[0] for line in listed.stdout.splitlines()[1:]], ["A", "B"])
         for daemon in (self.a, self.b):
             statuses = {daemon.api("GET", f"/api/v1/messages/{i}").json["status"] for i in ids}
             self.assertEqual(statuses, {"sent"})
