@@ -35,7 +35,7 @@ from smtpplus.delivery.suppressions import SQLiteSuppressionList
 from smtpplus.delivery.threads import reactor_runner
 from smtpplus.log import DaemonLog, log_destination
 from smtpplus.metrics import HealthCheck, daemon_metrics
-from smtpplus.nodes.heartbeat import Heartbeat, beat_interval, take_over_when_steady
+from smtpplus.nodes.heartbeat import Heartbeat, NodeNameInUse, beat_interval, check_node_name, take_over_when_steady
 from smtpplus.nodes.listing import PostgresNodes, SingleNode
 from smtpplus.notify.dispatch import build_notifier
 from smtpplus.notify.events import EventStore
@@ -213,6 +213,7 @@ def _nodes(config: Config, reactor: Any, database: Any, queue_store: Any, top: M
     started_at = reactor.seconds()
     if config.storage.backend != "postgresql":
         return SingleNode(reactor, node, processes, started_at, queue_store.count_active), None
+    check_node_name(database, node, config.storage.lease_seconds, started_at)
     interval = beat_interval(config.storage.lease_seconds)
     heartbeat = Heartbeat(database, reactor, node, processes, started_at, interval)
     heartbeat.setServiceParent(top)
@@ -508,7 +509,7 @@ def makeService(options: Options) -> IService:
         _fail(f"configuration error: {e}")
     except OSError as e:
         _fail(f"cannot prepare state_dir {config.server.state_dir}: {e}")
-    except StorageUnavailable as e:
+    except (StorageUnavailable, NodeNameInUse) as e:
         _fail(f"cannot start: {e}")
     # Everything built so far lives as long as the process: keep the cyclic
     # collector from rescanning it while large API answers are built.

@@ -231,3 +231,12 @@ class TwoNodeTests(unittest.TestCase):
             client.close()
         with self.assertRaises(smtplib.SMTPAuthenticationError):
             logged_in(self.b.plain_ports[0], username, password)
+
+    def test_second_node_of_the_same_name_refused(self) -> None:
+        """A node started with the name of a running node stops at start-up with one line saying why."""
+        self.start()
+        twin = Daemon(_node_config("A", self.dsn, self.b.sink_port), plain=1, tls=0, sink=False, wait=False)
+        self.addCleanup(twin.stop)
+        self.assertEqual(twin.process.wait(30), 1, twin.process.output())
+        self.assertIn("smtpplus: cannot start: a node named A wrote its heartbeat", twin.process.output())
+        self.assertIn("give each node its own [server] node_name", twin.process.output())

@@ -44,6 +44,26 @@ def write_beat(conn: Any, name: str, workers: int, started_at: float, last_seen:
     conn.execute(_UPSERT, (name, workers, started_at, last_seen))
 
 
+class NodeNameInUse(Exception):
+    """Another node with this node's name is running: two nodes of one name would deliver each other's mail."""
+
+
+def check_node_name(database: Any, node: str, lease_seconds: float, now: float) -> None:
+    """
+    At start (synchronous): fail with L{NodeNameInUse} when a node of this
+    name wrote its heartbeat within the lease.  Both would take the same
+    messages for their own; a node restarting after a crash starts once its
+    old lease has run out (the service manager tries again).
+    """
+    row = database.run_sync(lambda conn: conn.execute("SELECT last_seen FROM nodes WHERE name = %s", (node,)).fetchone())
+    if row is not None and now - row[0] < lease_seconds:
+        raise NodeNameInUse(
+            f"a node named {node} wrote its heartbeat {max(0.0, now - row[0]):.1f} s ago (lease_seconds = "
+            f"{lease_seconds:g}): give each node its own [server] node_name; after a crash this node starts "
+            "once that lease has run out"
+        )
+
+
 class Heartbeat(Service):
     """
     Writes this node's row in C{nodes} at start and every C{interval}
