@@ -110,6 +110,15 @@ class ClaimTests(unittest.TestCase):
         self.assertEqual((yield self.stores["B"].take_over(silent_since=150.0, now=201.0)), [])
 
     @inlineCallbacks
+    def test_take_over_node_that_left(self) -> Any:
+        """The messages of a node without a row (it stopped cleanly) are taken at once, whatever the lease."""
+        yield self.stores["A"].insert([_message("M1")])
+        yield self.beat(B=200.0)
+        rows = yield self.stores["B"].take_over(silent_since=150.0, now=200.0)
+        self.assertEqual([(row["id"], row["previous"]) for row in rows], [("M1", "A")])
+        self.assertEqual((yield self.stores["C"].take_over(silent_since=150.0, now=200.0)), [])
+
+    @inlineCallbacks
     def test_two_takers_share_without_overlap(self) -> Any:
         """B and C taking over A's messages at once each get some, none twice, all taken."""
         messages = [_message(f"M{n}") for n in range(60)]

@@ -144,15 +144,31 @@ class HeartbeatTests(TestCase):
         self.assertEqual(len(self.flushLoggedErrors(ValueError)), 2)
 
     def test_stop_waits_for_the_beat_in_flight(self) -> None:
-        """Stopping waits for the beat being written (the database closes after it), then beats no more."""
+        """
+        Stopping waits for the beat being written (the database closes
+        after it), then removes the node's row (a clean stop: the others
+        take its messages at once), then beats no more.
+        """
         self.database.hold = True
         self.heartbeat.startService()
         stopped = self.heartbeat.stopService()
         self.assertNoResult(stopped)
         self.database.held[0].callback(None)
+        self.assertNoResult(stopped)
+        self.assertEqual(len(self.database.held), 2)
+        self.database.held[1].callback(None)
         self.successResultOf(stopped)
+        self.assertEqual(self.database.statements[-1], ("DELETE FROM nodes WHERE name = %s", ("node-a",)))
         self.clock.advance(100)
         self.assertEqual(len(self.database.beats), 1)
+
+    def test_stop_when_the_row_cannot_be_removed(self) -> None:
+        """A store that cannot remove the row does not keep the stop from finishing; it is logged."""
+        self.heartbeat.startService()
+        self.database.error = StorageUnavailable("PostgreSQL is unavailable")
+        with capturedLogs() as events:
+            self.successResultOf(self.heartbeat.stopService())
+        self.assertIn("could not leave the nodes table", " ".join(e["log_format"] for e in events))
 
 
 class TakeOverWhenSteadyTests(TestCase):

@@ -139,7 +139,7 @@ class TwoNodeTests(unittest.TestCase):
         self.assertTrue(arrived, self.b.process.output())
         recipients = sorted(r for m in self.sink.find("stuck-") for r in m.rcpt_tos)
         self.assertEqual(recipients, sorted(f"stuck-{n}@dest.test" for n in range(8)))
-        self.assertIn("node A is silent: took over 8 of its unfinished messages", self.b.process.output())
+        self.assertIn("node A is silent or left: took over 8 of its unfinished messages", self.b.process.output())
         self.assertTrue(
             poll(lambda: {self.b.api("GET", f"/api/v1/messages/{i}").json["status"] for i in ids} == {"sent"}, 10)
         )
@@ -240,3 +240,28 @@ class TwoNodeTests(unittest.TestCase):
         self.assertEqual(twin.process.wait(30), 1, twin.process.output())
         self.assertIn("smtpplus: cannot start: a node named A wrote its heartbeat", twin.process.output())
         self.assertIn("give each node its own [server] node_name", twin.process.output())
+
+    def test_clean_stop_hands_messages_over(self) -> None:
+        """
+        A's next hop refuses connections, so its messages wait deferred;
+        SIGTERM stops A cleanly: it leaves the nodes, B takes its messages
+        at once (no lease to wait out) and delivers them, and A starts
+        again right away under its name.
+        """
+        closed = free_port()
+        self.start(a_smarthost=closed)
+        username, password = self.b.create_user(authorized_domains="shop.test")
+        self.send(self.a, username, password, [f"handed-{n}" for n in range(5)])
+        deferred = lambda: _rows(  # noqa: E731
+            self.dsn, "SELECT COUNT(*) FROM queue_messages WHERE status = 'deferred' AND claimed_by = 'A'"
+        )[0][0]
+        self.assertTrue(poll(lambda: deferred() == 5, 15), self.a.process.output())
+        self.a.process.proc.send_signal(signal.SIGTERM)
+        self.assertIsNotNone(self.a.process.wait(15), self.a.process.output())
+        self.assertIn("node A left", self.a.process.output())
+        self.assertTrue(poll(lambda: len(self.sink.find("handed-")) >= 5, LEASE + 10), self.b.process.output())
+        self.assertIn("node A is silent or left: took over 5 of its unfinished messages", self.b.process.output())
+        self.a.restart()
+        self.a.wait_ready()
+        names = [n["name"] for n in self.b.api("GET", "/api/v1/nodes").json["nodes"]]
+        self.assertTrue(poll(lambda: [n["name"] for n in self.b.api("GET", "/api/v1/nodes").json["nodes"]] == ["A", "B"], 10), names)

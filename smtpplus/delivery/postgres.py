@@ -198,22 +198,25 @@ def recover(conn: Conn, now: float, node: str | None = None) -> list[dict[str, A
 def take_over(conn: Conn, node: str, silent_since: float, now: float, limit: int) -> list[dict[str, Any]]:
     """
     Claim for C{node} at most C{limit} unfinished messages (priority first)
-    of the nodes whose heartbeat is older than C{silent_since}; their
+    of the nodes whose heartbeat is older than C{silent_since}, or that
+    left (no row in C{nodes}: stopped cleanly), or of nobody; their
     interrupted attempts go back in the queue.  Each row names the node
-    it was taken from (C{previous}).  Rows another node is
+    it was taken from (C{previous}, None for nobody).  Rows another node is
     taking at the same moment are skipped (C{SKIP LOCKED}): each message
     gets one new owner.
     """
     with conn.cursor(row_factory=dict_row) as cursor:
         cursor.execute(
             "WITH victims AS (SELECT id, claimed_by AS previous FROM queue_messages WHERE status = ANY(%s) "
-            "AND claimed_by IN (SELECT name FROM nodes WHERE last_seen < %s AND name <> %s) "
+            "AND claimed_by IS DISTINCT FROM %s "
+            "AND (claimed_by IS NULL OR claimed_by NOT IN (SELECT name FROM nodes WHERE last_seen >= %s)) "
             "ORDER BY priority, seq LIMIT %s FOR UPDATE SKIP LOCKED) "
             "UPDATE queue_messages q SET claimed_by = %s FROM victims v WHERE q.id = v.id "
             'RETURNING q.id, q.seq, q."user", q.priority, q.next_attempt, q.status, v.previous',
-            (list(ACTIVE), silent_since, node, limit, node),
+            (list(ACTIVE), node, silent_since, limit, node),
         )
-        rows = cursor.fetchall()
+        # RETURNING keeps no order: priority first, as they were chosen.
+        rows = sorted(cursor.fetchall(), key=lambda row: (row["priority"], row["seq"]))
     interrupted = [row["id"] for row in rows if row["status"] == "sending"]
     if interrupted:
         _release_attempts(conn, "id = ANY(%s)", (interrupted,), now)

@@ -353,9 +353,11 @@ class Delivery:
         def taken(rows: list[dict[str, Any]]) -> None:
             if not rows:
                 return
-            taken_from = Counter(row.pop("previous") for row in rows)
+            taken_from = Counter(row.pop("previous") or "(none)" for row in rows)
             for previous, count in sorted(taken_from.items()):
-                log.warn("node {node} is silent: took over {n} of its unfinished messages", node=previous, n=count)
+                log.warn(
+                    "node {node} is silent or left: took over {n} of its unfinished messages", node=previous, n=count
+                )
             self._schedule(rows)
 
         d = ISharedQueueStore(self.store).take_over(silent_since, self.clock.seconds())

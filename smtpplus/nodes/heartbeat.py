@@ -44,6 +44,11 @@ def write_beat(conn: Any, name: str, workers: int, started_at: float, last_seen:
     conn.execute(_UPSERT, (name, workers, started_at, last_seen))
 
 
+def forget_node(conn: Any, name: str) -> None:
+    """Database thread: remove this node's row (a clean stop)."""
+    conn.execute("DELETE FROM nodes WHERE name = %s", (name,))
+
+
 class NodeNameInUse(Exception):
     """Another node with this node's name is running: two nodes of one name would deliver each other's mail."""
 
@@ -113,14 +118,28 @@ class Heartbeat(Service):
         Service.stopService(self)
         if self._loop.running:
             self._loop.stop()
-        # The beat in flight finishes before the database closes.
+        # The beat in flight finishes before the database closes; then the
+        # node leaves the nodes table: a clean stop hands its unfinished
+        # messages to the other nodes at once (no lease to wait out), and
+        # the node may start again under its name right away.
         done: Deferred[None] = Deferred()
 
-        def finished(result: object) -> object:
-            done.callback(None)
+        def left(_: object) -> None:
+            log.info("node {node} left: the other nodes take over its unfinished messages", node=self.node)
+
+        def not_left(failure: Failure) -> None:
+            log.warn(
+                "node {node} could not leave the nodes table ({error}): its messages wait for its lease to run out",
+                node=self.node,
+                error=failure.value,
+            )
+
+        def leave(result: object) -> object:
+            d = self._database.write(forget_node, self.node)
+            d.addCallbacks(left, not_left).addBoth(lambda _: done.callback(None))
             return result
 
-        self._beating.addBoth(finished)
+        self._beating.addBoth(leave)
         return done
 
     def _beat(self) -> Deferred[None]:
