@@ -210,9 +210,17 @@ class ProbedDaemon:
     @param workers: C{[server] workers} (None: the default, 0 = one worker
         per core).  With workers the probe watches the coordinator's
         reactor, not the sessions'.
+    @param server_config: more lines for C{[server]} (a C{node_name}).
     """
 
-    def __init__(self, directory: str, extra_config: str = "", ports: int = 1, workers: int | None = None) -> None:
+    def __init__(
+        self,
+        directory: str,
+        extra_config: str = "",
+        ports: int = 1,
+        workers: int | None = None,
+        server_config: str = "",
+    ) -> None:
         self.directory = directory
         os.makedirs(directory)
         self.ports = free_port_range(ports)
@@ -224,7 +232,8 @@ class ProbedDaemon:
             directory,
             f'[server]\nhostname = "smtpplus.bench.localdomain"\nstate_dir = "{directory}/state"\n'
             + (f"workers = {workers}\n" if workers is not None else "")
-            +             f'[smtp]\nlisten = "{HOST}"\nports = "{",".join(map(str, self.ports))}"\n'
+            + server_config
+            + f'[smtp]\nlisten = "{HOST}"\nports = "{",".join(map(str, self.ports))}"\n'
             f"max_connections_per_ip = 1000\n{extra_config}\n"
             f'[admin]\nlisten = "{HOST}"\nport = {self.admin_port}\ntoken = "{self.token}"\n',
         )
