@@ -52,6 +52,8 @@ log = Logger()
 # Sessions still receiving or storing a message get this long after SIGTERM;
 # twistd must exit within 10 s.
 DRAIN_SECONDS = 7.0
+# How often the leader deletes the shared throttle's stale rows.
+THROTTLE_SWEEP_SECONDS = 60.0
 
 
 def _fail(*lines: str) -> NoReturn:
@@ -220,6 +222,32 @@ def _nodes(config: Config, reactor: Any, database: Any, queue_store: Any, top: M
     return PostgresNodes(database), heartbeat
 
 
+def _throttle(config: Config, reactor: Any, database: Any, events: Any) -> Any:
+    """The login throttle: in this process's memory, or in PostgreSQL shared by the nodes."""
+    if config.storage.backend != "postgresql":
+        return LoginThrottle(reactor, config.security, events)
+    from smtpplus.auth.postgres_throttle import PostgresThrottle
+
+    return PostgresThrottle(database, reactor, config.security, events)
+
+
+def _singleton_duties(config: Config, reactor: Any, database: Any, notifier: Any, throttle: Any) -> Service:
+    """
+    With PostgreSQL, the service that runs the relay's singleton duties on
+    the one node holding the leader lock (see L{smtpplus.nodes.leader}):
+    the notification mail of every node's events and the throttle's sweep.
+    """
+    from smtpplus.nodes.leader import AdvisoryLock, Leadership, LockThread, PeriodicDuty
+    from smtpplus.notify.shared import SharedMailFeed
+
+    lease = config.storage.lease_seconds
+    lock = AdvisoryLock(config.storage.dsn, keepalive=lease)
+    leadership = Leadership(lock, reactor, beat_interval(lease), LockThread(reactor), config.server.node())
+    leadership.duties.append(SharedMailFeed(database, reactor, notifier))
+    leadership.duties.append(PeriodicDuty("sweeping the login throttle", reactor, THROTTLE_SWEEP_SECONDS, throttle.sweep))
+    return leadership
+
+
 def build_service(
     config: Config,
     reactor: Any,
@@ -329,14 +357,19 @@ def build_service(
         users.skip_past_changes()
         heartbeat.on_beat.append(lambda now: users.poll_changes())
         heartbeat.on_beat.append(lambda now: dkim_keys.refresh())
-    notifier = build_notifier(config.notifications, config.server.hostname, reactor, submit_internal)
+    shared = config.storage.backend == "postgresql"
+    notifier = build_notifier(config.notifications, config.server.hostname, reactor, submit_internal, shared=shared)
     events.sink = notifier
     delivery_service.delivery.agent.results = notifier
     delivery_service.delivery.agent.metrics = metrics
     metrics.count_queue(reactor, queue_store.count_active, ACTIVE)
     notifier.setServiceParent(top)
 
-    throttle = LoginThrottle(reactor, config.security, events)
+    throttle = _throttle(config, reactor, database, events)
+    if shared:
+        # After the notifier and delivery in the tree: the leader's last
+        # summaries go into the queue before they stop.
+        _singleton_duties(config, reactor, database, notifier, throttle).setServiceParent(top)
     settings = session_settings(smtp, config.server.hostname)
     if processes > 1:
         # The coordinator binds; its workers accept.  The factories only
@@ -381,7 +414,9 @@ def build_service(
             delivery.reconfigure(new.delivery, new.notifications.delivery_delay_threshold)
 
         def reload_notifications(new: Config) -> None:
-            replacement = build_notifier(new.notifications, config.server.hostname, reactor, submit_internal)
+            replacement = build_notifier(
+                new.notifications, config.server.hostname, reactor, submit_internal, shared=shared
+            )
             notifier.take_over(replacement).addErrback(
                 lambda f: log.failure("stopping the previous notification channels failed", f)
             )

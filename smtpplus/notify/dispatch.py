@@ -375,6 +375,10 @@ class Notifier(Service):
     POSTs; with C{message_webhooks}, also the sink of the delivery agent's
     recipient results (a POST each, not stored as events).  Stopping sends
     the collected summaries and digests.
+
+    With C{mail_locally} false (nodes sharing PostgreSQL), the events this
+    node records are POSTed but not mailed: the leader mails every node's
+    events (L{smtpplus.notify.shared}) through C{mail}.
     """
 
     name = "notifier"
@@ -385,8 +389,10 @@ class Notifier(Service):
         webhook: WebhookSender | None,
         clock: IReactorTime | None = None,
         message_webhooks: bool = False,
+        mail_locally: bool = True,
     ) -> None:
         self.mail = mail
+        self.mail_locally = mail_locally
         self.webhook = webhook
         # Recipient results need the clock for their created_at.
         self._results: tuple[WebhookSender, IReactorTime] | None = None
@@ -419,7 +425,7 @@ class Notifier(Service):
         """Hand one stored event to both channels."""
         if self.webhook is not None:
             self.webhook.post(event)
-        if self.mail is not None:
+        if self.mail is not None and self.mail_locally:
             self.mail.dispatch(event)
 
     def stopService(self) -> Deferred[Any] | None:
@@ -451,13 +457,15 @@ def build_notifier(
     reactor: Any,
     submit: Submit,
     agent: IAgent | None = None,
+    shared: bool = False,
 ) -> Notifier:
     """
     A L{Notifier} for C{[notifications]}: mail when recipients are set, a
     webhook when a URL is set (POSTed by C{agent}, by default an L{Agent} on
     C{reactor} with a small pool of persistent connections; signed with
     C{webhook_secret} when set), recipient results to it when
-    C{message_webhooks} is true.
+    C{message_webhooks} is true.  With C{shared} (nodes sharing PostgreSQL)
+    the mail is left to the leader's feed (see L{Notifier}).
     """
     mail = None
     if config.recipients:
@@ -470,4 +478,4 @@ def build_notifier(
             pool = HTTPConnectionPool(reactor)
             agent = Agent(reactor, connectTimeout=30, pool=pool)
         webhook = WebhookSender(config.webhook_url, reactor, agent, pool=pool, secret=config.webhook_secret)
-    return Notifier(mail, webhook, reactor, config.message_webhooks)
+    return Notifier(mail, webhook, reactor, config.message_webhooks, mail_locally=not shared)

@@ -35,7 +35,7 @@ from twisted.logger import Logger, eventFromJSON, globalLogPublisher
 from twisted.protocols import amp
 from twisted.python.failure import Failure
 
-from smtpplus.auth.throttle import LoginThrottle
+from smtpplus.auth.login import Throttle
 from smtpplus.config import format_port_list
 from smtpplus.delivery.batching import Batcher
 from smtpplus.delivery.budget import PriorityBudget
@@ -120,7 +120,7 @@ class Node:
     """What the workers ask the coordinator for: the node's shared parts."""
 
     users: Any
-    throttle: LoginThrottle
+    throttle: Throttle
     record: Callable[[list[tuple[NewMessage, bytes | None]]], Deferred[list[int | Duplicate]]]
     refusals: RecordsRefusals
     spool: Spool
@@ -186,16 +186,20 @@ class WorkerLink(commands.QuietAMP):
 
         return self._node.users.get(username).addCallbacks(answer, _store_failed)
 
+    # The throttle answers at once (memory) or with a Deferred (PostgreSQL).
     @commands.LoginRefused.responder
-    def login_refused(self, username: str, ip: str) -> dict[str, Any]:
-        return {"refused": self._node.throttle.refused(username, ip)}
+    def login_refused(self, username: str, ip: str) -> Deferred[dict[str, Any]]:
+        d = maybeDeferred(self._node.throttle.refused, username, ip)
+        return d.addCallback(lambda refused: {"refused": refused})
 
     @commands.LoginFailed.responder
-    def login_failed(self, username: str, ip: str, known_user: bool) -> dict[str, Any]:
-        return {"delay": self._node.throttle.failed(username, ip, known_user)}
+    def login_failed(self, username: str, ip: str, known_user: bool) -> Deferred[dict[str, Any]]:
+        d = maybeDeferred(self._node.throttle.failed, username, ip, known_user)
+        return d.addCallback(lambda delay: {"delay": delay})
 
     @commands.LoginSucceeded.responder
     def login_succeeded(self, username: str, ip: str) -> dict[str, Any]:
+        # Not waited for, as in one process: the login is already answered.
         self._node.throttle.succeeded(username, ip)
         return {}
 
