@@ -314,11 +314,14 @@ class ConsoleBrowserTests(TestCase):
         expect(recipients.get_by_role("row").filter(has_text="bounce-me@dest.test")).to_contain_text("bounced")
         expect(recipients.get_by_role("row").filter(has_text="bounce-me@dest.test")).to_contain_text("550")
 
-        page.get_by_role("button", name="Retry now").click()
+        # Each button is the one of the details shown for that message:
+        # clicked before they replace the previous ones, it would act on
+        # the message shown before.
+        page.get_by_role("region", name=f"Message {sent_id}").get_by_role("button", name="Retry now").click()
         expect(page.get_by_role("status")).to_contain_text("Error:")
 
         page.get_by_role("button", name=f"Details of message {delete_id}").click()
-        page.get_by_role("button", name="Delete message").click()
+        page.get_by_role("region", name=f"Message {delete_id}").get_by_role("button", name="Delete message").click()
         expect(page.get_by_role("status")).to_have_text(f"Message {delete_id} deleted.")
         expect(page.get_by_role("region", name=f"Message {delete_id}").get_by_role("definition").first).to_have_text(
             "deleted"
@@ -326,7 +329,7 @@ class ConsoleBrowserTests(TestCase):
         self.assertEqual(self.daemon.api("GET", f"/api/v1/messages/{delete_id}").json["status"], "deleted")
 
         page.get_by_role("button", name=f"Details of message {retry_id}").click()
-        page.get_by_role("button", name="Retry now").click()
+        page.get_by_role("region", name=f"Message {retry_id}").get_by_role("button", name="Retry now").click()
         expect(page.get_by_role("status")).to_have_text(f"Message {retry_id} will be tried now.")
         poll(lambda: self.daemon.api("GET", f"/api/v1/messages/{retry_id}").json["status"] == "sent", 20)
         self.assertEqual(self.errors, [])

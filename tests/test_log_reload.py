@@ -329,6 +329,8 @@ class ReloadTests(unittest.TestCase):
         d2.process = spawn_twistd(["--config", d2.config_path], d2.directory, ["--logfile", path])
         d2.wait_ready()
         self.assertTrue(poll(lambda: os.path.exists(path) and "Admin API listening" in open(path).read(), 10))
+        # The ports accept before the workers serve: SIGHUP once they do.
+        self.assertTrue(d2.process.wait_serving(15, path))
         os.rename(path, path + ".1")
         d2.process.proc.send_signal(signal.SIGHUP)
         self.assertTrue(poll(lambda: os.path.exists(path) and "configuration reloaded" in open(path).read(), 15))

@@ -50,14 +50,29 @@ class TwistdProcess:
         with open(self.output_path, encoding="utf-8", errors="replace") as f:
             return f.read()
 
-    def wait_serving(self, timeout: float) -> bool:
+    def wait_serving(self, timeout: float, log_path: str | None = None) -> bool:
         """
         Once its ports accept: wait until every SMTP worker serves (the
-        ports listen from the start, before the workers run).  True at
-        once for a daemon without workers.
+        ports listen from the start, before the workers run), as the output
+        says, or the file C{log_path} of C{--logfile}.  True at once for a
+        daemon without workers.
         """
-        found = re.search(r"SMTP listening on \S+ for (\d+) smtp workers", self.output())
-        return found is None or self.wait_for_output(f"all {found.group(1)} smtp workers serving", timeout)
+
+        def read() -> str:
+            if log_path is None:
+                return self.output()
+            with open(log_path, encoding="utf-8", errors="replace") as f:
+                return f.read()
+
+        found = re.search(r"SMTP listening on \S+ for (\d+) smtp workers", read())
+        if found is None:
+            return True
+        deadline = time.monotonic() + timeout
+        while f"all {found.group(1)} smtp workers serving" not in read():
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.05)
+        return True
 
     def wait_for_output(self, text: str, timeout: float) -> bool:
         """Poll the output file until C{text} appears; False on timeout."""
