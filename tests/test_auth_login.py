@@ -11,8 +11,9 @@ import ssl
 from typing import Any
 
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.defer import Deferred, fail, inlineCallbacks
 from twisted.internet.threads import deferToThread
+from twisted.logger import capturedLogs
 from twisted.trial.unittest import TestCase
 from zope.interface import implementer
 
@@ -25,6 +26,7 @@ from smtpplus.model import User
 from smtpplus.smtp.interfaces import IMessageWriter, ISubmitter
 from smtpplus.smtp.protocol import SessionRegistry, SMTPServerFactory
 from smtpplus.smtp.tls import server_context
+from smtpplus.storage.database import StorageUnavailable
 from tests.harness.fakes import Recorder, session_settings
 from tests.harness.stores import make_sqlite_store
 
@@ -190,6 +192,25 @@ class AuthEndToEndTests(TestCase):
         yield self.store.set_password_hash("alice", (yield self.hasher.hash(new)))
         self.assertEqual((yield self.dialogue("alice", self.password)), (535, None))
         self.assertEqual((yield self.dialogue("alice", new, "LOGIN")), (235, 250))
+
+    @inlineCallbacks
+    def test_store_unavailable_is_454(self) -> Any:
+        """
+        While the accounts cannot be read, AUTH gets a temporary 454 and one
+        log line without a traceback; once they can, the login works.
+        """
+        original = self.store.login_record
+
+        def unavailable(username: str) -> Any:
+            return fail(StorageUnavailable("the database is unavailable"))
+
+        self.store.login_record = unavailable  # type: ignore[method-assign]
+        with capturedLogs() as events:
+            self.assertEqual((yield self.dialogue("alice", self.password)), (454, None))
+        self.assertEqual([e for e in events if e.get("log_failure") is not None], [])
+        self.assertIn("the accounts cannot be read now", " ".join(e["log_format"] for e in events))
+        self.store.login_record = original  # type: ignore[method-assign]
+        self.assertEqual((yield self.dialogue("alice", self.password)), (235, 250))
 
     @inlineCallbacks
     def test_lock_then_454(self) -> Any:

@@ -9,6 +9,7 @@ answered 250 until it is back.
 from __future__ import annotations
 
 import os
+import smtplib
 from typing import Any
 
 import psycopg
@@ -121,3 +122,34 @@ class PostgresDaemonTests(unittest.TestCase):
     def test_outage_with_workers(self) -> None:
         """The same with SMTP worker processes: their sessions get the 451 and keep their link to the coordinator."""
         self._outage(workers=2)
+
+    def test_login_during_outage_with_workers(self) -> None:
+        """
+        A login while PostgreSQL is stopped gets a temporary failure (454)
+        from the worker, which keeps serving (its link to the coordinator
+        holds); once PostgreSQL is back the same worker logs the user in.
+        """
+        daemon, _ = self._daemon(workers=2)
+        _, password = daemon.create_user(username="shop", authorized_domains="example.com")
+        pg = server()
+        pg.stop()
+        try:
+            for _ in range(4):
+                with self.assertRaises(smtplib.SMTPAuthenticationError) as caught:
+                    logged_in(daemon.plain_ports[0], "shop", password)
+                self.assertEqual(caught.exception.smtp_code, 454)
+        finally:
+            pg.start()
+        self.assertNotIn("ended after", daemon.process.output())
+        self.assertIn("AUTH for 'shop' from 127.", daemon.process.output())
+        self.assertTrue(poll(lambda: self._logs_in(daemon, password), 15), daemon.process.output())
+        self.assertNotIn("ended after", daemon.process.output())
+        # The outage is logged once by the store; the logins each in one line, without a traceback.
+        self.assertNotIn("Traceback", daemon.process.output())
+
+    def _logs_in(self, daemon: Daemon, password: str) -> bool:
+        try:
+            logged_in(daemon.plain_ports[0], "shop", password).quit()
+        except smtplib.SMTPAuthenticationError:
+            return False
+        return True

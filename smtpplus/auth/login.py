@@ -22,7 +22,8 @@ from smtpplus.auth.hashing import PasswordHasher
 from smtpplus.auth.realm import AvatarFactory, SubmitterRealm
 from smtpplus.interfaces import IUserStore
 from smtpplus.metrics import UNCOUNTED, Metrics
-from smtpplus.smtp.interfaces import ILoginService, ISubmitter, LoginThrottled
+from smtpplus.smtp.interfaces import ILoginService, ISubmitter, LoginThrottled, LoginUnavailable
+from smtpplus.storage.database import StorageUnavailable
 
 log = Logger()
 
@@ -60,7 +61,15 @@ class LoginService:
 
     def login(self, username: str, password: str, peer_ip: str) -> Deferred[Any]:
         d = maybeDeferred(self._throttle.refused, username, peer_ip)
-        return d.addCallback(self._check, username, password, peer_ip)
+        d.addCallback(self._check, username, password, peer_ip)
+
+        def unavailable(failure: Failure) -> Failure:
+            # An outage is logged once by the store; here one line, no traceback.
+            failure.trap(StorageUnavailable)
+            log.info("AUTH for {username!r} from {ip}: the accounts cannot be read now", username=username, ip=peer_ip)
+            raise LoginUnavailable(str(failure.value))
+
+        return d.addErrback(unavailable)
 
     def _check(self, refused: bool, username: str, password: str, peer_ip: str) -> Deferred[Any]:
         if refused:

@@ -68,6 +68,10 @@ class LoginThrottled(Exception):
     """Too many failed logins from this client or for this username: try later."""
 
 
+class LoginUnavailable(Exception):
+    """The accounts cannot be read now (the store is unavailable): try later."""
+
+
 @attrs.frozen
 class SessionInfo:
     """What the protocol knows about the client when a command is checked."""
@@ -143,5 +147,6 @@ class ILoginService(Interface):
         """
         Return a Deferred firing with an L{ISubmitter}; fails with
         C{twisted.cred.error.UnauthorizedLogin} for wrong or disabled
-        credentials, L{LoginThrottled} while the IP or username is locked.
+        credentials, L{LoginThrottled} while the IP or username is locked,
+        L{LoginUnavailable} while the accounts cannot be read.
         """

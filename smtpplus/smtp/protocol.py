@@ -51,6 +51,7 @@ from smtpplus.smtp.interfaces import (
     IMessageWriter,
     ISubmitter,
     LoginThrottled,
+    LoginUnavailable,
     SessionInfo,
     SMTPReply,
     envelope_address,
@@ -477,6 +478,8 @@ class SMTPSession(PipelinedLineReceiver):
                 self.reply(535, "5.7.8", "Authentication credentials invalid")
             elif failure.check(LoginThrottled):
                 self.reply(454, "4.7.0", "Too many failed authentication attempts, try again later")
+            elif failure.check(LoginUnavailable):
+                self.reply(454, "4.7.0", "Temporary authentication failure")
             else:
                 log.failure("AUTH for {name!r} failed unexpectedly", failure, name=name)
                 self.reply(454, "4.7.0", "Temporary authentication failure")

@@ -171,6 +171,7 @@ class GetLoginRecord(amp.Command):
         (b"password_hash", amp.String(optional=True)),
         (b"generation", amp.Integer(optional=True)),
     ]
+    errors = {StoreUnavailable: b"STORE_UNAVAILABLE"}
 
 
 class GetUser(amp.Command):
@@ -186,6 +187,7 @@ class LoginRefused(amp.Command):
 
     arguments = [(b"username", amp.Unicode()), (b"ip", amp.Unicode())]
     response = [(b"refused", amp.Boolean())]
+    errors = {StoreUnavailable: b"STORE_UNAVAILABLE"}
 
 
 class LoginFailed(amp.Command):
@@ -193,6 +195,7 @@ class LoginFailed(amp.Command):
 
     arguments = [(b"username", amp.Unicode()), (b"ip", amp.Unicode()), (b"known_user", amp.Boolean())]
     response = [(b"delay", amp.Float())]
+    errors = {StoreUnavailable: b"STORE_UNAVAILABLE"}
 
 
 class LoginSucceeded(amp.Command):

@@ -177,7 +177,7 @@ class WorkerLink(commands.QuietAMP):
                 "generation": record.generation,
             }
 
-        return self._node.users.login_record(username).addCallback(answer)
+        return self._node.users.login_record(username).addCallbacks(answer, _store_failed)
 
     @commands.GetUser.responder
     def get_user(self, username: str) -> Deferred[dict[str, Any]]:
@@ -190,12 +190,12 @@ class WorkerLink(commands.QuietAMP):
     @commands.LoginRefused.responder
     def login_refused(self, username: str, ip: str) -> Deferred[dict[str, Any]]:
         d = maybeDeferred(self._node.throttle.refused, username, ip)
-        return d.addCallback(lambda refused: {"refused": refused})
+        return d.addCallbacks(lambda refused: {"refused": refused}, _store_failed)
 
     @commands.LoginFailed.responder
     def login_failed(self, username: str, ip: str, known_user: bool) -> Deferred[dict[str, Any]]:
         d = maybeDeferred(self._node.throttle.failed, username, ip, known_user)
-        return d.addCallback(lambda delay: {"delay": delay})
+        return d.addCallbacks(lambda delay: {"delay": delay}, _store_failed)
 
     @commands.LoginSucceeded.responder
     def login_succeeded(self, username: str, ip: str) -> dict[str, Any]:
