@@ -228,18 +228,24 @@ def take_over(conn: Conn, node: str, silent_since: float, now: float, limit: int
 
 def load_claimed(conn: Conn, message_id: str, node: str | None) -> dict[str, Any] | None:
     """L{load_message}, or None when C{message_id} is not C{node}'s to attempt (another node took it)."""
-    row = conn.execute("SELECT claimed_by FROM queue_messages WHERE id = %s", (message_id,)).fetchone()
+    with conn.cursor(row_factory=dict_row) as cursor:
+        # One query for the usual case (the row is this node's): an attempt
+        # pays a round trip per query.
+        cursor.execute(f"SELECT {_COLUMNS}, claimed_by FROM queue_messages WHERE id = %s", (message_id,))
+        row = cursor.fetchone()
     if row is None:
         return None
-    if row[0] is None and node is not None:
+    claimant = row.pop("claimed_by")
+    if claimant is None and node is not None:
         # A row nobody claims (rebuilt after it was lost): the first node to load it takes it.
-        row = conn.execute(
+        taken = conn.execute(
             "UPDATE queue_messages SET claimed_by = COALESCE(claimed_by, %s) WHERE id = %s RETURNING claimed_by",
             (node, message_id),
         ).fetchone()
-    if row is None or row[0] != node:
+        claimant = None if taken is None else taken[0]
+    if claimant != node:
         return None
-    return load_message(conn, message_id)
+    return _with_recipients(conn, [row])[0]
 
 
 def statuses(conn: Conn, message_ids: Sequence[str]) -> dict[str, str]:
