@@ -34,7 +34,14 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from smtpplus.auth.throttle import FIRST_DELAY, KNOWN_SECONDS, MAX_DELAY, MAX_KNOWN_PER_USER, WINDOW_SECONDS
+from smtpplus.auth.throttle import (
+    FIRST_DELAY,
+    KNOWN_SECONDS,
+    MAX_DELAY,
+    MAX_KNOWN_PER_USER,
+    WINDOW_SECONDS,
+    report_locks,
+)
 from smtpplus.config import SecurityConfig
 from smtpplus.storage.database import StorageUnavailable
 from smtpplus.storage.migrations import Migration
@@ -258,22 +265,7 @@ class PostgresThrottle:
 
     def _counted(self, result: tuple[int, bool, bool], username: str, ip: str, known_user: bool) -> float:
         count, ip_locks, user_locks = result
-        if ip_locks:
-            log.warn("AUTH from {ip} locked for {seconds} s after repeated failures", ip=ip, seconds=self._lock_seconds)
-        if user_locks:
-            log.warn(
-                "AUTH for username {username!r} locked for {seconds} s after repeated failures",
-                username=username,
-                seconds=self._lock_seconds,
-            )
-            if known_user and self._events is not None:
-                detail = (
-                    f"Too many failed logins for {username}; the last from {ip}. "
-                    f"Logins are refused for {self._lock_seconds} seconds."
-                )
-                self._events.record("account_block", username, None, detail).addErrback(
-                    lambda f: log.failure("recording account_block failed", f)
-                )
+        report_locks(username, ip, known_user, ip_locks, user_locks, self._lock_seconds, self._events)
         return min(self._max_delay, self._first_delay * 2**count)
 
     def succeeded(self, username: str, ip: str) -> Deferred[None]:

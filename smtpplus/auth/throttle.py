@@ -153,6 +153,30 @@ class KnownAddresses:
             del self._by_user[username]
 
 
+def report_locks(
+    username: str, ip: str, known_user: bool, ip_locks: bool, user_locks: bool, lock_seconds: float, events: Any
+) -> None:
+    """
+    Log the locks a failure just set, and record the C{account_block}
+    event of a known username locked (unknown ones are locked alike, so
+    that locking reveals nothing, but record no event).  For every throttle.
+    """
+    if ip_locks:
+        log.warn("AUTH from {ip} locked for {seconds} s after repeated failures", ip=ip, seconds=lock_seconds)
+    if not user_locks:
+        return
+    log.warn(
+        "AUTH for username {username!r} locked for {seconds} s after repeated failures",
+        username=username,
+        seconds=lock_seconds,
+    )
+    if known_user and events is not None:
+        detail = f"Too many failed logins for {username}; the last from {ip}. Logins are refused for {lock_seconds} seconds."
+        d = events.record("account_block", username, None, detail)
+        if d is not None and hasattr(d, "addErrback"):
+            d.addErrback(lambda f: log.failure("recording account_block failed", f))
+
+
 class LoginThrottle:
     """
     Tracks failed logins per IP and per username on an injected clock.
@@ -218,24 +242,9 @@ class LoginThrottle:
         """
         delay = self.failure_delay(username, ip)
         now = self._clock.seconds()
-        if self._ips.fail(ip, now):
-            log.warn("AUTH from {ip} locked for {seconds} s after repeated failures", ip=ip, seconds=self._lock_seconds)
-        if self._trusted(username, ip):
-            return delay
-        if self._users.fail(username.casefold(), now):
-            log.warn(
-                "AUTH for username {username!r} locked for {seconds} s after repeated failures",
-                username=username,
-                seconds=self._lock_seconds,
-            )
-            if known_user and self._events is not None:
-                detail = (
-                    f"Too many failed logins for {username}; the last from {ip}. "
-                    f"Logins are refused for {self._lock_seconds} seconds."
-                )
-                d = self._events.record("account_block", username, None, detail)
-                if d is not None and hasattr(d, "addErrback"):
-                    d.addErrback(lambda f: log.failure("recording account_block failed", f))
+        ip_locks = self._ips.fail(ip, now)
+        user_locks = not self._trusted(username, ip) and self._users.fail(username.casefold(), now)
+        report_locks(username, ip, known_user, ip_locks, user_locks, self._lock_seconds, self._events)
         return delay
 
     def succeeded(self, username: str, ip: str) -> None:
