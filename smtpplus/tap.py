@@ -175,7 +175,6 @@ class _StoreKinds:
     """The database and the store classes of one C{[storage] backend}."""
 
     database: Any
-    service: Service
     users: Any
     statistics: Any
     events: Any
@@ -190,18 +189,18 @@ class _StoreKinds:
             from smtpplus.auth.postgres import PostgresUserStore
             from smtpplus.delivery.postgres import PostgresDKIMStore, PostgresQueueStore, PostgresSuppressionList
             from smtpplus.notify.postgres import PostgresEventStore, PostgresStatistics
-            from smtpplus.storage.postgres import PostgresDatabase, PostgresDatabaseService
+            from smtpplus.storage.postgres import PostgresDatabase
 
             pg = PostgresDatabase(reactor, config.storage.dsn)
             return cls(
-                pg, PostgresDatabaseService(pg), functools.partial(PostgresUserStore, node=config.server.node()),
+                pg, functools.partial(PostgresUserStore, node=config.server.node()),
                 PostgresStatistics, PostgresEventStore,
                 functools.partial(PostgresQueueStore, node=config.server.node()), PostgresSuppressionList,
                 PostgresDKIMStore,
             )
         database = Database(reactor, os.path.join(state_dir, "smtpplus.db"))
         return cls(
-            database, DatabaseService(database), SQLiteUserStore, Statistics, EventStore, SQLiteQueueStore,
+            database, SQLiteUserStore, Statistics, EventStore, SQLiteQueueStore,
             SQLiteSuppressionList, SQLiteDKIMStore,
         )
 
@@ -299,7 +298,7 @@ def build_service(
     )
     stores = _StoreKinds.for_config(config, reactor, state_dir)
     database = stores.database
-    stores.service.setServiceParent(top)
+    DatabaseService(database).setServiceParent(top)
 
     processes = config.server.worker_processes()
     # Set once the worker pool exists; user changes reach the workers through it.

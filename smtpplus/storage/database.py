@@ -276,13 +276,14 @@ def _in_transaction(conn: sqlite3.Connection, fn: Callable[..., T], *args: Any, 
 
 class DatabaseService(Service):
     """
-    Starts the database thread with the reactor (after twistd has forked and
-    dropped privileges) and closes the file last on the way down.
+    Starts the database's threads with the reactor (after twistd has forked
+    and dropped privileges) and closes it last on the way down: the SQLite
+    file's L{Database} or a L{smtpplus.storage.postgres.PostgresDatabase}.
     """
 
     name = "database"
 
-    def __init__(self, database: Database) -> None:
+    def __init__(self, database: Database | Any) -> None:
         self.database = database
 
     def startService(self) -> None:

@@ -27,7 +27,6 @@ from typing import Any, TypeVar
 
 import psycopg
 import psycopg_pool
-from twisted.application.service import Service
 from twisted.internet.defer import Deferred
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
@@ -281,19 +280,3 @@ def _broken(error: psycopg.OperationalError) -> bool:
 def _read_bookkeeping(conn: psycopg.Connection[Any]) -> None:
     conn.execute("SELECT COUNT(*) FROM schema_migrations").fetchone()
 
-
-class PostgresDatabaseService(Service):
-    """Starts the database threads with the reactor and closes the pool last on the way down."""
-
-    name = "database"
-
-    def __init__(self, database: PostgresDatabase) -> None:
-        self.database = database
-
-    def startService(self) -> None:
-        self.database.start()
-        Service.startService(self)
-
-    def stopService(self) -> None:
-        Service.stopService(self)
-        self.database.stop()
