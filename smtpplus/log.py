@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import signal
 import sys
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import IO, Any
 
@@ -46,8 +47,8 @@ from twisted.logger import (
     Logger,
     LogLevel,
     LogLevelFilterPredicate,
+    eventAsJSON,
     formatEventAsClassicLogText,
-    jsonFileLogObserver,
 )
 from twisted.python.logfile import LogFile
 from zope.interface import implementer
@@ -70,15 +71,22 @@ def _text_line(event: dict[str, Any]) -> str | None:
     return formatEventAsClassicLogText(event, formatTime=iso_time)
 
 
-class _JSONLines:
-    """L{jsonFileLogObserver}'s records, one per line, with an ISO 8601 C{timestamp} and the C{node} (when known)."""
+def line_formatter(format: str, node: str | None) -> Callable[[dict[str, Any]], str | None]:
+    """
+    The line (newline included) that C{[log] format} C{format} writes for
+    an event: text, or L{jsonFileLogObserver}'s record without its record
+    separator plus an ISO 8601 C{timestamp} and the C{node} (when known).
+    The SMTP workers format their own lines with it, so that the
+    coordinator only appends them to the file.
+    """
+    if format != "json":
+        return _text_line
+    extra = {} if node is None else {"node": node}
 
-    def __init__(self, out: IO[Any], node: str | None) -> None:
-        self._observer = jsonFileLogObserver(out, recordSeparator="")
-        self._extra = {} if node is None else {"node": node}
+    def json_line(event: dict[str, Any]) -> str:
+        return eventAsJSON(dict(event, timestamp=iso_time(event.get("log_time")), **extra)) + "\n"
 
-    def __call__(self, event: dict[str, Any]) -> None:
-        self._observer(dict(event, timestamp=iso_time(event.get("log_time")), **self._extra))
+    return json_line
 
 
 @attrs.frozen
@@ -149,15 +157,28 @@ class DaemonLog:
 
             # syslog has its own record format: [log] format does not apply.
             inner: Any = LegacyLogObserverWrapper(SyslogObserver(self.destination.syslog_prefix).emit)
-        elif self.config.format == "json":
-            inner = _JSONLines(self._out, self.node)
         else:
-            inner = FileLogObserver(self._out, _text_line)
+            inner = FileLogObserver(self._out, line_formatter(self.config.format, self.node))
         predicate = LogLevelFilterPredicate(defaultLogLevel=LEVELS[self.config.level])
         self._observer = FilteringLogObserver(inner, [predicate])
 
     def __call__(self, event: dict[str, Any]) -> None:
         self._observer(event)
+
+    @property
+    def line_format(self) -> str:
+        """
+        How other processes hand this log their lines: C{text} or C{json},
+        formatted (L{line_formatter}) for L{write_lines}; C{events} for
+        syslog, which formats its own records.
+        """
+        return "events" if self.destination.syslog_prefix is not None else self.config.format
+
+    def write_lines(self, text: str) -> None:
+        """Append lines already formatted as L{line_format} says (another process's events)."""
+        if self._out is not None:
+            self._out.write(text)
+            self._out.flush()
 
     def configure(self, config: LogConfig) -> None:
         """Write with C{config}'s format and level from now on."""

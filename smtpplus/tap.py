@@ -390,7 +390,9 @@ def build_service(
             budget=delivery.intake.budget,
         )
         pool.append(
-            WorkerPool(reactor, processes, listeners, node, worker_config, material, config.log.level, metrics, drop_to)
+            WorkerPool(
+                reactor, processes, listeners, node, worker_config, material, config.log.level, metrics, drop_to, daemon_log
+            )
         )
         listeners.setName("smtp")
         listeners.setServiceParent(top)
@@ -429,6 +431,9 @@ def build_service(
         def reload_log(new: Config) -> None:
             if daemon_log is not None:
                 daemon_log.configure(new.log)
+            if pool:
+                # After reload_tls, which sent the level but not yet the format.
+                pool[0].reload(pool[0].tls, new.log.level)
 
         appliers = Appliers(
             tls=reload_tls,

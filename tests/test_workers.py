@@ -7,6 +7,8 @@ real twistd with two workers against aiosmtpd, smtplib and the admin API.
 from __future__ import annotations
 
 import errno
+import io
+import json
 import os
 import signal
 import smtplib
@@ -20,6 +22,7 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.internet.error import CannotListenError
 from twisted.internet.protocol import ServerFactory
 from twisted.internet.task import Clock
+from twisted.logger import Logger, eventFromJSON
 from twisted.protocols import amp
 from twisted.test import iosim
 from twisted.trial import unittest
@@ -30,6 +33,7 @@ from smtpplus.smtp.listeners import _WorkerSockets
 from smtpplus.smtp.registry import SessionSettings
 from smtpplus.workers import commands
 from smtpplus.workers.pool import NodeConnections, merge_expositions
+from smtpplus.workers.worker import LogForwarder
 from tests.harness.clients import logged_in, smtp, submit
 from tests.harness.daemon import Daemon
 from tests.harness.messages import message, queue_id
@@ -169,6 +173,102 @@ class WireTests(unittest.TestCase):
         again = commands.unpack_tls(commands.pack_tls(material))
         self.assertEqual(again, material)
         self.assertIsNotNone(again.options().getContext())
+
+
+class _Lines(amp.AMP):
+    """The coordinator's end for log traffic: what arrived, in order."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.batches: list[str] = []
+        self.events: list[dict[str, Any]] = []
+
+    @commands.LogLines.responder
+    def lines(self, lines: bytes) -> dict[str, Any]:
+        self.batches.append(lines.decode("utf-8"))
+        return {}
+
+    @commands.Log.responder
+    def event(self, event: str) -> dict[str, Any]:
+        self.events.append(eventFromJSON(event))
+        return {}
+
+
+class LogForwarderTests(unittest.TestCase):
+    """A worker formats its own log lines and sends them once per reactor turn."""
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.coordinator = _Lines()
+        link = amp.AMP()
+        self.pump = iosim.connect(
+            self.coordinator, iosim.makeFakeServer(self.coordinator), link, iosim.makeFakeClient(link)
+        )
+        self.forwarder = LogForwarder(self.clock, link, 2)
+        self.forwarder.connected = True
+        self.log = Logger(namespace="smtpplus.smtp.protocol", observer=self.forwarder)
+
+    def test_events_until_told_the_format(self) -> None:
+        """Before the coordinator says how its log is written, each event goes as it is."""
+        self.log.info("smtp session peer={peer}", peer="127.0.0.1:1")
+        self.pump.flush()
+        self.assertEqual([e["peer"] for e in self.coordinator.events], ["127.0.0.1:1"])
+        self.assertEqual(self.coordinator.events[0]["smtpplus_worker"], 2)
+        self.assertEqual(self.coordinator.batches, [])
+
+    def test_text_lines_batched_per_turn(self) -> None:
+        """Lines logged in one turn arrive as one batch of the daemon's text lines, in order, after the turn."""
+        self.forwarder.set_format("text", "node-a")
+        self.log.info("first {n}", n=1)
+        self.log.warn("second {n}", n=2)
+        self.pump.flush()
+        self.assertEqual(self.coordinator.batches, [])
+        self.clock.advance(0)
+        self.pump.flush()
+        self.assertEqual(len(self.coordinator.batches), 1)
+        lines = self.coordinator.batches[0].splitlines()
+        self.assertEqual(len(lines), 2)
+        self.assertRegex(lines[0], r"^\d{4}-\d\d-\d\dT\S+ \[smtpplus\.smtp\.protocol#info\] first 1$")
+        self.assertRegex(lines[1], r"\[smtpplus\.smtp\.protocol#warn\] second 2$")
+        self.assertEqual(self.coordinator.events, [])
+
+    def test_json_lines(self) -> None:
+        """In JSON each line is one object with the node, the worker, an ISO time and the event's fields."""
+        self.forwarder.set_format("json", "node-a")
+        self.log.info("accepted id={id}", id="ABC")
+        self.clock.advance(0)
+        self.pump.flush()
+        record = json.loads(self.coordinator.batches[0])
+        self.assertEqual((record["node"], record["smtpplus_worker"], record["id"]), ("node-a", 2, "ABC"))
+        self.assertRegex(record["timestamp"], r"^\d{4}-\d\d-\d\dT")
+
+    def test_a_full_batch_goes_at_once(self) -> None:
+        """A turn that logs BATCH_LINES lines sends them without waiting for its end."""
+        self.forwarder.set_format("text", None)
+        for n in range(LogForwarder.BATCH_LINES):
+            self.log.info("line {n}", n=n)
+        self.pump.flush()
+        self.assertEqual(len(self.coordinator.batches), 1)
+        self.assertEqual(len(self.coordinator.batches[0].splitlines()), LogForwarder.BATCH_LINES)
+        self.clock.advance(0)
+        self.pump.flush()
+        self.assertEqual(len(self.coordinator.batches), 1)
+
+
+class DaemonLogLinesTests(unittest.TestCase):
+    """The coordinator appends a worker's formatted lines to its own log."""
+
+    def test_lines_appended_and_format_told(self) -> None:
+        from smtpplus.config import LogConfig
+        from smtpplus.log import DaemonLog, Destination
+
+        out = io.StringIO()
+        daemon_log = DaemonLog(Destination(stream=out), LogConfig("json", "info"), "node-a")
+        self.assertEqual(daemon_log.line_format, "json")
+        daemon_log.write_lines('{"a": 1}\n{"b": 2}\n')
+        self.assertEqual(out.getvalue(), '{"a": 1}\n{"b": 2}\n')
+        syslog = DaemonLog(Destination(syslog_prefix="smtpplus"), LogConfig("text", "info"))
+        self.assertEqual(syslog.line_format, "events")
 
 
 class NodeAdmissionTests(unittest.TestCase):

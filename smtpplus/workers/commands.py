@@ -136,6 +136,7 @@ class Configure(amp.Command):
         (b"overrides", amp.Unicode()),
         (b"tls", Blob()),
         (b"log_level", amp.Unicode()),
+        (b"log_format", amp.Unicode()),
     ]
 
 
@@ -262,9 +263,21 @@ class RefusedRecipient(amp.Command):
 
 
 class Log(amp.Command):
-    """One log event of the worker, as twisted.logger's JSON."""
+    """One log event of the worker, as twisted.logger's JSON (for a log the coordinator formats: syslog)."""
 
     arguments = [(b"event", amp.Unicode())]
+    requiresAnswer = False
+
+
+class LogLines(amp.Command):
+    """
+    The worker's log lines since its last batch, formatted as the
+    coordinator's log file takes them (L{smtpplus.log.line_formatter}):
+    decoding and formatting each event in the coordinator cost it a sixth
+    of its time under load.
+    """
+
+    arguments = [(b"lines", Blob())]
     requiresAnswer = False
 
 
@@ -281,7 +294,7 @@ class UserChanged(amp.Command):
 class Reload(amp.Command):
     """The configuration was reloaded (SIGHUP): the certificates and the log level for what comes next."""
 
-    arguments = [(b"tls", Blob()), (b"log_level", amp.Unicode())]
+    arguments = [(b"tls", Blob()), (b"log_level", amp.Unicode()), (b"log_format", amp.Unicode())]
     response: list[tuple[bytes, amp.Argument]] = []
 
 

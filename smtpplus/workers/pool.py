@@ -44,6 +44,7 @@ from smtpplus.delivery.queue import NewMessage
 from smtpplus.delivery.rules import RecordsRefusals
 from smtpplus.delivery.spool import Spool
 from smtpplus.interfaces import ISuppressionList
+from smtpplus.log import DaemonLog
 from smtpplus.metrics import Metrics
 from smtpplus.model import Suppression
 from smtpplus.smtp.registry import SHUTTING_DOWN, SessionSettings, limit_refusal
@@ -146,6 +147,7 @@ class WorkerLink(commands.QuietAMP):
             "overrides": json.dumps(overrides),
             "tls": commands.pack_tls(self._pool.tls),
             "log_level": self._pool.log_level,
+            "log_format": self._pool.log_format(),
         }
 
     @commands.Ready.responder
@@ -245,6 +247,11 @@ class WorkerLink(commands.QuietAMP):
         globalLogPublisher(eventFromJSON(event))
         return {}
 
+    @commands.LogLines.responder
+    def log_lines(self, lines: bytes) -> dict[str, Any]:
+        self._pool.write_log(lines.decode("utf-8"))
+        return {}
+
     def connectionLost(self, reason: Failure) -> None:
         super().connectionLost(reason)
         self._worker.link = None
@@ -302,6 +309,8 @@ class WorkerPool(Service):
 
     @param worker_config: the configuration the workers run with: the
         file's text and the command line's overrides.
+    @param daemon_log: the log the workers' lines go to (None: a
+        C{--logger} of twistd's, which gets their events).
     @ivar tls: the certificates the workers serve (L{reload} replaces them).
     @ivar log_level: the level of the log lines the workers send.
     """
@@ -319,6 +328,7 @@ class WorkerPool(Service):
         log_level: str,
         metrics: Metrics,
         drop_to: tuple[int | None, int | None] = (None, None),
+        daemon_log: DaemonLog | None = None,
     ) -> None:
         self._reactor = reactor
         self.count = count
@@ -329,6 +339,7 @@ class WorkerPool(Service):
         self.log_level = log_level
         self._metrics = metrics
         self._drop_to = drop_to
+        self._daemon_log = daemon_log
         self.workers: dict[int, WorkerProcess] = {}
         self._stopping = False
         self._enqueue = Batcher(self._record)
@@ -457,11 +468,20 @@ class WorkerPool(Service):
                 answers.append(d.addErrback(lambda f, i=worker.index: log.warn("smtp worker {i}: {error}", i=i, error=f.value)))
         return answers
 
+    def log_format(self) -> str:
+        """How the workers send their log: lines formatted for L{write_log}, or C{events}."""
+        return "events" if self._daemon_log is None else self._daemon_log.line_format
+
+    def write_log(self, lines: str) -> None:
+        """Lines a worker formatted as L{log_format} says."""
+        if self._daemon_log is not None:
+            self._daemon_log.write_lines(lines)
+
     def reload(self, tls: TLSMaterial, log_level: str) -> None:
-        """A reloaded configuration: the workers' certificates and log level."""
+        """A reloaded configuration: the workers' certificates and log level and format."""
         self.tls = tls
         self.log_level = log_level
-        self.broadcast(commands.Reload, tls=commands.pack_tls(tls), log_level=log_level)
+        self.broadcast(commands.Reload, tls=commands.pack_tls(tls), log_level=log_level, log_format=self.log_format())
 
     def user_changed(self, username: str, revoked: str | None = None) -> None:
         """Tell every worker that C{username} changed (and was disabled or deleted when C{revoked})."""

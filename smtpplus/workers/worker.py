@@ -49,7 +49,7 @@ from smtpplus.delivery.queue import Committer, NewMessage
 from smtpplus.delivery.spool import Spool
 from smtpplus.delivery.submitter import Intake, Submitter
 from smtpplus.delivery.threads import reactor_runner
-from smtpplus.log import LEVELS
+from smtpplus.log import LEVELS, line_formatter
 from smtpplus.metrics import Metrics, daemon_metrics
 from smtpplus.model import Suppression, User
 from smtpplus.reload import ReloadableTLS
@@ -80,8 +80,8 @@ class CoordinatorLink(commands.QuietAMP):
         return {}
 
     @commands.Reload.responder
-    def reload(self, tls: bytes, log_level: str) -> dict[str, Any]:
-        self._worker.reload(commands.unpack_tls(tls), log_level)
+    def reload(self, tls: bytes, log_level: str, log_format: str) -> dict[str, Any]:
+        self._worker.reload(commands.unpack_tls(tls), log_level, log_format)
         return {}
 
     @commands.Scrape.responder
@@ -229,22 +229,62 @@ class RemoteQueue:
 
 
 class LogForwarder:
-    """Sends this process's log events to the coordinator, which writes the daemon's one log."""
+    """
+    Sends this process's log events to the coordinator, which writes the
+    daemon's one log: as lines formatted here (C{text}, C{json}), sent
+    together once per reactor turn, or one event at a time (C{events}) for
+    a log the coordinator formats itself (syslog), and before the
+    coordinator has said which.
+    """
 
-    def __init__(self, link: amp.AMP, index: int) -> None:
+    # A turn that logs more than this many lines sends them at once.
+    BATCH_LINES = 200
+
+    def __init__(self, reactor: Any, link: amp.AMP, index: int) -> None:
+        self._reactor = reactor
         self._link = link
         self._index = index
         self.connected = False
+        self._format: Callable[[dict[str, Any]], str | None] | None = None
+        self._lines: list[str] = []
+        self._flushing: Any = None
+
+    def set_format(self, format: str, node: str | None) -> None:
+        """Format lines as the coordinator's C{[log] format} (or send C{events}) from now on."""
+        self.flush()
+        self._format = None if format == "events" else line_formatter(format, node)
 
     def __call__(self, event: dict[str, Any]) -> None:
         if not self.connected:
             return
         event = dict(event, smtpplus_worker=self._index)
         try:
-            self._link.callRemote(commands.Log, event=eventAsJSON(event))
+            if self._format is None:
+                self._link.callRemote(commands.Log, event=eventAsJSON(event))
+                return
+            line = self._format(event)
         except Exception:
             # Never log from the log observer.
-            pass
+            return
+        if not line:
+            return
+        self._lines.append(line)
+        if len(self._lines) >= self.BATCH_LINES:
+            self.flush()
+        elif self._flushing is None:
+            self._flushing = self._reactor.callLater(0, self.flush)
+
+    def flush(self) -> None:
+        """Send the lines held so far."""
+        if self._flushing is not None and self._flushing.active():
+            self._flushing.cancel()
+        self._flushing = None
+        lines, self._lines = self._lines, []
+        if lines and self.connected:
+            try:
+                self._link.callRemote(commands.LogLines, lines="".join(lines).encode("utf-8"))
+            except Exception:
+                pass
 
 
 class Worker:
@@ -262,10 +302,11 @@ class Worker:
         self.users = RemoteUsers(self.link)
         self.metrics: Metrics = daemon_metrics()
         self.log_filter = LogLevelFilterPredicate(defaultLogLevel=LogLevel.info)
-        self.forwarder = LogForwarder(self.link, index)
+        self.forwarder = LogForwarder(reactor, self.link, index)
         self.tls = ReloadableTLS(None)
         self.services = MultiService()
         self.registry: SessionRegistry | None = None
+        self.node: str | None = None
         self._ports: list[Any] = []
         self._stopped: Deferred[object] | None = None
 
@@ -275,7 +316,9 @@ class Worker:
         def configured(answer: dict[str, Any]) -> Config:
             config = config_from_text(answer["config"], json.loads(answer["overrides"]))
             self.tls.options = commands.unpack_tls(answer["tls"]).options()
-            self.log_filter.defaultLogLevel = LEVELS[answer["log_level"]]
+            self.log_filter.setLogLevelForNamespace("", LEVELS[answer["log_level"]])
+            self.node = config.server.node()
+            self.forwarder.set_format(answer["log_format"], self.node)
             return config
 
         return self.link.callRemote(commands.Configure).addCallback(configured)
@@ -332,10 +375,11 @@ class Worker:
             self._ports += adopt_ports(self.reactor, family, tls, self.server.tls_factory)
         return len(self._ports)
 
-    def reload(self, tls: TLSMaterial, log_level: str) -> None:
-        """A reload's certificates (for new sessions) and log level."""
+    def reload(self, tls: TLSMaterial, log_level: str, log_format: str) -> None:
+        """A reload's certificates (for new sessions), log level and format."""
         self.tls.options = tls.options()
-        self.log_filter.defaultLogLevel = LEVELS[log_level]
+        self.log_filter.setLogLevelForNamespace("", LEVELS[log_level])
+        self.forwarder.set_format(log_format, self.node)
 
     def stop(self, grace: float = DRAIN_SECONDS) -> Deferred[object]:
         """Stop taking connections, let the sessions drain for C{grace} seconds, stop the bcrypt pool."""
@@ -347,6 +391,8 @@ class Worker:
         d = gatherResults([closing, drained])
         # The bcrypt pool's threads would keep the process alive.
         d.addBoth(lambda _: self.services.stopService())
+        # The last lines go out while the reactor still runs.
+        d.addBoth(lambda result: (self.forwarder.flush(), result)[1])
         self._stopped = d
         return d
 
