@@ -6,7 +6,7 @@ import os
 from typing import Any
 
 from twisted.internet import reactor
-from twisted.internet.defer import gatherResults, inlineCallbacks
+from twisted.internet.defer import Deferred, gatherResults, inlineCallbacks
 from twisted.names import authority, dns, server
 from twisted.trial import unittest
 
@@ -278,6 +278,48 @@ class StateWriterTests(unittest.TestCase):
         self.assertLessEqual(writer.batches, 2)
         statuses = database.run_sync(lambda c: {r[0] for r in c.execute("SELECT status FROM queue_messages")})
         self.assertEqual(statuses, {"sending"})
+
+    def test_finished_before_its_start_was_written(self) -> None:
+        """
+        An attempt that ends while its MarkSending still waits for a batch
+        drops that write: the message goes from queued to sent, and the
+        MarkSending's Deferred fires; one already committed stays.
+        """
+        from smtpplus.delivery.memory import MemoryQueueStore
+
+        class HeldStore(MemoryQueueStore):
+            """Holds each write_state batch until released."""
+
+            def __init__(self) -> None:
+                super().__init__()
+                self.held: list[Deferred[Any]] = []
+                self.written: list[list[Any]] = []
+
+            def write_state(self, changes: list[Any]) -> Deferred[Any]:
+                self.written.append(list(changes))
+                d: Deferred[Any] = Deferred()
+                self.held.append(d)
+                return d.addCallback(lambda _: MemoryQueueStore.write_state(self, changes))
+
+        store = HeldStore()
+        new = [queue.NewMessage(f"M{n}", "u", "a@b.c", "", "", 3, ("x@y.z",), None, None, None, 1, False, 0.0) for n in (1, 2)]
+        self.successResultOf(store.insert(new))
+        writer = queue.StateWriter(store)
+        # M1's start goes into the first batch at once; M2's waits behind it.
+        first = writer.write(queue.MarkSending("M1", 1.0))
+        waiting = writer.write(queue.MarkSending("M2", 1.0))
+        finished = [
+            writer.write(queue.FinishAttempt(queue.as_row(m), "sent", None, [], False, 2.0)) for m in new
+        ]
+        self.assertIsNone(self.successResultOf(waiting))
+        store.held[0].callback(None)
+        store.held[1].callback(None)
+        self.assertIsNone(self.successResultOf(first))
+        for d in finished:
+            self.assertIsNone(self.successResultOf(d))
+        kinds = [[type(c).__name__ + ":" + (c.message_id if isinstance(c, queue.MarkSending) else c.message["id"]) for c in batch] for batch in store.written]
+        self.assertEqual(kinds, [["MarkSending:M1"], ["FinishAttempt:M1", "FinishAttempt:M2"]])
+        self.assertEqual(self.successResultOf(store.statuses(["M1", "M2"])), {"M1": "sent", "M2": "sent"})
 
     def test_refused_change_fails_alone(self) -> None:
         """A change the store refuses fails its own Deferred with that error; the others are written."""

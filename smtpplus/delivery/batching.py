@@ -44,6 +44,16 @@ class Batcher(Generic[T]):
             self._flush()
         return d
 
+    def withdraw(self, unneeded: Callable[[T], bool]) -> None:
+        """Drop the items still waiting for a batch for which C{unneeded(item)}; each one's Deferred fires with None."""
+        kept = []
+        for item, d in self._waiting:
+            if unneeded(item):
+                d.callback(None)
+            else:
+                kept.append((item, d))
+        self._waiting = kept
+
     @inlineCallbacks
     def _flush(self) -> Any:
         self._busy = True

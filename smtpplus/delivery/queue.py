@@ -677,7 +677,11 @@ class StateWriter:
     """
     Writes delivery state changes (attempt started, attempt finished) in
     group commits, as the L{Committer} does for new messages: one
-    transaction, one sync, for every change that arrived meanwhile.
+    transaction, one sync, for every change that arrived meanwhile.  An
+    attempt that ends before its start was written (the next hop answered
+    while an earlier batch was being committed) skips that write: the
+    message goes from queued to its outcome, and a statement per message
+    is saved under load.
 
     Recovery does not depend on it: a change lost in a crash leaves the
     message active on disk, and it is tried again (at least once).
@@ -686,14 +690,25 @@ class StateWriter:
     def __init__(self, store: IQueueStore) -> None:
         self._store = store
         self._batcher: Batcher[StateChange] = Batcher(self._apply)
+        # Messages whose MarkSending waits for a batch.
+        self._marking: set[str] = set()
         self.batches = 0
 
     def _apply(self, changes: list[StateChange]) -> Deferred[list[BaseException | None]]:
         self.batches += 1
+        for change in changes:
+            if isinstance(change, MarkSending):
+                self._marking.discard(change.message_id)
         return self._store.write_state(changes)
 
     def write(self, change: StateChange) -> Deferred[None]:
-        """Queue C{change}; fires once it is committed, fails with its own error."""
+        """Queue C{change}; fires once it is committed (or found unneeded), fails with its own error."""
+        if isinstance(change, MarkSending):
+            self._marking.add(change.message_id)
+        elif change.message["id"] in self._marking:
+            message_id = change.message["id"]
+            self._marking.discard(message_id)
+            self._batcher.withdraw(lambda c: isinstance(c, MarkSending) and c.message_id == message_id)
         return self._batcher.add(change)
 
 
