@@ -397,6 +397,9 @@ class DKIMKeys:
 
     def signing_key(self, header_from: str) -> StoredKey | None:
         """The enabled key of C{header_from}'s domain, or None (no I/O)."""
+        if not self._signing:
+            # No key at all, the common case: no address parsing per message.
+            return None
         domain = from_domain(header_from)
         return None if domain is None else self._signing.get(domain)
 
