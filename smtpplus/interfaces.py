@@ -99,6 +99,20 @@ class ISuppressionList(Interface):
         """Fire with C{user}'s suppressions, ordered by address."""
 
 
+class ISuppressionKeys(Interface):
+    """
+    A suppression list written by this process alone (SQLite), which can
+    therefore hand out a filter of all its keys and tell of each key added:
+    the SMTP workers answer most RCPT TO lookups from their copy.
+    """
+
+    def key_filter() -> Deferred[Any]:
+        """Fire with the L{smtpplus.delivery.suppressions.KeyFilter} of every key, once loaded."""
+
+    def on_added(listener: Callable[[str, str], Deferred[object]]) -> None:
+        """Call C{listener(user, address key)} for each key added; an add fires after its Deferred."""
+
+
 class IEventRecorder(Interface):
     """
     Stores notification events and hands them to the notifier.  Auth and

@@ -23,8 +23,8 @@ from smtpplus.admin.service import admin_site
 from smtpplus.auth.hashing import PasswordHasher
 from smtpplus.delivery.postgres import PostgresSuppressionList
 from smtpplus.delivery.submitter import suppression_refusal
-from smtpplus.delivery.suppressions import MemorySuppressionList, SQLiteSuppressionList
-from smtpplus.interfaces import ISuppressionList
+from smtpplus.delivery.suppressions import KeyFilter, MemorySuppressionList, SQLiteSuppressionList
+from smtpplus.interfaces import ISuppressionKeys, ISuppressionList
 from smtpplus.model import Suppression, User
 from smtpplus.storage.database import Database
 from tests.harness.postgres import make_postgres_database
@@ -85,6 +85,68 @@ class SQLiteSuppressionListTests(SuppressionListContract, unittest.TestCase):
         suppressions = SQLiteSuppressionList(database)
         suppressions.migrate()
         return suppressions
+
+
+class SQLiteSuppressionKeysTests(unittest.TestCase):
+    """Lookups of addresses the table cannot hold are answered without the database thread."""
+
+    def setUp(self) -> None:
+        self.database = Database(reactor, os.path.abspath(self.mktemp()))
+        self.addCleanup(self.database.stop)
+        SQLiteSuppressionList(self.database).migrate()
+        self.trips: list[str] = []
+        run = self.database.run
+
+        def counted(fn: Any, *args: Any, **kwargs: Any) -> Any:
+            self.trips.append(fn.__name__)
+            return run(fn, *args, **kwargs)
+
+        self.database.run = counted  # type: ignore[method-assign]
+
+    @inlineCallbacks
+    def test_rows_written_before_start_are_found(self) -> Any:
+        """Keys already in the table (a restart) are loaded: found, and other addresses answered at once."""
+        yield SQLiteSuppressionList(self.database).add("Alice", "gone@example.com", "r", DAY)
+        del self.trips[:]
+        suppressions = SQLiteSuppressionList(self.database)
+        # The first lookup asks the table and loads the keys meanwhile.
+        self.assertIsNone((yield suppressions.find("alice", "other@example.com")))
+        self.assertEqual(self.trips, ["_keys", "_find"])
+        del self.trips[:]
+        found = yield suppressions.find("ALICE", "Gone@Example.com")
+        self.assertEqual(found.address, "gone@example.com")
+        self.assertEqual(self.trips, ["_find"])
+        del self.trips[:]
+        for n in range(50):
+            self.assertIsNone((yield suppressions.find("alice", f"r{n}@example.com")))
+            self.assertIsNone((yield suppressions.find("bob", "gone@example.com")))
+        self.assertLess(len(self.trips), 5, self.trips)
+
+    def test_provides_keys(self) -> None:
+        """The SQLite list hands out its keys (its process is the table's only writer)."""
+        self.assertTrue(verifyObject(ISuppressionKeys, SQLiteSuppressionList(self.database)))
+
+    @inlineCallbacks
+    def test_added_and_removed_after_loading(self) -> Any:
+        """An address added after the keys were loaded is found; once removed it is not."""
+        suppressions = SQLiteSuppressionList(self.database)
+        yield suppressions.find("alice", "x@example.com")
+        yield suppressions.add("alice", "new@example.com", "550 5.1.1", DAY)
+        self.assertEqual((yield suppressions.find("alice", "NEW@example.com")).reason, "550 5.1.1")
+        self.assertTrue((yield suppressions.remove("alice", "new@example.com")))
+        self.assertIsNone((yield suppressions.find("alice", "new@example.com")))
+
+
+class KeyFilterTests(unittest.TestCase):
+    def test_no_false_negatives_and_few_false_positives(self) -> None:
+        """Every key added is held; of 20,000 keys never added, few are (users compared case-insensitively)."""
+        keys = KeyFilter()
+        for n in range(20_000):
+            keys.add("Shop", f"a{n}@example.com")
+        self.assertTrue(all(keys.may_hold("SHOP", f"a{n}@example.com") for n in range(20_000)))
+        wrong = sum(keys.may_hold("shop", f"b{n}@example.com") for n in range(20_000))
+        self.assertLess(wrong, 20)
+        self.assertFalse(keys.may_hold("other", "a1@example.com"))
 
 
 class MemorySuppressionListTests(SuppressionListContract, unittest.TestCase):

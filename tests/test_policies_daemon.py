@@ -111,6 +111,28 @@ class PoliciesDaemonTests(unittest.TestCase):
             self.assertEqual((code, text.decode().split(" ")[:3]), (550, ["5.1.1", "Recipient", "suppressed"]))
             client.rset()
 
+    def test_suppression_reaches_open_sessions_on_every_worker(self) -> None:
+        """
+        Sessions opened before a suppression is added through the API, on
+        whichever SMTP worker, refuse the address at their next RCPT once
+        the API has answered; a hard bounce's suppression too.
+        """
+        username, password = self.user()
+        opened = [logged_in(self.port, username, password) for _ in range(8)]
+        try:
+            for client in opened:
+                self.assertEqual(client.mail("s@allowed.test")[0], 250)
+                self.assertEqual(client.rcpt("early@dest.test")[0], 250)
+            response = self.d.api("POST", f"/api/v1/users/{username}/suppressions", {"address": "later@dest.test"})
+            self.assertEqual(response.status, 201, response.json)
+            for client in opened:
+                self.assertEqual(client.rcpt("later@dest.test")[0], 550)
+                self.assertEqual(client.rcpt("other@dest.test")[0], 250)
+                client.rset()
+        finally:
+            for client in opened:
+                client.close()
+
     def test_sandbox_user_never_relayed(self) -> None:
         """
         A sandbox user's message gets 250 queued as ID, ends sandboxed

@@ -28,12 +28,13 @@ from twisted.test import iosim
 from twisted.trial import unittest
 
 from smtpplus.delivery.queue import NewMessage
+from smtpplus.delivery.suppressions import KeyFilter
 from smtpplus.metrics import Metrics, daemon_metrics
 from smtpplus.smtp.listeners import _WorkerSockets
 from smtpplus.smtp.registry import SessionSettings
 from smtpplus.workers import commands
 from smtpplus.workers.pool import NodeConnections, merge_expositions
-from smtpplus.workers.worker import LogForwarder
+from smtpplus.workers.worker import LogForwarder, RemoteSuppressions
 from tests.harness.clients import logged_in, smtp, submit
 from tests.harness.daemon import Daemon
 from tests.harness.messages import message, queue_id
@@ -253,6 +254,66 @@ class LogForwarderTests(unittest.TestCase):
         self.clock.advance(0)
         self.pump.flush()
         self.assertEqual(len(self.coordinator.batches), 1)
+
+
+class _Suppressions(amp.AMP):
+    """The coordinator's end for suppression lookups: a key filter, and each lookup counted."""
+
+    def __init__(self, keys: KeyFilter | None) -> None:
+        super().__init__()
+        self.keys = keys
+        self.asked: list[str] = []
+
+    @commands.GetSuppressionKeys.responder
+    def suppression_keys(self) -> dict[str, Any]:
+        return {"bits": b"" if self.keys is None else self.keys.to_bytes()}
+
+    @commands.FindSuppression.responder
+    def find(self, user: str, address: str) -> dict[str, Any]:
+        self.asked.append(address)
+        if address.lower() == "gone@dest.test":
+            return {"found": True, "address": address, "reason": "550 5.1.1", "created_at": 1.0}
+        return {"found": False}
+
+
+class RemoteSuppressionsTests(unittest.TestCase):
+    """A worker answers the RCPT TO lookups its copy of the key filter rules out, and asks about the rest."""
+
+    def connect(self, keys: KeyFilter | None) -> tuple[_Suppressions, RemoteSuppressions, iosim.IOPump]:
+        coordinator = _Suppressions(keys)
+        link = amp.AMP()
+        pump = iosim.connect(coordinator, iosim.makeFakeServer(coordinator), link, iosim.makeFakeClient(link))
+        return coordinator, RemoteSuppressions(link), pump
+
+    def find(self, pump: iosim.IOPump, suppressions: RemoteSuppressions, user: str, address: str) -> Any:
+        d = suppressions.find(user, address)
+        pump.flush()
+        return self.successResultOf(d)
+
+    def test_filter_rules_out_without_asking(self) -> None:
+        """Only a key the filter may hold (the suppressed one, one added later) is asked about."""
+        keys = KeyFilter()
+        keys.add("shop", "gone@dest.test")
+        coordinator, suppressions, pump = self.connect(keys)
+        # Before the filter arrives every lookup asks.
+        self.assertIsNone(self.find(pump, suppressions, "shop", "a@dest.test"))
+        suppressions.load()
+        pump.flush()
+        for n in range(20):
+            self.assertIsNone(self.find(pump, suppressions, "shop", f"r{n}@dest.test"))
+        self.assertEqual(self.find(pump, suppressions, "SHOP", "Gone@Dest.test").reason, "550 5.1.1")
+        suppressions.keys.add("shop", "later@dest.test")
+        self.find(pump, suppressions, "shop", "later@dest.test")
+        self.assertEqual(coordinator.asked, ["a@dest.test", "Gone@Dest.test", "later@dest.test"])
+
+    def test_no_filter_asks_each_time(self) -> None:
+        """A coordinator without a filter (PostgreSQL) is asked about every address."""
+        coordinator, suppressions, pump = self.connect(None)
+        suppressions.load()
+        pump.flush()
+        for n in range(3):
+            self.find(pump, suppressions, "shop", f"r{n}@dest.test")
+        self.assertEqual(len(coordinator.asked), 3)
 
 
 class DaemonLogLinesTests(unittest.TestCase):

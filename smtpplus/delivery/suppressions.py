@@ -10,14 +10,19 @@ is the fake that passes the same contract tests
 from __future__ import annotations
 
 import sqlite3
+from collections.abc import Callable
+from hashlib import blake2b
 
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred, gatherResults, succeed
+from twisted.logger import Logger
 from zope.interface import implementer
 
-from smtpplus.interfaces import ISuppressionList
+from smtpplus.interfaces import ISuppressionKeys, ISuppressionList
 from smtpplus.model import Suppression
 from smtpplus.storage.database import Database
 from smtpplus.storage.migrations import Migration
+
+log = Logger()
 
 COMPONENT = "suppressions"
 MIGRATIONS = [
@@ -70,6 +75,50 @@ def _remove(conn: sqlite3.Connection, user: str, address: str) -> bool:
     return conn.execute("DELETE FROM suppressions WHERE user = ? AND address = ?", (user, address)).rowcount > 0
 
 
+def _keys(conn: sqlite3.Connection) -> list[tuple[str, str]]:
+    return conn.execute("SELECT user, address FROM suppressions").fetchall()
+
+
+class KeyFilter:
+    """
+    A Bloom filter of (user, address) keys: C{False} from L{may_hold} is
+    certain, C{True} means "ask the table".  Fixed at 2 MiB with four bits
+    a key: about 1 lookup in 500 goes to the table needlessly with a
+    million suppressions, more as the list grows past that, never a wrong
+    answer.  Removing a key leaves its bits (a needless lookup, no more).
+    """
+
+    BITS = 1 << 24
+
+    def __init__(self) -> None:
+        self._bits = bytearray(self.BITS // 8)
+
+    @staticmethod
+    def _positions(user: str, address: str) -> list[int]:
+        digest = int.from_bytes(blake2b(f"{user.lower()}\0{address}".encode(), digest_size=12).digest(), "little")
+        return [(digest >> (24 * i)) & 0xFFFFFF for i in range(4)]
+
+    def add(self, user: str, address: str) -> None:
+        """Note C{user}'s key of C{address} (an address key already)."""
+        for bit in self._positions(user, address):
+            self._bits[bit >> 3] |= 1 << (bit & 7)
+
+    def may_hold(self, user: str, address: str) -> bool:
+        """False when C{user} surely has no suppression of C{address} (an address key already)."""
+        return all(self._bits[bit >> 3] & (1 << (bit & 7)) for bit in self._positions(user, address))
+
+    def to_bytes(self) -> bytes:
+        """The filter as another process takes it (L{merge})."""
+        return bytes(self._bits)
+
+    def merge(self, bits: bytes) -> None:
+        """Hold every key of another filter's L{to_bytes} too."""
+        if len(bits) != len(self._bits):
+            raise ValueError(f"a key filter of {len(bits)} bytes, not {len(self._bits)}")
+        merged = int.from_bytes(self._bits, "little") | int.from_bytes(bits, "little")
+        self._bits[:] = merged.to_bytes(len(self._bits), "little")
+
+
 def _list(conn: sqlite3.Connection, user: str) -> list[Suppression]:
     rows = conn.execute(
         "SELECT address, reason, created_at FROM suppressions WHERE user = ? ORDER BY address", (user,)
@@ -77,22 +126,91 @@ def _list(conn: sqlite3.Connection, user: str) -> list[Suppression]:
     return [Suppression(*row) for row in rows]
 
 
-@implementer(ISuppressionList)
+@implementer(ISuppressionList, ISuppressionKeys)
 class SQLiteSuppressionList:
-    """The suppression list in the daemon's SQLite database."""
+    """
+    The suppression list in the daemon's SQLite database.
+
+    Every RCPT TO asks it, and almost every answer is "not suppressed": a
+    L{KeyFilter} of the table's keys, loaded on the database thread at the
+    first lookup and kept up to date by L{add} (this process is the
+    table's only writer), answers those without a trip to the database
+    thread.  Until it is loaded every lookup asks the table.
+    """
 
     def __init__(self, database: Database) -> None:
         self._database = database
+        self._filter = KeyFilter()
+        self._loaded = False
+        self._loading: Deferred[None] | None = None
+        self._added: list[Callable[[str, str], Deferred[object]]] = []
 
     def migrate(self) -> None:
         """Create or upgrade the table; synchronous, at start-up."""
         self._database.migrate(COMPONENT, MIGRATIONS)
 
+    def _load(self) -> None:
+        def loaded(keys: list[tuple[str, str]]) -> None:
+            for user, address in keys:
+                self._filter.add(user, address)
+            self._loaded = True
+
+        def failed(failure: object) -> None:
+            # Asked again at the next lookup; meanwhile the table answers.
+            self._loading = None
+            log.warn("loading the suppression keys failed: {error}", error=getattr(failure, "value", failure))
+
+        self._loading = self._database.run(_keys)
+        self._loading.addCallbacks(loaded, failed)
+
+    def key_filter(self) -> Deferred[KeyFilter]:
+        """
+        The filter of every key, once loaded: the SMTP workers keep a copy
+        and answer the RCPT TO lookups it rules out themselves.  Fails
+        when the keys cannot be read.
+        """
+        if self._loaded:
+            return succeed(self._filter)
+        if self._loading is None:
+            self._load()
+        assert self._loading is not None
+        waiting: Deferred[None] = Deferred()
+        self._loading.addBoth(lambda result: (waiting.callback(None), result)[1])
+
+        def ready(_: object) -> KeyFilter:
+            if not self._loaded:
+                raise RuntimeError("the suppression keys could not be read")
+            return self._filter
+
+        return waiting.addCallback(ready)
+
+    def on_added(self, listener: Callable[[str, str], Deferred[object]]) -> None:
+        """
+        Call C{listener(user, address key)} for each suppression added from
+        now on; L{add} fires once its Deferred has (the workers' copies
+        hold the key before the API answers).
+        """
+        self._added.append(listener)
+
     def find(self, user: str, address: str) -> Deferred[Suppression | None]:
-        return self._database.run(_find, user, address_key(address))
+        key = address_key(address)
+        if self._loaded and not self._filter.may_hold(user, key):
+            return succeed(None)
+        if self._loading is None:
+            self._load()
+        return self._database.run(_find, user, key)
 
     def add(self, user: str, address: str, reason: str, created_at: float) -> Deferred[Suppression]:
-        return self._database.write(_add, user, address_key(address), reason, created_at)
+        key = address_key(address)
+        # Before the write: a lookup between the two asks the table.
+        self._filter.add(user, key)
+        told = [listener(user, key) for listener in self._added]
+        d = self._database.write(_add, user, key, reason, created_at)
+        if not told:
+            return d
+        return gatherResults([d, *told], consumeErrors=True).addCallbacks(
+            lambda results: results[0], lambda failure: failure.value.subFailure
+        )
 
     def remove(self, user: str, address: str) -> Deferred[bool]:
         return self._database.write(_remove, user, address_key(address))

@@ -234,6 +234,17 @@ class FindSuppression(amp.Command):
     errors = {StoreUnavailable: b"STORE_UNAVAILABLE"}
 
 
+class GetSuppressionKeys(amp.Command):
+    """
+    The node's suppression keys as a filter (L{smtpplus.delivery.suppressions.KeyFilter}):
+    a worker answers the RCPT TO lookups it rules out without asking.
+    Empty bits: no filter (a store shared with other nodes); ask each time.
+    """
+
+    arguments: list[tuple[bytes, amp.Argument]] = []
+    response = [(b"bits", Blob())]
+
+
 class EffectivePriority(amp.Command):
     """A priority-1 message's priority once C{user}'s priority budget is applied (the event recorded when spent)."""
 
@@ -289,6 +300,13 @@ class UserChanged(amp.Command):
 
     arguments = [(b"username", amp.Unicode()), (b"revoked", amp.Unicode(optional=True))]
     requiresAnswer = False
+
+
+class SuppressionAdded(amp.Command):
+    """C{user} suppressed C{address} (an address key): the worker's filter holds it before the add is answered."""
+
+    arguments = [(b"user", amp.Unicode()), (b"address", amp.Unicode())]
+    response: list[tuple[bytes, amp.Argument]] = []
 
 
 class Reload(amp.Command):

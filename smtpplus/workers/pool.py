@@ -43,7 +43,7 @@ from smtpplus.delivery.interfaces import Duplicate
 from smtpplus.delivery.queue import NewMessage
 from smtpplus.delivery.rules import RecordsRefusals
 from smtpplus.delivery.spool import Spool
-from smtpplus.interfaces import ISuppressionList
+from smtpplus.interfaces import ISuppressionKeys, ISuppressionList
 from smtpplus.log import DaemonLog
 from smtpplus.metrics import Metrics
 from smtpplus.model import Suppression
@@ -227,6 +227,18 @@ class WorkerLink(commands.QuietAMP):
 
         return self._node.suppressions.find(user, address).addCallbacks(answer, _store_failed)
 
+    @commands.GetSuppressionKeys.responder
+    def suppression_keys(self) -> Deferred[dict[str, Any]] | dict[str, Any]:
+        if not ISuppressionKeys.providedBy(self._node.suppressions):
+            return {"bits": b""}
+
+        def unavailable(failure: Failure) -> dict[str, Any]:
+            log.warn("smtp worker {i} asks for each suppression: {error}", i=self._worker.index, error=failure.value)
+            return {"bits": b""}
+
+        keys = ISuppressionKeys(self._node.suppressions).key_filter()
+        return keys.addCallbacks(lambda found: {"bits": found.to_bytes()}, unavailable)
+
     @commands.EffectivePriority.responder
     def effective_priority(self, user: str, budget: int, notify: bool) -> Deferred[dict[str, Any]]:
         d = maybeDeferred(self._node.budget.effective_priority, user, budget, notify)
@@ -343,6 +355,8 @@ class WorkerPool(Service):
         self.workers: dict[int, WorkerProcess] = {}
         self._stopping = False
         self._enqueue = Batcher(self._record)
+        if ISuppressionKeys.providedBy(node.suppressions):
+            ISuppressionKeys(node.suppressions).on_added(self._suppression_added)
         # Resent copies found by the batch just recorded: copy id -> first id.
         self._duplicates: dict[str, str] = {}
 
@@ -456,6 +470,10 @@ class WorkerPool(Service):
             return [None] * len(batches)
 
         return self.node.record(entries).addCallback(recorded)
+
+    def _suppression_added(self, user: str, address: str) -> Deferred[object]:
+        # Waited for by the add: once the API answers, no worker lets the address pass.
+        return gatherResults(self.broadcast(commands.SuppressionAdded, user=user, address=address))
 
     def broadcast(self, command: type[amp.Command], **arguments: Any) -> list[Deferred[Any]]:
         """Send C{command} to every connected worker; returns the answers of those that answer."""

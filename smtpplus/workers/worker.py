@@ -48,6 +48,7 @@ from smtpplus.delivery.interfaces import Duplicate
 from smtpplus.delivery.queue import Committer, NewMessage
 from smtpplus.delivery.spool import Spool
 from smtpplus.delivery.submitter import Intake, Submitter
+from smtpplus.delivery.suppressions import KeyFilter, address_key
 from smtpplus.delivery.threads import reactor_runner
 from smtpplus.log import LEVELS, line_formatter
 from smtpplus.metrics import Metrics, daemon_metrics
@@ -77,6 +78,11 @@ class CoordinatorLink(commands.QuietAMP):
     @commands.UserChanged.responder
     def user_changed(self, username: str, revoked: str | None = None) -> dict[str, Any]:
         self._worker.users.changed(username, revoked)
+        return {}
+
+    @commands.SuppressionAdded.responder
+    def suppression_added(self, user: str, address: str) -> dict[str, Any]:
+        self._worker.suppressions.keys.add(user, address)
         return {}
 
     @commands.Reload.responder
@@ -167,12 +173,32 @@ class RemoteNodeLimits:
 
 
 class RemoteSuppressions:
-    """The suppression list as the RCPT rule asks it, in the coordinator's store."""
+    """
+    The suppression list as the RCPT rule asks it, in the coordinator's
+    store; a lookup that this process's copy of the node's key filter
+    rules out is answered here (SQLite: the coordinator's filter is
+    copied at start and each added key is sent to every worker).
+    """
 
     def __init__(self, link: amp.AMP) -> None:
         self._link = link
+        self.keys = KeyFilter()
+        self.filtering = False
+
+    def load(self) -> Deferred[None]:
+        """Take the coordinator's filter (keys added meanwhile were noted already)."""
+
+        def loaded(answer: dict[str, Any]) -> None:
+            if answer["bits"]:
+                self.keys.merge(answer["bits"])
+                self.filtering = True
+
+        return self._link.callRemote(commands.GetSuppressionKeys).addCallback(loaded)
 
     def find(self, user: str, address: str) -> Deferred[Suppression | None]:
+        if self.filtering and not self.keys.may_hold(user, address_key(address)):
+            return succeed(None)
+
         def found(answer: dict[str, Any]) -> Suppression | None:
             if not answer["found"]:
                 return None
@@ -300,6 +326,7 @@ class Worker:
         self.index = index
         self.link = CoordinatorLink(self)
         self.users = RemoteUsers(self.link)
+        self.suppressions = RemoteSuppressions(self.link)
         self.metrics: Metrics = daemon_metrics()
         self.log_filter = LogLevelFilterPredicate(defaultLogLevel=LogLevel.info)
         self.forwarder = LogForwarder(reactor, self.link, index)
@@ -337,7 +364,7 @@ class Worker:
             committer.commit,
             refusals,
             config.server.hostname,
-            suppressions=RemoteSuppressions(self.link),  # type: ignore[arg-type]
+            suppressions=self.suppressions,  # type: ignore[arg-type]
             budget=RemoteBudget(self.link),  # type: ignore[arg-type]
         )
 
@@ -461,6 +488,10 @@ def main(argv: list[str] | None = None) -> None:
         worker.services.startService()
         count = worker.serve(config.smtp.listen, _descriptors(options.fds), _descriptors(options.tls_fds))
         worker.link.callRemote(commands.Ready, ports=count)
+        # After serving starts: until it is here, each lookup asks the coordinator.
+        worker.suppressions.load().addErrback(
+            lambda f: log.warn("suppression lookups ask the coordinator each time: {error}", error=f.value)
+        )
 
     def failed(failure: Failure) -> None:
         # To stderr, not through the link: the process ends right after.
