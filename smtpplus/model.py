@@ -14,6 +14,7 @@ from __future__ import annotations
 import re
 from datetime import UTC, datetime
 from enum import StrEnum
+from functools import lru_cache
 from typing import Any
 
 import attrs
@@ -117,7 +118,13 @@ def anchored(pattern: str) -> str:
 
 def iso_utc(seconds: float) -> str:
     """C{seconds} since the epoch as ISO 8601 UTC to the second, e.g. C{2024-05-01T12:00:00Z}."""
-    return datetime.fromtimestamp(int(seconds), UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return _iso_second(int(seconds))
+
+
+# Several times per message, mostly for the same few seconds.
+@lru_cache(maxsize=256)
+def _iso_second(second: int) -> str:
+    return datetime.fromtimestamp(second, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def _schema(schema: dict[str, Any], input: dict[str, Any] | None = None) -> dict[str, Any]:
