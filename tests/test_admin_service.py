@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import secrets
 import stat
 from typing import Any
 
@@ -15,7 +16,7 @@ from twisted.trial.unittest import TestCase
 from twisted.web.client import HTTPConnectionPool
 
 from smtpplus.admin.api import AdminAPI
-from smtpplus.admin.service import TOKEN_FILE, admin_service, admin_token
+from smtpplus.admin.service import TOKEN_FILE, admin_service, admin_token, new_token
 from smtpplus.auth.hashing import PasswordHasher
 from smtpplus.config import AdminConfig
 from tests.harness.stores import make_sqlite_store
@@ -47,6 +48,13 @@ class TokenTests(TestCase):
         text = repr(self.logged)
         self.assertIn(path, text)
         self.assertNotIn(token, text)
+
+
+    def test_generated_token_never_starts_with_a_dash(self) -> None:
+        """A token drawn with a leading '-' (smtpplusctl --token would read it as an option) is drawn again."""
+        drawn = iter(["-first", "-second", "third"])
+        self.patch(secrets, "token_urlsafe", lambda n: next(drawn))
+        self.assertEqual(new_token(), "third")
 
 
 class ServiceTests(TestCase):

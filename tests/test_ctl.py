@@ -265,7 +265,8 @@ class AddressAndTokenTests(CtlTestCase):
     def test_url_and_token_options(self) -> None:
         """--url with --token reaches the API; --url without a token fails naming where a token comes from."""
         url = f"http://127.0.0.1:{self.d.admin_port}"
-        self.assertEqual(ctl("--url", url, "--token", self.d.token, "users", "list").returncode, 0)
+        result = ctl("--url", url, "--token", self.d.token, "users", "list")
+        self.assertEqual((result.returncode, result.stderr), (0, ""), result)
         self.assertFailed(ctl("--url", url, "users", "list"), "no admin token")
 
     def test_environment(self) -> None:

@@ -43,7 +43,7 @@ def admin_token(admin: AdminConfig, state_dir: str) -> str:
             return token
     except FileNotFoundError:
         pass
-    token = secrets.token_urlsafe(32)
+    token = new_token()
     tmp = path + ".tmp"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w", encoding="ascii") as f:
@@ -52,6 +52,17 @@ def admin_token(admin: AdminConfig, state_dir: str) -> str:
         os.fsync(f.fileno())
     os.replace(tmp, path)
     log.info("Generated an admin API token into {path}", path=path)
+    return token
+
+
+def new_token() -> str:
+    """
+    A random admin token (256 bits, URL-safe) that does not start with
+    C{-}: pasted after C{smtpplusctl --token}, such a token would be taken
+    for an option (one token in 64 did).
+    """
+    while (token := secrets.token_urlsafe(32)).startswith("-"):
+        pass
     return token
 
 
