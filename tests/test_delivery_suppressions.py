@@ -111,7 +111,7 @@ class SQLiteSuppressionKeysTests(unittest.TestCase):
         suppressions = SQLiteSuppressionList(self.database)
         # The first lookup asks the table and loads the keys meanwhile.
         self.assertIsNone((yield suppressions.find("alice", "other@example.com")))
-        self.assertEqual(self.trips, ["_keys", "_find"])
+        self.assertEqual(self.trips, ["_key_filter", "_find"])
         del self.trips[:]
         found = yield suppressions.find("ALICE", "Gone@Example.com")
         self.assertEqual(found.address, "gone@example.com")

@@ -75,10 +75,6 @@ def _remove(conn: sqlite3.Connection, user: str, address: str) -> bool:
     return conn.execute("DELETE FROM suppressions WHERE user = ? AND address = ?", (user, address)).rowcount > 0
 
 
-def _keys(conn: sqlite3.Connection) -> list[tuple[str, str]]:
-    return conn.execute("SELECT user, address FROM suppressions").fetchall()
-
-
 class KeyFilter:
     """
     A Bloom filter of (user, address) keys: C{False} from L{may_hold} is
@@ -121,6 +117,14 @@ class KeyFilter:
         self._bits[:] = merged.to_bytes(len(self._bits), "little")
 
 
+def _key_filter(conn: sqlite3.Connection) -> KeyFilter:
+    # Built on the database thread: a long list takes a while to hash.
+    keys = KeyFilter()
+    for user, address in conn.execute("SELECT user, address FROM suppressions"):
+        keys.add(user, address)
+    return keys
+
+
 def _list(conn: sqlite3.Connection, user: str) -> list[Suppression]:
     rows = conn.execute(
         "SELECT address, reason, created_at FROM suppressions WHERE user = ? ORDER BY address", (user,)
@@ -152,9 +156,9 @@ class SQLiteSuppressionList:
         self._database.migrate(COMPONENT, MIGRATIONS)
 
     def _load(self) -> None:
-        def loaded(keys: list[tuple[str, str]]) -> None:
-            for user, address in keys:
-                self._filter.add(user, address)
+        def loaded(keys: KeyFilter) -> None:
+            # Keys added meanwhile are in self._filter already.
+            self._filter.merge(keys.to_bytes())
             self._loaded = True
 
         def failed(failure: object) -> None:
@@ -162,7 +166,7 @@ class SQLiteSuppressionList:
             self._loading = None
             log.warn("loading the suppression keys failed: {error}", error=getattr(failure, "value", failure))
 
-        self._loading = self._database.run(_keys)
+        self._loading = self._database.run(_key_filter)
         self._loading.addCallbacks(loaded, failed)
 
     def key_filter(self) -> Deferred[KeyFilter]:

@@ -59,6 +59,8 @@ log = Logger()
 RESTART_DELAY = 0.2
 CRASH_WINDOW = 5.0
 CRASH_DELAY = 1.0
+# How long an added suppression waits for the workers to note it.
+ACK_SECONDS = 2.0
 # After SIGTERM the workers get this long to drain; then they are killed.
 STOP_SECONDS = 8.0
 # Process collector gauges that describe the coordinator, not a sum.
@@ -471,9 +473,27 @@ class WorkerPool(Service):
 
         return self.node.record(entries).addCallback(recorded)
 
-    def _suppression_added(self, user: str, address: str) -> Deferred[object]:
-        # Waited for by the add: once the API answers, no worker lets the address pass.
-        return gatherResults(self.broadcast(commands.SuppressionAdded, user=user, address=address))
+    def _suppression_added(self, user: str, address: str) -> Deferred[None]:
+        """
+        Every worker's filter holds the key: the add (and the API's answer)
+        waits for this, so that no worker lets the address pass afterwards;
+        for at most ACK_SECONDS, should a worker not answer.
+        """
+        done: Deferred[None] = Deferred()
+
+        def finish(_: object = None) -> None:
+            if timer.active():
+                timer.cancel()
+            if not done.called:
+                done.callback(None)
+
+        def late() -> None:
+            log.warn("a suppression of {user} reached not every smtp worker within {s} s", user=user, s=ACK_SECONDS)
+            finish()
+
+        timer = self._reactor.callLater(ACK_SECONDS, late)
+        gatherResults(self.broadcast(commands.SuppressionAdded, user=user, address=address)).addBoth(finish)
+        return done
 
     def broadcast(self, command: type[amp.Command], **arguments: Any) -> list[Deferred[Any]]:
         """Send C{command} to every connected worker; returns the answers of those that answer."""
