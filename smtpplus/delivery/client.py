@@ -113,6 +113,10 @@ class RelayClient(ESMTPClient):
     """
 
     timeout = REPLY_TIMEOUT
+    # ESMTPClient routes every attribute assignment through a Python
+    # __setattr__ that only watches for its deprecated tlsMode, which this
+    # class never sets; a message sets a dozen attributes.
+    __setattr__ = object.__setattr__
 
     def __init__(self, pool: Pool, destination: Destination, transfer: Transfer) -> None:
         require_tls = destination.tls == "required"
