@@ -20,6 +20,7 @@ from twisted.trial import unittest
 from zope.interface.verify import verifyObject
 
 from smtpplus.delivery.dkim import (
+    _RSA_KEYS,
     DKIMKeys,
     IDKIMStore,
     MemoryDKIMStore,
@@ -128,6 +129,17 @@ class SigningTests(unittest.TestCase):
             self.assertTrue(dkim.verify(signed.replace(b"X-Priority: 3", b"X-Priority: 1"), dnsfunc=dnsfunc))
             self.assertFalse(dkim.verify(signed.replace(b"Body.", b"Body!"), dnsfunc=dnsfunc), algorithm)
             self.assertFalse(dkim.verify(signed.replace(b"Subject: hi", b"Subject: ho"), dnsfunc=dnsfunc), algorithm)
+
+    def test_rsa_signed_by_openssl(self) -> None:
+        """
+        dkimpy, imported at the first signature, signs RSA through OpenSSL
+        (L{_openssl_rsa_sign} caches each key it has loaded), not with its
+        own big-integer arithmetic.
+        """
+        _RSA_KEYS.clear()
+        key = generate_key("example.org", "s1", "rsa-sha256", 0.0)
+        sign(MESSAGE, key)
+        self.assertEqual(len(_RSA_KEYS), 1)
 
     def test_signed_headers(self) -> None:
         """The signature covers From, To, Subject, Date and Message-ID when present, and no absent field."""

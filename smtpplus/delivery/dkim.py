@@ -21,12 +21,12 @@ reloaded after every change through the API.
 from __future__ import annotations
 
 import base64
+import functools
 import sqlite3
 from collections.abc import Callable
 from typing import Any
 
 import attrs
-import dkim
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
@@ -173,8 +173,20 @@ def _openssl_rsa_sign(digest: Any, private_key: dict[str, int]) -> bytes:
 
 # Loaded RSA keys by modulus (a handful: one per signing domain).
 _RSA_KEYS: dict[int, rsa.RSAPrivateKey] = {}
-# dkim.sign looks the function up in its module at each call.
-dkim.RSASSA_PKCS1_v1_5_sign = _openssl_rsa_sign
+
+
+@functools.cache
+def _dkimpy() -> Any:
+    """
+    dkimpy, imported at the first signature rather than with the daemon:
+    with dnspython it takes a tenth of a second, which every start would
+    pay whether or not a key exists.
+    """
+    import dkim
+
+    # dkim.sign looks the function up in its module at each call.
+    dkim.RSASSA_PKCS1_v1_5_sign = _openssl_rsa_sign
+    return dkim
 
 
 def sign(message: bytes, key: StoredKey) -> bytes:
@@ -184,7 +196,7 @@ def sign(message: bytes, key: StoredKey) -> bytes:
     """
     head = message.split(b"\r\n\r\n", 1)[0].lower()
     present = [name for name in SIGNED_HEADERS if head.startswith(name + b":") or b"\r\n" + name + b":" in head]
-    signature = dkim.sign(
+    signature = _dkimpy().sign(
         message,
         key.selector.encode("ascii"),
         key.domain.encode("ascii"),
