@@ -167,7 +167,13 @@ def _read(path: str, key: str) -> bytes:
         raise ConfigError(f"[tls] {key}: cannot read {path}: {e.strerror}") from None
 
 
-def _load_pair(cert_path: str, key_path: str) -> tuple[list[x509.Certificate], bytes]:
+def _load_pair(cert_path: str, key_path: str, validate: bool = True) -> tuple[list[x509.Certificate], bytes]:
+    """
+    The chain and the key's PEM, checked to belong together.  C{validate}
+    also checks an RSA key's own numbers (about 60 ms for 2048 bits, at
+    every start): wanted for the operator's key, needless for one this
+    daemon generated.
+    """
     cert_pem = _read(cert_path, "certificate")
     key_pem = _read(key_path, "private_key")
     try:
@@ -175,7 +181,7 @@ def _load_pair(cert_path: str, key_path: str) -> tuple[list[x509.Certificate], b
     except ValueError:
         raise ConfigError(f"[tls] certificate: {cert_path} holds no PEM certificate") from None
     try:
-        key = serialization.load_pem_private_key(key_pem, password=None)
+        key = serialization.load_pem_private_key(key_pem, password=None, unsafe_skip_rsa_key_validation=not validate)
     except (ValueError, TypeError):
         raise ConfigError(f"[tls] private_key: {key_path} holds no unencrypted PEM private key") from None
     # A mismatched pair would otherwise fail later, inside OpenSSL, as a traceback.
@@ -246,7 +252,7 @@ def _renewal_reason(cert_path: str, key_path: str, now: datetime.datetime) -> st
     if not (os.path.exists(cert_path) and os.path.exists(key_path)):
         return "none on disk"
     try:
-        chain, _ = _load_pair(cert_path, key_path)
+        chain, _ = _load_pair(cert_path, key_path, validate=False)
     except ConfigError as e:
         return f"unusable: {e}"
     cert = chain[0]
@@ -339,7 +345,7 @@ def tls_material(tls: TLSConfig, hostname: str, state_dir: str, now: datetime.da
         pairs = [_generated_pair(hostname, tls_dir, key_type, now) for key_type in ("ecdsa", "rsa")]
     material = []
     for cert_path, key_path in pairs:
-        chain, key_pem = _load_pair(cert_path, key_path)
+        chain, key_pem = _load_pair(cert_path, key_path, validate=bool(tls.certificate))
         fingerprint = chain[0].fingerprint(hashes.SHA256()).hex(":").upper()
         log.info("TLS certificate {path} SHA-256 fingerprint {fingerprint}", path=cert_path, fingerprint=fingerprint)
         if tls.certificate:
