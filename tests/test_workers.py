@@ -522,7 +522,7 @@ class WorkerDaemonTests(unittest.TestCase):
         SIGKILL of one worker while 4 sessions stream 200 messages: every
         message answered 250 reaches the smarthost (at most twice), the
         clients of the dead worker reconnect, and the worker is back within
-        2 s, logged.
+        2 s, logged, as a new interpreter (the first two were forked).
         """
         d = self.start()
         username, password = d.create_user(authorized_domains="allowed.test")
@@ -585,6 +585,11 @@ class WorkerDaemonTests(unittest.TestCase):
         output = d.process.output()
         self.assertTrue(f"smtp worker {index} (pid {victim}) ended after" in output, "the death is not logged")
         self.assertTrue("starting it again in" in output, "the restart is not logged")
+        # The first workers are forked from the coordinator; one started
+        # again, once the coordinator runs threads, is a new interpreter.
+        self.assertEqual(output.count("after its start (forked from the coordinator)"), 2, output)
+        self.assertIn(f"smtp worker {index} (pid {back[0]['pid']}) serving", output)
+        self.assertEqual(output.count("after its start (a new interpreter)"), 1, output)
 
     def test_throttle_across_workers(self) -> None:
         """

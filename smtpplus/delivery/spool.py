@@ -68,8 +68,11 @@ _TAIL = 12 + len(_MARKER)
 
 
 # Random bytes for ids, drawn from the OS a page at a time rather than with
-# one getrandom() call per message.
+# one getrandom() call per message.  A forked process (the SMTP workers,
+# smtpplus.workers.fork) draws its own: two workers holding the same bytes
+# would give two messages of the same millisecond the same id.
 _random = bytearray()
+os.register_at_fork(after_in_child=_random.clear)
 
 
 def new_queue_id(now: float) -> str:

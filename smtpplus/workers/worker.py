@@ -452,10 +452,21 @@ def _descriptors(spec: str) -> list[int]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Run one worker until SIGTERM or until the coordinator goes away."""
+    """Run one worker (a new interpreter) until SIGTERM or until the coordinator goes away."""
     from twisted.internet import reactor
 
-    options = _options(sys.argv[1:] if argv is None else argv)
+    sys.exit(run(reactor, sys.argv[1:] if argv is None else argv))
+
+
+def run(reactor: Any, argv: list[str], observe: Callable[[Any], None] | None = None) -> int:
+    """
+    Run one worker on C{reactor}, which is not running yet, until it
+    stops; returns the exit status.  Both ways of starting a worker end
+    here: a new interpreter (L{main}) and a fork of the coordinator
+    (L{smtpplus.workers.fork}), whose logging has begun already and which
+    passes how to add the worker's observer (C{observe}).
+    """
+    options = _options(argv)
     _set_title(f"smtpplus: smtp worker {options.index}")
     worker = Worker(reactor, options.index)
     # Without the link (before it is up, after it is gone) only warnings
@@ -465,10 +476,13 @@ def main(argv: list[str] | None = None) -> None:
     )
     forward = FilteringLogObserver(worker.forwarder, [worker.log_filter])
 
-    def observe(event: dict[str, Any]) -> None:
+    def observer(event: dict[str, Any]) -> None:
         (forward if worker.forwarder.connected else stderr)(event)
 
-    globalLogBeginner.beginLoggingTo([observe], redirectStandardIO=False)
+    if observe is None:
+        globalLogBeginner.beginLoggingTo([observer], redirectStandardIO=False)
+    else:
+        observe(observer)
     reactor.adoptStreamConnection(options.channel, socket.AF_UNIX, _OneProtocol(worker.link))
     os.close(options.channel)
     worker.forwarder.connected = True
@@ -504,7 +518,7 @@ def main(argv: list[str] | None = None) -> None:
     reactor.callWhenRunning(lambda: worker.configure().addCallback(start).addErrback(failed))
     reactor.addSystemEventTrigger("before", "shutdown", worker.stop)
     reactor.run()
-    sys.exit(exit_status[0] if exit_status else 0)
+    return exit_status[0] if exit_status else 0
 
 
 class _OneProtocol(Factory):
