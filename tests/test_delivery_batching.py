@@ -1,4 +1,4 @@
-"""The batcher that groups commits and state changes, driven by hand-fired Deferreds."""
+"""The batcher that groups commits and state changes, and the loader built on it, driven by hand-fired Deferreds."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from twisted.internet.defer import Deferred, succeed
 from twisted.trial import unittest
 
-from smtpplus.delivery.batching import Batcher
+from smtpplus.delivery.batching import Batcher, BatchLoader
 
 
 class Runs:
@@ -104,3 +104,37 @@ class BatcherTests(unittest.TestCase):
         self.successResultOf(batcher.add("a"))
         self.successResultOf(batcher.add("b"))
         self.assertEqual(batches, [["a"], ["b"]])
+
+
+class BatchLoaderTests(unittest.TestCase):
+    def setUp(self) -> None:
+        self.calls: list[tuple[list[str], Deferred[dict[str, int]]]] = []
+        self.loader: BatchLoader[str, int] = BatchLoader(self._load)
+
+    def _load(self, keys: list[str]) -> Deferred[dict[str, int]]:
+        d: Deferred[dict[str, int]] = Deferred()
+        self.calls.append((keys, d))
+        return d
+
+    def test_keys_asked_meanwhile_share_one_load(self) -> None:
+        """
+        The first key loads at once; keys asked while it loads go in one
+        load; each gets its own value, and a key not found gets None.
+        """
+        first = self.loader.get("a")
+        later = {key: self.loader.get(key) for key in "bcd"}
+        self.assertEqual([keys for keys, _ in self.calls], [["a"]])
+        self.calls[0][1].callback({"a": 1})
+        self.assertEqual(self.successResultOf(first), 1)
+        self.assertEqual([keys for keys, _ in self.calls], [["a"], ["b", "c", "d"]])
+        self.calls[1][1].callback({"b": 2, "d": 4})
+        self.assertEqual({key: self.successResultOf(d) for key, d in later.items()}, {"b": 2, "c": None, "d": 4})
+        self.assertEqual(self.loader.batches, 2)
+
+    def test_failed_load_fails_its_keys(self) -> None:
+        """A load that fails fails the keys of its batch; the next batch loads."""
+        a, b = self.loader.get("a"), self.loader.get("b")
+        self.calls[0][1].errback(OSError("database is locked"))
+        self.failureResultOf(a, OSError)
+        self.calls[1][1].callback({"b": 2})
+        self.assertEqual(self.successResultOf(b), 2)

@@ -68,8 +68,8 @@ class ClaimTests(unittest.TestCase):
         self.assertEqual((yield self.claimant("M1")), "A")
         self.assertEqual([row["id"] for row in self.stores["A"].recover(10.0)], ["M1"])
         self.assertEqual(self.stores["B"].recover(10.0), [])
-        self.assertEqual((yield self.stores["A"].load_for_attempt("M1"))["id"], "M1")
-        self.assertIsNone((yield self.stores["B"].load_for_attempt("M1")))
+        self.assertEqual(list((yield self.stores["A"].load_for_attempts(["M1"]))), ["M1"])
+        self.assertEqual((yield self.stores["B"].load_for_attempts(["M1"])), {})
         # Any node reads it (the admin API, the content for a DSN).
         self.assertEqual((yield self.stores["B"].load_message("M1"))["id"], "M1")
         self.assertEqual((yield self.stores["B"].load_content("M1")), b"one")
@@ -105,8 +105,10 @@ class ClaimTests(unittest.TestCase):
         sending = yield self.stores["B"].load_message("SENDING")
         self.assertEqual(sending["status"], "queued")
         self.assertEqual({r["status"] for r in sending["recipients"]}, {"queued"})
-        self.assertIsNone((yield self.stores["A"].load_for_attempt("BULK")))
-        self.assertEqual((yield self.stores["B"].load_for_attempt("BULK"))["id"], "BULK")
+        self.assertEqual((yield self.stores["A"].load_for_attempts(["BULK", "URGENT"])), {})
+        taken = yield self.stores["B"].load_for_attempts(["BULK", "URGENT", "GONE"])
+        self.assertEqual(sorted(taken), ["BULK", "URGENT"])
+        self.assertEqual(taken["BULK"]["id"], "BULK")
         self.assertEqual((yield self.stores["B"].take_over(silent_since=150.0, now=201.0)), [])
 
     @inlineCallbacks
@@ -140,4 +142,4 @@ class ClaimTests(unittest.TestCase):
         result = yield self.stores["B"].retry_message("M1", 7.0)
         self.assertIsNotNone(result)
         self.assertEqual((yield self.claimant("M1")), "B")
-        self.assertIsNone((yield self.stores["A"].load_for_attempt("M1")))
+        self.assertEqual((yield self.stores["A"].load_for_attempts(["M1"])), {})

@@ -78,6 +78,17 @@ class QueueStoreContract:
         self.assertIsNone(missing)
 
     @inlineCallbacks
+    def test_load_for_attempts(self) -> Any:
+        """The messages of one node load for their attempts in one call, by id; an id without a row is left out."""
+        first, second = _message("M1"), _message("M2", recipients=("a@b.c",))
+        seqs = yield self.store.insert([first, second])
+        loaded = yield self.store.load_for_attempts(["M2", "NONE", "M1"])
+        self.assertEqual(
+            loaded, {"M1": {**queue.as_row(first), "seq": seqs[0]}, "M2": {**queue.as_row(second), "seq": seqs[1]}}
+        )
+        self.assertEqual((yield self.store.load_for_attempts([])), {})
+
+    @inlineCallbacks
     def test_sandbox_flag_round_trip(self) -> Any:
         """A sandbox user's message loads back with its flag set, and a rebuilt row keeps it."""
         yield self.store.insert([_message("M1", sandbox=True), _message("M2")])

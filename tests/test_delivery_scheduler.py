@@ -8,7 +8,7 @@ from twisted.internet.defer import Deferred, gatherResults, inlineCallbacks
 from twisted.internet.task import Clock
 from twisted.trial import unittest
 
-from smtpplus.delivery.scheduler import Job, Scheduler
+from smtpplus.delivery.scheduler import IN_FLIGHT_PER_SLOT, IN_FLIGHT_PER_SLOT_URGENT, Job, Scheduler
 from tests.harness.messages import queue_id, simple_message
 from tests.harness.polling import wait_until
 from tests.harness.smarthost import Smarthost, parse
@@ -16,17 +16,30 @@ from tests.harness.stack import Stack
 
 
 class _Deliveries:
-    """A deliver callback whose attempts the test finishes by hand."""
+    """
+    A deliver callback that asks for a slot at once, as the agent does once
+    its message is read; the test ends each attempt's transfer and the
+    attempt by hand.
+    """
 
     def __init__(self) -> None:
+        self.scheduler: Scheduler | None = None
         self.started: list[str] = []
+        self.sending: list[str] = []
         self.pending: dict[str, Deferred[float | None]] = {}
 
     def __call__(self, message_id: str) -> Deferred[float | None]:
+        assert self.scheduler is not None
         self.started.append(message_id)
         d: Deferred[float | None] = Deferred()
         self.pending[message_id] = d
+        self.scheduler.acquire(message_id).addCallback(lambda _: self.sending.append(message_id))
         return d
+
+    def transferred(self, message_id: str) -> None:
+        """The next hop has answered: the attempt only records its result now."""
+        assert self.scheduler is not None
+        self.scheduler.release(message_id)
 
     def finish(self, message_id: str, retry_at: float | None = None) -> None:
         self.pending.pop(message_id).callback(retry_at)
@@ -39,51 +52,111 @@ class SchedulerTests(unittest.TestCase):
 
     def _scheduler(self, concurrency: int = 1, rate: float = 0) -> Scheduler:
         scheduler = Scheduler(self.clock, self.deliveries, concurrency, rate)
+        self.deliveries.scheduler = scheduler
         scheduler.start()
         return scheduler
 
+    def _block(self, scheduler: Scheduler) -> list[str]:
+        """Fill the attempts in flight with priority-1 blockers (one sending), so that what follows waits."""
+        blockers = [f"blocker{n}" for n in range(IN_FLIGHT_PER_SLOT * scheduler.max_concurrency)]
+        for n, name in enumerate(blockers):
+            scheduler.add(Job(name, 1, -1000 + n, "x"))
+        self.assertEqual(self.deliveries.started, blockers)
+        return blockers
+
     def test_priority_before_arrival(self) -> None:
-        """A priority-1 message queued behind many priority-5 ones is the next to start."""
+        """
+        A priority-1 message queued behind many priority-5 ones starts at
+        once, past the bound on attempts in flight, and takes the next slot
+        before the priority-5 attempt that was waiting for it.
+        """
         scheduler = self._scheduler()
         for seq in range(1000):
             scheduler.add(Job(f"low{seq}", 5, seq, "u"))
+        lows = [f"low{seq}" for seq in range(IN_FLIGHT_PER_SLOT)]
+        self.assertEqual((self.deliveries.started, self.deliveries.sending), (lows, ["low0"]))
         scheduler.add(Job("urgent", 1, 1000, "u"))
-        self.assertEqual(self.deliveries.started, ["low0"])
+        self.assertEqual(self.deliveries.started, [*lows, "urgent"])
+        self.deliveries.transferred("low0")
+        self.assertEqual(self.deliveries.sending, ["low0", "urgent"])
         self.deliveries.finish("low0")
+        self.deliveries.transferred("urgent")
+        self.assertEqual(self.deliveries.sending, ["low0", "urgent", "low1"])
+        # Back at the bound: the next one starts only when another attempt ends.
         self.assertEqual(self.deliveries.started[-1], "urgent")
         self.deliveries.finish("urgent")
-        self.assertEqual(self.deliveries.started[-1], "low1")
+        self.assertEqual(self.deliveries.started[-1], f"low{IN_FLIGHT_PER_SLOT}")
+
+    def test_overtaking_is_bounded(self) -> None:
+        """
+        Past IN_FLIGHT_PER_SLOT x max_concurrency attempts, only a higher
+        priority than every waiting attempt's starts, and never past
+        IN_FLIGHT_PER_SLOT_URGENT x max_concurrency: a flood of priority-1
+        mail while results cannot be stored holds a bounded number of them.
+        """
+        scheduler = self._scheduler(concurrency=2)
+        for seq in range(10):
+            scheduler.add(Job(f"low{seq}", 5, seq, "u"))
+        self.assertEqual(len(self.deliveries.started), IN_FLIGHT_PER_SLOT * 2)
+        scheduler.add(Job("same", 5, 10, "v"))
+        self.assertNotIn("same", self.deliveries.started)
+        for seq in range(20):
+            scheduler.add(Job(f"urgent{seq}", 1, 100 + seq, "u"))
+        self.assertEqual(len(self.deliveries.started), IN_FLIGHT_PER_SLOT * 2 + 1)
+        # Each transfer that ends lets the urgent attempt waiting have the
+        # slot; its result is never stored, and another urgent one starts,
+        # up to the hard bound.
+        for _ in range(10):
+            for message_id in list(scheduler.holding):
+                self.deliveries.transferred(message_id)
+        self.assertEqual(len(scheduler.in_flight), IN_FLIGHT_PER_SLOT_URGENT * 2)
+        self.assertNotIn("same", self.deliveries.started)
 
     def test_arrival_order_within_priority(self) -> None:
-        """Within one priority and user, messages start in arrival order even when added out of order."""
+        """Within one priority and user, messages take the slot in arrival order even when added out of order."""
         scheduler = self._scheduler()
-        scheduler.add(Job("blocker", 1, 0, "u"))
+        blockers = self._block(scheduler)
         for seq in (5, 3, 4):
             scheduler.add(Job(f"m{seq}", 3, seq, "u"))
-        for name in ("blocker", "m3", "m4"):
+        for name in (*blockers, "m3", "m4"):
             self.deliveries.finish(name)
-        self.assertEqual(self.deliveries.started, ["blocker", "m3", "m4", "m5"])
+        self.assertEqual(self.deliveries.sending, [*blockers, "m3", "m4", "m5"])
 
     def test_fair_turns_between_users(self) -> None:
         """Within a priority users take turns: one user's flood does not starve another's mail."""
         scheduler = self._scheduler()
-        scheduler.add(Job("blocker", 1, 0, "x"))
+        blockers = self._block(scheduler)
         for seq in range(1, 101):
             scheduler.add(Job(f"flood{seq}", 3, seq, "flooder"))
         scheduler.add(Job("other", 3, 101, "quiet"))
-        self.deliveries.finish("blocker")
-        self.deliveries.finish("flood1")
-        self.assertEqual(self.deliveries.started, ["blocker", "flood1", "other"])
+        for name in (*blockers, "flood1"):
+            self.deliveries.finish(name)
+        self.assertEqual(self.deliveries.sending, [*blockers, "flood1", "other"])
 
     def test_max_concurrency(self) -> None:
-        """No more than max_concurrency attempts are in flight."""
+        """
+        No more than max_concurrency attempts talk to next hops; as many
+        again are in flight, waiting for a slot; a slot given back before
+        its attempt ends goes to the next one at once.
+        """
         scheduler = self._scheduler(concurrency=3)
-        for seq in range(10):
+        for seq in range(40):
             scheduler.add(Job(f"m{seq}", 3, seq, "u"))
-        self.assertEqual(len(self.deliveries.pending), 3)
+        self.assertEqual(len(self.deliveries.pending), 3 * IN_FLIGHT_PER_SLOT)
+        self.assertEqual(self.deliveries.sending, ["m0", "m1", "m2"])
+        self.deliveries.transferred("m0")
+        self.assertEqual(self.deliveries.sending, ["m0", "m1", "m2", "m3"])
+        self.assertEqual(len(self.deliveries.started), 3 * IN_FLIGHT_PER_SLOT)
         self.deliveries.finish("m0")
-        self.assertEqual(len(self.deliveries.pending), 3)
-        self.assertEqual(len(self.deliveries.started), 4)
+        self.assertEqual(len(self.deliveries.started), 3 * IN_FLIGHT_PER_SLOT + 1)
+        self.assertEqual(scheduler.holding, {"m1", "m2", "m3"})
+        # An attempt that ends while holding its slot gives it back.
+        self.deliveries.finish("m1")
+        self.assertEqual(self.deliveries.sending[-1], "m4")
+        self.assertEqual(scheduler.holding, {"m2", "m3", "m4"})
+        # More slots by a reload: the waiting attempts have them at once.
+        scheduler.reconfigure(5, 0)
+        self.assertEqual(scheduler.holding, {"m2", "m3", "m4", "m5", "m6"})
 
     def test_rate_limit(self) -> None:
         """With rate_limit = 2, starts are spaced half a second apart on the clock."""

@@ -90,6 +90,67 @@ class _CountingRelay:
         return succeed([HopOutcome("smarthost", {r: (250, "2.0.0 OK") for r in recipients})])
 
 
+class _HeldWrites(MemoryQueueStore):
+    """A memory queue store whose state writes are committed only when the test says so."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.held: list[tuple[list[Any], Deferred[list[BaseException | None]]]] = []
+
+    def write_state(self, changes: list[Any]) -> Deferred[list[BaseException | None]]:
+        d: Deferred[list[BaseException | None]] = Deferred()
+        self.held.append((changes, d))
+        return d
+
+    def commit(self) -> None:
+        """Commit the writes held, and those they let start, until none waits."""
+        while self.held:
+            held, self.held = self.held, []
+            for changes, d in held:
+                super().write_state(changes).chainDeferred(d)
+
+
+def _queued(
+    testcase: unittest.TestCase,
+    clock: Clock,
+    store: MemoryQueueStore,
+    relay: _CountingRelay,
+    slots: int,
+    messages: list[queue.NewMessage],
+) -> tuple[DeliveryAgent, Scheduler]:
+    """C{messages} stored and queued, fresh, for an agent driven by a scheduler of C{slots} slots (not started)."""
+    testcase.successResultOf(store.insert(messages))
+    agent = DeliveryAgent(
+        clock, run_synchronously, store, Spool(os.path.abspath(testcase.mktemp())), relay, None, None,
+        [60], 86400, 3600, "relay.test", lambda *a: fail(Exception()),
+    )
+    scheduler = Scheduler(clock, agent.deliver, slots)
+    agent.slots = scheduler
+    for seq, message in enumerate(messages, 1):
+        agent.remember(message, b"Subject: x\r\n\r\nbody\r\n")
+        scheduler.add(Job(message.id, message.priority, seq, message.user))
+    return agent, scheduler
+
+
+class SlotTests(unittest.TestCase):
+    def test_next_hop_not_idle_while_results_are_recorded(self) -> None:
+        """
+        With max_concurrency = 1, the second message goes to the next hop
+        while the first one's result waits for its commit: the slot bounds
+        transfers, not bookkeeping.
+        """
+        store, relay = _HeldWrites(), _CountingRelay()
+        _, scheduler = _queued(self, Clock(), store, relay, 1, [_message("M1"), _message("M2")])
+        scheduler.start()
+        self.assertEqual(len(relay.sent), 2)
+        self.assertEqual(set(scheduler.in_flight), {"M1", "M2"})
+        self.assertEqual(scheduler.holding, set())
+        store.commit()
+        self.assertEqual(scheduler.in_flight, {})
+        statuses = self.successResultOf(store.statuses(["M1", "M2"]))
+        self.assertEqual(statuses, {"M1": "sent", "M2": "sent"})
+
+
 class UnstoredResultTests(unittest.TestCase):
     def test_result_kept_until_stored_and_never_sent_again(self) -> None:
         """
@@ -137,6 +198,32 @@ class UnstoredResultTests(unittest.TestCase):
         for _ in range(10):
             clock.advance(60)
         self.assertEqual(len(relay.sent), 1)
+
+    def test_slots_held_while_results_cannot_be_stored(self) -> None:
+        """
+        Once the store failed a write (here the first attempt's "sending"
+        mark), each attempt keeps its slot until its result is stored: with
+        max_concurrency = 2 and ten messages, two deliveries are made, not
+        ten; when the store is back, every message is delivered once.
+        """
+        store, relay = _FlakyStore(), _CountingRelay()
+        messages = [_message(f"M{n}") for n in range(10)]
+        clock = Clock()
+        agent, scheduler = _queued(self, clock, store, relay, 2, messages)
+        _Logged(self, "error")
+        store.failing = True
+        scheduler.start()
+        for _ in range(10):
+            clock.advance(30)
+        self.assertEqual(len(relay.sent), 2)
+        self.assertEqual(len(agent.unrecorded), 2)
+        store.failing = False
+        for _ in range(10):
+            clock.advance(60)
+        self.assertEqual(len(relay.sent), 10)
+        self.assertEqual(scheduler.in_flight, {})
+        statuses = self.successResultOf(store.statuses([m.id for m in messages]))
+        self.assertEqual(set(statuses.values()), {"sent"})
 
     def test_held_results_retry_at_once_when_the_store_is_back(self) -> None:
         """

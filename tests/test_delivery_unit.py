@@ -51,28 +51,28 @@ class _ScriptedRelay:
 
 
 class _SlowLoads(MemoryQueueStore):
-    """A memory store whose load_message answers only when the test says, with the rows of that moment."""
+    """A memory store whose load_for_attempts answers only when the test says, with the rows of that moment."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.loads: list[tuple[str, Deferred[Any]]] = []
+        self.loads: list[tuple[list[str], Deferred[Any]]] = []
         self.slow = False
 
-    def load_message(self, message_id: str) -> Deferred[Any]:
+    def load_for_attempts(self, message_ids: list[str]) -> Deferred[Any]:
         if not self.slow:
-            return super().load_message(message_id)
+            return super().load_for_attempts(message_ids)
         d: Deferred[Any] = Deferred()
-        self.loads.append((message_id, d))
+        self.loads.append((message_ids, d))
         return d
 
     def answer_loads(self, found: bool = True) -> None:
         """Answer the waiting loads with the rows as they are now, or (C{found} false) as missing."""
         loads, self.loads = self.loads, []
-        for message_id, d in loads:
+        for message_ids, d in loads:
             if found:
-                super().load_message(message_id).chainDeferred(d)
+                super().load_for_attempts(message_ids).chainDeferred(d)
             else:
-                d.callback(None)
+                d.callback({})
 
 
 class _SlowInserts(MemoryQueueStore):

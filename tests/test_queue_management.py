@@ -27,7 +27,7 @@ from smtpplus.delivery.memory import MemoryQueueStore
 from smtpplus.delivery.query import MessageQuery, QueueControl
 from smtpplus.delivery.queue import NewMessage, SQLiteQueueStore
 from smtpplus.delivery.relay import HopOutcome
-from smtpplus.delivery.scheduler import Job, Scheduler
+from smtpplus.delivery.scheduler import IN_FLIGHT_PER_SLOT, Job, Scheduler
 from smtpplus.interfaces import QueueConflict
 from smtpplus.model import iso_utc
 from smtpplus.notify.events import EventStore
@@ -84,19 +84,23 @@ class SchedulerManagementTests(TestCase):
         timer, returning each with its due time; neither starts afterwards,
         and a job in flight or unknown is not removed.
         """
-        self.scheduler.add(Job("busy", 3, 1, "u"))
-        self.scheduler.add(Job("ready", 3, 2, "u"))
-        self.scheduler.add(Job("other", 3, 3, "v"))
-        self.scheduler.add(Job("timer", 3, 4, "u"), 100.0)
-        self.assertEqual(self.scheduler.remove("ready"), (Job("ready", 3, 2, "u"), None))
-        self.assertEqual(self.scheduler.remove("timer"), (Job("timer", 3, 4, "u"), 100.0))
-        self.assertIsNone(self.scheduler.remove("busy"))
+        # With one slot, IN_FLIGHT_PER_SLOT attempts are in flight.
+        busy = [f"busy{n}" for n in range(IN_FLIGHT_PER_SLOT)]
+        for n, name in enumerate(busy):
+            self.scheduler.add(Job(name, 3, n - 100, "u"))
+        self.scheduler.add(Job("ready", 3, 3, "u"))
+        self.scheduler.add(Job("other", 3, 4, "v"))
+        self.scheduler.add(Job("timer", 3, 5, "u"), 100.0)
+        self.assertEqual(self.scheduler.remove("ready"), (Job("ready", 3, 3, "u"), None))
+        self.assertEqual(self.scheduler.remove("timer"), (Job("timer", 3, 5, "u"), 100.0))
+        for name in busy:
+            self.assertIsNone(self.scheduler.remove(name))
         self.assertIsNone(self.scheduler.remove("unknown"))
         self.assertEqual(self.scheduler.ready_count(), 1)
-        self.attempts.pending["busy"].callback(None)
+        self.attempts.pending["busy0"].callback(None)
         self.clock.advance(200)
         self.attempts.pending["other"].callback(None)
-        self.assertEqual(self.attempts.started, ["busy", "other"])
+        self.assertEqual(self.attempts.started, [*busy, "other"])
 
     def test_removed_job_can_be_added_back(self) -> None:
         """A removed job added back with its due time waits for it again."""
@@ -138,9 +142,12 @@ class RetryDuringDeleteTests(TestCase):
         scheduler.start()
         store = _HeldDeletes()
         query = MessageQuery(store, clock, QueueControl(scheduler, lambda _: None, lambda _: succeed(None)))
-        seqs = yield store.insert([_new("BLOCKER", 1.0), _new("M", 2.0)])
-        scheduler.add(Job("BLOCKER", 3, seqs[0], "ann"))
-        scheduler.add(Job("M", 3, seqs[1], "ann"))
+        blockers = [f"BLOCKER{n}" for n in range(IN_FLIGHT_PER_SLOT)]
+        seqs = yield store.insert([_new(name, 1.0 + n / 10) for n, name in enumerate(blockers)] + [_new("M", 2.0)])
+        # With one slot, IN_FLIGHT_PER_SLOT attempts are in flight: M waits behind them.
+        for name, seq in zip(blockers, seqs, strict=False):
+            scheduler.add(Job(name, 3, seq, "ann"))
+        scheduler.add(Job("M", 3, seqs[-1], "ann"))
         deleting = query.delete_message("M")
         retried = yield query.retry_message("M")
         self.assertEqual(retried["status"], "queued")
@@ -148,8 +155,8 @@ class RetryDuringDeleteTests(TestCase):
         store.held[0].callback(None)
         deleted = yield deleting
         self.assertEqual(deleted["status"], "deleted")
-        attempts.pending["BLOCKER"].callback(None)
-        self.assertEqual(attempts.started, ["BLOCKER"])
+        attempts.pending["BLOCKER0"].callback(None)
+        self.assertEqual(attempts.started, blockers)
         self.assertEqual(scheduler.ready_count(), 0)
 
 

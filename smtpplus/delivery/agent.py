@@ -15,14 +15,14 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from twisted.internet.defer import Deferred, inlineCallbacks, maybeDeferred
+from twisted.internet.defer import Deferred, inlineCallbacks, maybeDeferred, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 
 from smtpplus.delivery import queue
-from smtpplus.delivery.batching import Batcher
+from smtpplus.delivery.batching import Batcher, BatchLoader
 from smtpplus.delivery.dsn import build_dsn, read_headers, read_headers_of
-from smtpplus.delivery.interfaces import IContentStore, IQueueStore, IRelay, RunInThread
+from smtpplus.delivery.interfaces import DeliverySlots, IContentStore, IQueueStore, IRelay, RunInThread
 from smtpplus.delivery.query import iso
 from smtpplus.delivery.relay import HopOutcome
 from smtpplus.delivery.spool import Spool
@@ -40,6 +40,19 @@ SANDBOXED_RESPONSE = "250 2.0.0 Sandboxed: accepted and never relayed (sandbox u
 # Delays between writes of a result that could not be stored.
 RESULT_RETRY_FIRST = 1.0
 RESULT_RETRY_MAX = 60.0
+
+
+class _Unbounded:
+    """Slots without a bound, for an agent no scheduler drives."""
+
+    def acquire(self, message_id: str) -> Deferred[None]:
+        return succeed(None)
+
+    def release(self, message_id: str) -> None:
+        pass
+
+
+UNBOUNDED = _Unbounded()
 
 
 class DeliveryAgent:
@@ -96,6 +109,8 @@ class DeliveryAgent:
         self._submit_internal = submit_internal
         self.results = results
         self.metrics = metrics
+        # Bounds the transfers to next hops (the scheduler); none by default.
+        self.slots: DeliverySlots = UNBOUNDED
         # Adds a DKIM signature before relaying (L{smtpplus.delivery.dkim.Signer}); None: no signing.
         self.signer: Any = None
         self.suppressions = suppressions
@@ -111,6 +126,9 @@ class DeliveryAgent:
         self._fresh: dict[str, tuple[dict[str, Any], bytes | None]] = {}
         self._fresh_bytes = 0
         self._removals: Batcher[str] = Batcher(self._remove)
+        # The rows of messages not fresh (retries, a backlog), several per
+        # trip to the store when attempts start together.
+        self._loads: BatchLoader[str, dict[str, Any]] = BatchLoader(store.load_for_attempts)
         # Message id -> what its unstored result says, while it waits.
         self.unrecorded: dict[str, str] = {}
         # Messages whose attempt holds their row: whatever happens to the
@@ -187,7 +205,7 @@ class DeliveryAgent:
         if content is not None:
             self._fresh_bytes -= len(content)
         if message is None:
-            message = yield self._queue.load_for_attempt(message_id)
+            message = yield self._loads.get(message_id)
         if message is None or message["status"] not in queue.ACTIVE:
             return None
         self.attempting.add(message_id)
@@ -210,7 +228,16 @@ class DeliveryAgent:
                     if signed is not None:
                         content, length = signed, None
                 path = self._spool.path(message_id)
-                outcomes = yield self._relay.send(message["mail_from"], addresses, path, content, length)
+                yield self.slots.acquire(message_id)
+                try:
+                    outcomes = yield self._relay.send(message["mail_from"], addresses, path, content, length)
+                finally:
+                    if self._store_error is None:
+                        # Recording waits for a commit: the next hop may
+                        # take another message meanwhile.  While results
+                        # cannot be stored, the slot stays taken until this
+                        # one is, so that few deliveries go unrecorded.
+                        self.slots.release(message_id)
             except Exception:
                 log.failure("relaying {id} failed unexpectedly", id=message_id)
                 outcomes = []

@@ -16,6 +16,8 @@ from twisted.logger import Logger
 log = Logger()
 
 T = TypeVar("T")
+K = TypeVar("K")
+V = TypeVar("V")
 
 # A bound on one batch, so that one transaction stays short.
 MAX_BATCH = 500
@@ -72,3 +74,32 @@ class Batcher(Generic[T]):
                         d.errback(error)
         finally:
             self._busy = False
+
+
+class BatchLoader(Generic[K, V]):
+    """
+    Looks keys up through C{load(keys)}, a batch at a time as L{Batcher}
+    runs items: C{load} fires with what it found, by key; a key it did not
+    find gets None.
+    """
+
+    def __init__(self, load: Callable[[list[K]], Deferred[dict[K, V]]], max_batch: int = MAX_BATCH) -> None:
+        self._load = load
+        self._found: dict[K, V] = {}
+        self._batcher: Batcher[K] = Batcher(self._run, max_batch)
+
+    @property
+    def batches(self) -> int:
+        """How many batches ran (observable in tests)."""
+        return self._batcher.batches
+
+    def _run(self, keys: list[K]) -> Deferred[list[None]]:
+        def found(values: dict[K, V]) -> list[None]:
+            self._found.update(values)
+            return [None] * len(keys)
+
+        return self._load(keys).addCallback(found)
+
+    def get(self, key: K) -> Deferred[V | None]:
+        """What C{load} found for C{key} in its batch, or None; fails with the batch's error."""
+        return self._batcher.add(key).addCallback(lambda _: self._found.pop(key, None))

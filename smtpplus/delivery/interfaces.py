@@ -26,6 +26,19 @@ class RunInThread(Protocol):
     def __call__(self, fn: Callable[..., Any], *args: Any) -> Deferred[Any]: ...
 
 
+class DeliverySlots(Protocol):
+    """
+    Bounds the attempts talking to next hops at once
+    (L{smtpplus.delivery.scheduler.Scheduler}).
+    """
+
+    def acquire(self, message_id: str) -> Deferred[None]:
+        """Fires when C{message_id}'s attempt holds a slot."""
+
+    def release(self, message_id: str) -> None:
+        """Give C{message_id}'s slot back (nothing when it holds none)."""
+
+
 @attrs.frozen
 class MessageFilter:
     """
@@ -98,11 +111,12 @@ class IQueueStore(Interface):
     def load_message(message_id: str) -> Deferred[dict[str, Any] | None]:
         """One message with its recipients, or None."""
 
-    def load_for_attempt(message_id: str) -> Deferred[dict[str, Any] | None]:
+    def load_for_attempts(message_ids: list[str]) -> Deferred[dict[str, dict[str, Any]]]:
         """
-        L{load_message} for this node's delivery attempt: None when the
-        message is not this node's to attempt (with stores shared by
-        nodes, another node claimed it).
+        L{load_message} of each of C{message_ids} for this node's delivery
+        attempts, by id, in one trip: a message without a row, or not this
+        node's to attempt (with stores shared by nodes, another node claimed
+        it), is left out.
         """
 
     def list_messages(where: MessageFilter, limit: int) -> Deferred[list[dict[str, Any]]]:

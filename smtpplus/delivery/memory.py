@@ -120,9 +120,9 @@ class MemoryQueueStore:
         row = self.rows.get(message_id)
         return succeed(None if row is None else _copy(row))
 
-    def load_for_attempt(self, message_id: str) -> Deferred[dict[str, Any] | None]:
+    def load_for_attempts(self, message_ids: list[str]) -> Deferred[dict[str, dict[str, Any]]]:
         # One node: every message is its own.
-        return self.load_message(message_id)
+        return succeed({m: _copy(self.rows[m]) for m in message_ids if m in self.rows})
 
     def list_messages(self, where: MessageFilter, limit: int) -> Deferred[list[dict[str, Any]]]:
         found = [row for row in self.rows.values() if _matches(row, where)]

@@ -226,26 +226,26 @@ def take_over(conn: Conn, node: str, silent_since: float, now: float, limit: int
     return rows
 
 
-def load_claimed(conn: Conn, message_id: str, node: str | None) -> dict[str, Any] | None:
-    """L{load_message}, or None when C{message_id} is not C{node}'s to attempt (another node took it)."""
+def load_claimed(conn: Conn, message_ids: Sequence[str], node: str | None) -> dict[str, dict[str, Any]]:
+    """L{load_message} of each of C{message_ids} that is C{node}'s to attempt (not taken by another node), by id."""
     with conn.cursor(row_factory=dict_row) as cursor:
-        # One query for the usual case (the row is this node's): an attempt
-        # pays a round trip per query.
-        cursor.execute(f"SELECT {_COLUMNS}, claimed_by FROM queue_messages WHERE id = %s", (message_id,))
-        row = cursor.fetchone()
-    if row is None:
-        return None
-    claimant = row.pop("claimed_by")
-    if claimant is None and node is not None:
-        # A row nobody claims (rebuilt after it was lost): the first node to load it takes it.
-        taken = conn.execute(
-            "UPDATE queue_messages SET claimed_by = COALESCE(claimed_by, %s) WHERE id = %s RETURNING claimed_by",
-            (node, message_id),
-        ).fetchone()
-        claimant = None if taken is None else taken[0]
-    if claimant != node:
-        return None
-    return _with_recipients(conn, [row])[0]
+        # One query for the usual case (the rows are this node's): a round
+        # trip per query, not per message.
+        cursor.execute(f"SELECT {_COLUMNS}, claimed_by FROM queue_messages WHERE id = ANY(%s)", (list(message_ids),))
+        rows = cursor.fetchall()
+    mine = []
+    for row in rows:
+        claimant = row.pop("claimed_by")
+        if claimant is None and node is not None:
+            # A row nobody claims (rebuilt after it was lost): the first node to load it takes it.
+            taken = conn.execute(
+                "UPDATE queue_messages SET claimed_by = COALESCE(claimed_by, %s) WHERE id = %s RETURNING claimed_by",
+                (node, row["id"]),
+            ).fetchone()
+            claimant = None if taken is None else taken[0]
+        if claimant == node:
+            mine.append(row)
+    return {row["id"]: row for row in _with_recipients(conn, mine)} if mine else {}
 
 
 def statuses(conn: Conn, message_ids: Sequence[str]) -> dict[str, str]:
@@ -502,8 +502,8 @@ class PostgresQueueStore:
         assert self.node is not None
         return self._database.write(take_over, self.node, silent_since, now, limit)
 
-    def load_for_attempt(self, message_id: str) -> Deferred[dict[str, Any] | None]:
-        return self._database.run(load_claimed, message_id, self.node)
+    def load_for_attempts(self, message_ids: list[str]) -> Deferred[dict[str, dict[str, Any]]]:
+        return self._database.run(load_claimed, message_ids, self.node)
 
     def insert(self, messages: list[NewMessage], dedup_window: float = 0) -> Deferred[list[int | Duplicate]]:
         return self._database.transaction(insert_messages, messages, None, dedup_window, self.node)

@@ -381,6 +381,16 @@ def load_message(conn: sqlite3.Connection, message_id: str) -> dict[str, Any] | 
     return message
 
 
+def load_messages(conn: sqlite3.Connection, message_ids: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """L{load_message} of each of C{message_ids} that has a row, by id."""
+    found = {}
+    for message_id in message_ids:
+        message = load_message(conn, message_id)
+        if message is not None:
+            found[message_id] = message
+    return found
+
+
 def list_messages(conn: sqlite3.Connection, where: MessageFilter, limit: int) -> list[dict[str, Any]]:
     """Messages newest first (by arrival), filtered as L{MessageFilter} says."""
     clauses: list[str] = []
@@ -646,9 +656,9 @@ class SQLiteQueueStore:
     def load_message(self, message_id: str) -> Deferred[dict[str, Any] | None]:
         return self._database.run(load_message, message_id)
 
-    def load_for_attempt(self, message_id: str) -> Deferred[dict[str, Any] | None]:
+    def load_for_attempts(self, message_ids: list[str]) -> Deferred[dict[str, dict[str, Any]]]:
         # One node: every message is its own.
-        return self.load_message(message_id)
+        return self._database.run(load_messages, message_ids)
 
     def list_messages(self, where: MessageFilter, limit: int) -> Deferred[list[dict[str, Any]]]:
         return self._database.run(list_messages, where, limit)

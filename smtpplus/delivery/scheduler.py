@@ -5,7 +5,9 @@ Ready messages wait in memory, one heap of arrival numbers per (priority,
 user); within a priority the users take turns, so one user's flood cannot
 starve another's mail, and a message of a higher priority always starts
 before any of lower priority that has not started yet.  Messages waiting
-for a retry or a schedule sit on timers of the injected clock.
+for a retry or a schedule sit on timers of the injected clock.  Started
+attempts take turns, in the same order, for the slots that bound the
+transfers to next hops.
 """
 
 from __future__ import annotations
@@ -26,6 +28,12 @@ log = Logger()
 # An attempt that fails unexpectedly (a bug, not a delivery result) is
 # tried again after this long rather than lost or retried in a tight loop.
 FAILED_ATTEMPT_RETRY = 60.0
+# Attempts in flight per delivery slot: while max_concurrency of them talk
+# to next hops, the others load their message or record their result.
+IN_FLIGHT_PER_SLOT = 4
+# Past that bound, a message still starts when its priority is higher than
+# that of every attempt waiting for a slot, up to this many per slot.
+IN_FLIGHT_PER_SLOT_URGENT = 5
 
 
 @attrs.frozen
@@ -79,13 +87,26 @@ class _Level:
 class Scheduler:
     """
     Starts deliveries by priority, arrival and fair turns, at most
-    C{max_concurrency} at once and at most C{rate_limit} per second
-    (0: unlimited).
+    C{rate_limit} per second (0: unlimited), and lets at most
+    C{max_concurrency} of them talk to next hops at once.
 
     C{deliver(message_id)} returns a Deferred firing with the time of the
-    next attempt, or None when the message is finished.
+    next attempt, or None when the message is finished.  An attempt asks
+    for a slot (L{acquire}) once its message is loaded, read and signed, and
+    gives it back (L{release}) when the next hop has answered: loading and
+    recording wait for the disk and the database, and holding a slot
+    meanwhile left the next hop idle (a backlog drained at the pace of the
+    database thread, not of the transfers).  Slots go to waiting attempts
+    in priority and start order.  At most L{IN_FLIGHT_PER_SLOT} times
+    C{max_concurrency} attempts are in flight, which also bounds the
+    results waiting to be stored while the store is down (a delivery whose
+    result is lost in a crash is made again); a message of a higher
+    priority than every attempt waiting for a slot starts all the same (up
+    to L{IN_FLIGHT_PER_SLOT_URGENT} times C{max_concurrency}), so that it
+    overtakes them.
 
     @ivar started: how many attempts were started (observable in tests).
+    @ivar holding: the attempts holding a slot.
     """
 
     def __init__(
@@ -103,6 +124,15 @@ class Scheduler:
         self._jobs: dict[str, Job] = {}
         self._timers: dict[str, IDelayedCall] = {}
         self.in_flight: dict[str, Deferred[Any]] = {}
+        # Attempts in flight: their job and start number.
+        self._attempts: dict[str, tuple[Job, int]] = {}
+        self.holding: set[str] = set()
+        # Attempts waiting for a slot: a heap of (priority, start number, id),
+        # so within a priority the slots follow the start order and its fair
+        # turns; and each one's Deferred.  An attempt that ends leaves the
+        # waiters at once and the heap when its entry comes up.
+        self._slot_turns: list[tuple[int, int, str]] = []
+        self._slot_waiters: dict[str, Deferred[None]] = {}
         # Jobs added again while their attempt was in flight -> not_before.
         self._queued_again: dict[str, float | None] = {}
         self._next_start = 0.0
@@ -169,10 +199,39 @@ class Scheduler:
         self._levels[job.priority].push(job)
         self._pump()
 
+    def acquire(self, message_id: str) -> Deferred[None]:
+        """Fires when C{message_id}'s attempt may talk to the next hop, a slot being its own until L{release}."""
+        d: Deferred[None] = Deferred()
+        attempt = self._attempts.get(message_id)
+        if attempt is None:
+            raise KeyError(f"no attempt of {message_id} is in flight")
+        job, number = attempt
+        self._slot_waiters[message_id] = d
+        heapq.heappush(self._slot_turns, (job.priority, number, message_id))
+        self._grant()
+        return d
+
+    def release(self, message_id: str) -> None:
+        """C{message_id}'s attempt is done with the next hop: its slot goes to the next attempt waiting."""
+        if message_id in self.holding:
+            self.holding.discard(message_id)
+            self._grant()
+            # Who waits for a slot changed, and with it who may overtake them.
+            self._pump()
+
+    def _grant(self) -> None:
+        while self._slot_turns and len(self.holding) < self.max_concurrency:
+            _, _, message_id = heapq.heappop(self._slot_turns)
+            d = self._slot_waiters.pop(message_id, None)
+            if d is not None:
+                self.holding.add(message_id)
+                d.callback(None)
+
     def reconfigure(self, max_concurrency: int, rate_limit: float) -> None:
         """Apply a reloaded C{max_concurrency} and C{rate_limit}; attempts in flight go on."""
         self.max_concurrency = max_concurrency
         self._interval = 1.0 / rate_limit if rate_limit else 0.0
+        self._grant()
         self._pump()
 
     def ready_count(self) -> int:
@@ -214,9 +273,9 @@ class Scheduler:
             self._pumping = False
 
     def _start_ready(self) -> None:
-        while self._running and len(self.in_flight) < self.max_concurrency:
-            level = next((lv for _, lv in sorted(self._levels.items()) if lv.size), None)
-            if level is None:
+        while self._running:
+            priority, level = next(((p, lv) for p, lv in sorted(self._levels.items()) if lv.size), (0, None))
+            if level is None or not self._may_start(priority):
                 return
             if self._interval:
                 now = self._clock.seconds()
@@ -228,12 +287,26 @@ class Scheduler:
             message_id = level.pop()
             job = self._jobs.pop(message_id)
             self.started += 1
+            self._attempts[message_id] = (job, self.started)
             d = maybeDeferred(self._deliver, message_id)
             self.in_flight[message_id] = d
             d.addBoth(self._finished, job)
 
+    def _may_start(self, priority: int) -> bool:
+        flying = len(self.in_flight)
+        if flying < IN_FLIGHT_PER_SLOT * self.max_concurrency:
+            return True
+        if flying >= IN_FLIGHT_PER_SLOT_URGENT * self.max_concurrency or not self._slot_waiters:
+            return False
+        # The heap's first entry has the highest priority waiting (or ended,
+        # which errs towards not starting).
+        return priority < self._slot_turns[0][0]
+
     def _finished(self, result: float | None | Failure, job: Job) -> None:
         self.in_flight.pop(job.id, None)
+        self._attempts.pop(job.id, None)
+        self._slot_waiters.pop(job.id, None)
+        self.release(job.id)
         again = job.id in self._queued_again
         not_before = self._queued_again.pop(job.id, None) if again else None
         if isinstance(result, Failure):

@@ -121,6 +121,8 @@ class Delivery:
             suppress_hard_bounces=config.suppress_hard_bounces,
         )
         self.scheduler = Scheduler(clock, self.agent.deliver, config.max_concurrency, config.rate_limit)
+        self.agent.slots = self.scheduler
+        self.agent.release_slot = self.scheduler.release
         self.query = MessageQuery(
             store,
             clock,
