@@ -94,6 +94,20 @@ class Appliers:
     log: Callable[[Config], None]
 
 
+# SIGHUPs that arrived before a Reloader took the signal (L{hold_sighup}).
+_held: list[int] = []
+
+
+def hold_sighup() -> None:
+    """
+    Until a L{Reloader} takes SIGHUP, remember it instead of meeting its
+    default action, which ends the process: the daemon's log file exists
+    from the start, and logrotate may signal a daemon that is still
+    starting.
+    """
+    signal.signal(signal.SIGHUP, lambda signum, frame: _held.append(signum))
+
+
 class Reloader(Service):
     """
     Handles SIGHUP while running (see the module docstring).
@@ -127,17 +141,31 @@ class Reloader(Service):
         self._reopen_log = reopen_log
         self._in_thread = run_in_thread
         self._previous: Any = None
+        self._installed = False
         self._running = False
         self._again = False
 
     def startService(self) -> None:
         Service.startService(self)
-        self._previous = signal.signal(signal.SIGHUP, self._signalled)
+        self.take_signal()
+
+    def take_signal(self) -> None:
+        """
+        Handle SIGHUP from now on, before the services start: a reload asked
+        for meanwhile (or held by L{hold_sighup}) runs once the reactor does.
+        """
+        if not self._installed:
+            self._previous = signal.signal(signal.SIGHUP, self._signalled)
+            self._installed = True
+            if _held:
+                _held.clear()
+                self._reactor.callFromThread(self.reload)
 
     def stopService(self) -> None:
         Service.stopService(self)
-        if self._previous is not None:
+        if self._installed:
             signal.signal(signal.SIGHUP, self._previous)
+            self._installed = False
             self._previous = None
 
     def _signalled(self, signum: int, frame: Any) -> None:

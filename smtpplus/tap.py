@@ -40,7 +40,7 @@ from smtpplus.nodes.listing import PostgresNodes, SingleNode
 from smtpplus.notify.dispatch import build_notifier
 from smtpplus.notify.events import EventStore
 from smtpplus.notify.stats import Statistics
-from smtpplus.reload import Appliers, ReloadableTLS, Reloader
+from smtpplus.reload import Appliers, ReloadableTLS, Reloader, hold_sighup
 from smtpplus.smtp.listeners import BindError, SMTPListeners, raise_open_files_limit
 from smtpplus.smtp.server import build_smtp_server, session_settings
 from smtpplus.smtp.tls import TLSMaterial, check_tls_files, tls_material
@@ -457,6 +457,10 @@ def build_service(
             reactor_runner(reactor),
         )
         reloader.setServiceParent(top)
+        # Now rather than when the services start (this one last, after the
+        # ports are bound and the workers forked): a SIGHUP held since
+        # makeService began becomes a reload.
+        reloader.take_signal()
 
     def client_settings() -> dict[str, Any]:
         return {
@@ -519,6 +523,8 @@ def makeService(options: Options) -> IService:
 
     config = options.config
     parent = options.parent
+    # Before the log file is opened: logrotate may signal it from then on.
+    hold_sighup()
     try:
         destination = log_destination(parent)
     except ValueError as e:

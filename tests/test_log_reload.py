@@ -16,12 +16,13 @@ import socket
 import ssl
 from typing import Any
 
+from twisted.internet.defer import succeed
 from twisted.logger import LogLevel, formatEvent
 from twisted.trial import unittest
 
 from smtpplus.config import ConfigError, LogConfig, config_from_text
 from smtpplus.log import DaemonLog, Destination
-from smtpplus.reload import changed_keys
+from smtpplus.reload import Appliers, Reloader, changed_keys, hold_sighup
 from smtpplus.smtp.tls import generate_self_signed
 from tests.contract_helpers import (
     Daemon,
@@ -381,3 +382,44 @@ class LogConfigTests(unittest.TestCase):
         old = config_from_text('[smtp]\nports = "25"')
         new = config_from_text('[smtp]\nports = "26"\n[log]\nlevel = "error"')
         self.assertEqual(changed_keys(old, new), [("smtp", "ports"), ("log", "level")])
+
+
+class _CallsFromThreads:
+    """The one reactor method a signal handler may call, recording what it was asked to run."""
+
+    def __init__(self) -> None:
+        self.calls: list[Any] = []
+
+    def callFromThread(self, f: Any, *args: Any) -> None:
+        self.calls.append(f)
+
+
+class ReloaderSignalTests(unittest.TestCase):
+    """When the L{Reloader} takes SIGHUP, in process."""
+
+    def test_taken_before_any_service_starts(self) -> None:
+        """
+        From the start of makeService (hold_sighup) a SIGHUP is held rather
+        than met by its default action, which ends the daemon; the reloader
+        takes the signal before the services start (listening, forking the
+        workers) and makes what was held one reload, run once the reactor
+        does.  After stopService the earlier handler is back.
+        """
+        previous = signal.getsignal(signal.SIGHUP)
+        self.addCleanup(signal.signal, signal.SIGHUP, previous)
+        hold_sighup()
+        held = signal.getsignal(signal.SIGHUP)
+        os.kill(os.getpid(), signal.SIGHUP)
+        os.kill(os.getpid(), signal.SIGHUP)
+        reactor = _CallsFromThreads()
+        config = config_from_text("")
+        appliers = Appliers(*(lambda new: None for _ in range(5)))
+        reloader = Reloader(reactor, config, "smtpplus.toml", lambda: config, lambda new: None, appliers, lambda: None, succeed)
+        reloader.take_signal()
+        self.assertEqual(signal.getsignal(signal.SIGHUP), reloader._signalled)
+        self.assertEqual(reactor.calls, [reloader.reload])
+        os.kill(os.getpid(), signal.SIGHUP)
+        self.assertEqual(reactor.calls, [reloader.reload, reloader.reload])
+        reloader.startService()
+        reloader.stopService()
+        self.assertEqual(signal.getsignal(signal.SIGHUP), held)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import atexit
 import ctypes
 import errno
+import json
 import os
 import re
 import shutil
@@ -21,9 +22,21 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
+from twisted.logger import formatEvent
+
 from tests.harness.clients import Response, api_request
 from tests.harness.ports import free_port_range, wait_for_ports
 from tests.harness.smarthost import Smarthost
+
+
+def _rendered(line: str) -> str:
+    """A log line as text: a C{[log] format = "json"} line rendered from its format and fields."""
+    if not line.startswith("{"):
+        return line.rstrip("\n")
+    try:
+        return formatEvent(json.loads(line))
+    except ValueError:
+        return line.rstrip("\n")
 
 
 def twistd_command() -> list[str]:
@@ -62,7 +75,7 @@ class TwistdProcess:
             if log_path is None:
                 return self.output()
             with open(log_path, encoding="utf-8", errors="replace") as f:
-                return f.read()
+                return "\n".join(_rendered(line) for line in f)
 
         found = re.search(r"SMTP listening on \S+ for (\d+) smtp workers", read())
         if found is None:
