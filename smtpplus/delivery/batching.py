@@ -80,7 +80,8 @@ class BatchLoader(Generic[K, V]):
     """
     Looks keys up through C{load(keys)}, a batch at a time as L{Batcher}
     runs items: C{load} fires with what it found, by key; a key it did not
-    find gets None.
+    find gets None.  One lookup per key at a time (a delivery attempt's
+    message, here).
     """
 
     def __init__(self, load: Callable[[list[K]], Deferred[dict[K, V]]], max_batch: int = MAX_BATCH) -> None:
