@@ -23,6 +23,14 @@ finalizer would close a descriptor number the child has reused), signal
 handlers are reset, and a new reactor of the same kind replaces the
 coordinator's.  The child ends with C{os._exit}: it never returns into the
 coordinator's code.
+
+A forked worker must not open the SQLite database either: SQLite keeps a
+per-process table of the files it has open, with their lock state, and the
+child inherits the coordinator's (whose descriptors are closed here), so a
+connection opened in the child believes it holds locks it does not.  A
+trial with the workers inserting their own queue rows reported "database
+disk image is malformed" within seconds.  A worker that must write the
+database has to be a new interpreter.
 """
 
 from __future__ import annotations
