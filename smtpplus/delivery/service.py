@@ -122,7 +122,6 @@ class Delivery:
         )
         self.scheduler = Scheduler(clock, self.agent.deliver, config.max_concurrency, config.rate_limit)
         self.agent.slots = self.scheduler
-        self.agent.release_slot = self.scheduler.release
         self.query = MessageQuery(
             store,
             clock,
