@@ -151,6 +151,39 @@ class SlotTests(unittest.TestCase):
         self.assertEqual(statuses, {"M1": "sent", "M2": "sent"})
 
 
+    def test_sending_only_with_a_slot(self) -> None:
+        """
+        A message's status is "sending" once its attempt talks to the next
+        hop; an attempt waiting for the slot leaves its message "queued".
+        """
+        store = MemoryQueueStore()
+        relay = _HeldRelay()
+        _, scheduler = _queued(self, Clock(), store, relay, 1, [_message("M1"), _message("M2")])  # type: ignore[arg-type]
+        scheduler.start()
+        self.assertEqual(set(scheduler.in_flight), {"M1", "M2"})
+        self.assertEqual(self.successResultOf(store.statuses(["M1", "M2"])), {"M1": "sending", "M2": "queued"})
+        relay.answer()
+        self.assertEqual(self.successResultOf(store.statuses(["M1", "M2"])), {"M1": "sent", "M2": "sending"})
+        relay.answer()
+        self.assertEqual(self.successResultOf(store.statuses(["M1", "M2"])), {"M1": "sent", "M2": "sent"})
+
+
+class _HeldRelay:
+    """Accepts every recipient, each message only when the test says so."""
+
+    def __init__(self) -> None:
+        self.held: list[tuple[list[str], Deferred[Any]]] = []
+
+    def send(self, mail_from: str, recipients: list[str], path: str, content: Any = None, length: Any = None) -> Deferred[Any]:
+        d: Deferred[Any] = Deferred()
+        self.held.append((list(recipients), d))
+        return d
+
+    def answer(self) -> None:
+        recipients, d = self.held.pop(0)
+        d.callback([HopOutcome("smarthost", {r: (250, "2.0.0 OK") for r in recipients})])
+
+
 class UnstoredResultTests(unittest.TestCase):
     def test_result_kept_until_stored_and_never_sent_again(self) -> None:
         """

@@ -212,11 +212,6 @@ class DeliveryAgent:
         try:
             if message.get("sandbox"):
                 return (yield self._finish_sandboxed(message))
-            # Not waited for: only the admin API sees "sending"; after a crash
-            # the message is active either way and is tried again.
-            self.writer.write(queue.MarkSending(message_id, self._clock.seconds())).addErrback(
-                lambda f: self._store_failed(f.value)
-            )
             pending = [r for r in message["recipients"] if r["status"] not in queue.FINAL_RECIPIENT]
             addresses = list(dict.fromkeys(r["address"] for r in pending))
             length = None
@@ -229,6 +224,12 @@ class DeliveryAgent:
                         content, length = signed, None
                 path = self._spool.path(message_id)
                 yield self.slots.acquire(message_id)
+                # Once it talks to the next hop.  Not waited for: only the
+                # admin API sees "sending"; after a crash the message is
+                # active either way and is tried again.
+                self.writer.write(queue.MarkSending(message_id, self._clock.seconds())).addErrback(
+                    lambda f: self._store_failed(f.value)
+                )
                 try:
                     outcomes = yield self._relay.send(message["mail_from"], addresses, path, content, length)
                 finally:

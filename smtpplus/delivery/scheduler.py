@@ -306,7 +306,9 @@ class Scheduler:
         self.in_flight.pop(job.id, None)
         self._attempts.pop(job.id, None)
         self._slot_waiters.pop(job.id, None)
-        self.release(job.id)
+        # Its slot, if it still held one (the _pump below starts what may start).
+        self.holding.discard(job.id)
+        self._grant()
         again = job.id in self._queued_again
         not_before = self._queued_again.pop(job.id, None) if again else None
         if isinstance(result, Failure):
